@@ -1,0 +1,8 @@
+"""onnxruntime CPU backend: lowering rules, legality checker, fusion counting, sessions."""
+
+from qcompiler.backends.onnxruntime.fusion import FusionReport, count_fusion
+from qcompiler.backends.onnxruntime.legality import check
+from qcompiler.backends.onnxruntime.lower import lower
+from qcompiler.backends.onnxruntime.session import create_session, session_options
+
+__all__ = ["FusionReport", "check", "count_fusion", "create_session", "lower", "session_options"]

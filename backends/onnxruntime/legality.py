@@ -1,0 +1,71 @@
+"""The rules an artifact for onnxruntime CPU must satisfy, checked before it is saved.
+
+Each rule returns the problems it finds as ``node name: what is wrong``; `check` raises one
+`LegalityError` listing them all, so a target never receives a model it would reject or run slowly
+in float by surprise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from qcompiler.errors import LegalityError
+
+Q_TYPES = frozenset({ir.DataType.UINT8, ir.DataType.INT8})
+WEIGHT_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT32})
+
+
+def _dq_single_consumer(model: ir.Model) -> list[str]:
+    problems = []
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear" and len(node.outputs[0].uses()) > 1:
+            problems.append(f"{node.name}: DequantizeLinear feeds {len(node.outputs[0].uses())} nodes (ORT fuses only dedicated DQs)")
+    return problems
+
+
+def _quantize_types(model: ir.Model) -> list[str]:
+    problems = []
+    for node in model.graph:
+        if node.op_type == "QuantizeLinear":
+            zero = node.inputs[2] if len(node.inputs) > 2 else None
+            if zero is None or zero.dtype not in Q_TYPES:
+                problems.append(f"{node.name}: activation quantizer must be uint8/int8 with an explicit zero point")
+    return problems
+
+
+def _constant_weight_zero_points(model: ir.Model) -> list[str]:
+    problems = []
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or node.inputs[0] is None or node.inputs[0].const_value is None:
+            continue
+        if node.inputs[0].dtype not in WEIGHT_TYPES:
+            problems.append(f"{node.name}: constant of type {node.inputs[0].dtype} has no ORT CPU int8 kernel")
+        zero = node.inputs[2] if len(node.inputs) > 2 else None
+        if node.inputs[0].dtype is ir.DataType.INT32 and zero is not None and zero.const_value is not None:
+            if zero.const_value.numpy().any():
+                problems.append(f"{node.name}: int32 bias must have zero point 0")
+    return problems
+
+
+def _opset(model: ir.Model) -> list[str]:
+    opset = model.opset_imports.get("", 0)
+    return [] if opset >= 13 else [f"model: opset {opset} < 13 cannot express per-channel QDQ"]
+
+
+RULES: dict[str, Callable[[ir.Model], list[str]]] = {
+    "dq-single-consumer": _dq_single_consumer,
+    "quantize-types": _quantize_types,
+    "constant-weight-types": _constant_weight_zero_points,
+    "opset": _opset,
+}
+
+
+def check(model: ir.Model) -> None:
+    """Raise `LegalityError` listing every broken rule (rule name and node)."""
+    problems = [f"[{name}] {problem}" for name, rule in RULES.items() for problem in rule(model)]
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LegalityError(f"artifact breaks onnxruntime CPU rules: {shown}{more}")

@@ -1,0 +1,43 @@
+"""Creating onnxruntime CPU sessions from in-memory models (the one place that imports ORT here)."""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qcompiler.io import initializer_bytes, save
+
+PROTOBUF_LIMIT = 1_800_000_000
+
+
+def session_options(*, threads: int | None = None, level: str = "all", optimized_path: str | None = None) -> ort.SessionOptions:
+    """CPU session options; `level` is one of disable, basic, extended, all."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return options
+
+
+def create_session(model: ir.Model | str | pathlib.Path, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An InferenceSession on the CPU provider; models over ~1.8 GB go through a temporary file."""
+    options = options or session_options()
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, ir.Model):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if initializer_bytes(model) < PROTOBUF_LIMIT:
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="qcompile-session-") as folder:
+        path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
+        return ort.InferenceSession(str(path), options, providers=providers)

@@ -1,0 +1,22 @@
+"""Real models and data the project tests on, rebuilt from PyPI packages (installed as qcompiler.models).
+
+Nothing large is committed: builders export into a cache folder (``$QCOMPILER_CACHE`` or
+``~/.cache/qcompiler``) and reuse the file when it exists.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+CALIBRATION_TEXT = DATA_DIR / "python-docs-calib.txt"
+VALIDATION_TEXT = DATA_DIR / "python-docs-valid.txt"
+EVALUATION_TEXT = DATA_DIR / "python-docs-eval.txt"
+
+
+def cache_dir() -> pathlib.Path:
+    """The folder built models are cached in (created on demand)."""
+    folder = pathlib.Path(os.environ.get("QCOMPILER_CACHE") or pathlib.Path.home() / ".cache" / "qcompiler")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -1,0 +1,43 @@
+"""qcompiler: a graph-level quantization compiler for ONNX models.
+
+    >>> import qcompiler
+    >>> sorted(qcompiler.TARGETS)
+    ['ort-cpu']
+
+The API takes and returns models: ``qcompiler.compile(model, "ort-cpu", options, data=feeds)``
+returns a `CompileResult` whose ``model`` is an ``onnx_ir.Model``; ``qcompiler.save`` writes it.
+"""
+
+from qcompiler.errors import QCompileError
+from qcompiler.io import load, save
+from qcompiler.options import (
+    ActivationOptions,
+    CalibrationOptions,
+    CompileOptions,
+    IgnoredScope,
+    Preset,
+    QuantType,
+    RangeMethod,
+    WeightOptions,
+)
+from qcompiler.pipeline import CompileResult, compile
+from qcompiler.targets import TARGETS, Target, get_target
+
+__all__ = [
+    "TARGETS",
+    "ActivationOptions",
+    "CalibrationOptions",
+    "CompileOptions",
+    "CompileResult",
+    "IgnoredScope",
+    "Preset",
+    "QCompileError",
+    "QuantType",
+    "RangeMethod",
+    "Target",
+    "WeightOptions",
+    "compile",
+    "get_target",
+    "load",
+    "save",
+]

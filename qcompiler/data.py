@@ -1,0 +1,260 @@
+"""Calibration and validation data: where feeds come from and how they are checked.
+
+A data source is any iterable of feed dicts (input name -> numpy array, one batch each). Sources
+here read a folder of ``.npz`` files, tokenize a text file, or (only when asked) make random
+inputs. `InputSpec.check` validates every batch against the model's inputs before any work, so a
+wrong name, dtype or rank fails with the input's name, not deep inside onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import DataError
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input as data must match it: name, element type and shape (None = dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    @classmethod
+    def from_value(cls, value: ir.Value) -> InputSpec:
+        """Describe a graph input."""
+        if value.dtype is None:
+            raise DataError(f"model input {value.name!r} has no element type")
+        shape = None
+        if value.shape is not None:
+            shape = tuple(dim if isinstance(dim, int) else None for dim in value.shape)
+        return cls(str(value.name), value.dtype.numpy(), shape)
+
+    def check(self, array: np.ndarray, where: str) -> None:
+        """Raise `DataError` naming the input and `where` if `array` does not fit."""
+        if array.dtype != self.dtype:
+            raise DataError(
+                f"{where}: input {self.name!r} has dtype {array.dtype}, the model expects {self.dtype}"
+            )
+        if self.shape is None:
+            return
+        if array.ndim != len(self.shape):
+            raise DataError(
+                f"{where}: input {self.name!r} has rank {array.ndim} (shape {list(array.shape)}), "
+                f"the model expects rank {len(self.shape)}"
+            )
+        for axis, (got, expected) in enumerate(zip(array.shape, self.shape)):
+            if expected is not None and got != expected:
+                raise DataError(
+                    f"{where}: input {self.name!r} has size {got} on axis {axis}, "
+                    f"the model expects {expected}"
+                )
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The specs of the model's real inputs (initializers listed as inputs are excluded)."""
+    return [InputSpec.from_value(v) for v in model.graph.inputs if not v.is_initializer()]
+
+
+def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where: str) -> Feed:
+    """Validate one batch: exactly the model's inputs, each of the right dtype and rank."""
+    if not isinstance(feed, Mapping):
+        raise DataError(f"{where}: a batch must be a dict of input name -> array, got {type(feed)}")
+    expected = {spec.name for spec in specs}
+    unknown = sorted(set(feed) - expected)
+    if unknown:
+        raise DataError(
+            f"{where}: unknown input name(s) {unknown}; the model's inputs are {sorted(expected)}"
+        )
+    missing = sorted(expected - set(feed))
+    if missing:
+        raise DataError(f"{where}: missing input(s) {missing}")
+    checked: Feed = {}
+    for spec in specs:
+        array = np.asarray(feed[spec.name])
+        spec.check(array, where)
+        checked[spec.name] = array
+    return checked
+
+
+class NpzFolder:
+    """A folder of ``.npz`` files, one batch per file, keys = model input names."""
+
+    synthetic = False
+
+    def __init__(self, folder: str | pathlib.Path) -> None:
+        self.folder = pathlib.Path(folder)
+        if not self.folder.is_dir():
+            raise DataError(f"--data {self.folder}: not a folder")
+        self.files = sorted(self.folder.glob("*.npz"))
+        if not self.files:
+            raise DataError(f"--data {self.folder}: no .npz files in the folder")
+        self.description = f"{len(self.files)} .npz batches from {self.folder}"
+
+    def __iter__(self) -> Iterator[Feed]:
+        for file in self.files:
+            try:
+                with np.load(file, allow_pickle=False) as archive:
+                    yield {key: archive[key] for key in archive.files}
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{file}: not a readable .npz of arrays ({exc})") from exc
+
+
+class FeedIterable:
+    """Wraps a user's iterable of feed dicts (the Python API's data argument)."""
+
+    synthetic = False
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]], description: str = "") -> None:
+        self.feeds = feeds
+        self.description = description or "feeds from a Python iterable"
+
+    def __iter__(self) -> Iterator[Feed]:
+        for feed in self.feeds:
+            yield dict(feed)
+
+
+def load_tokenizer(path: str | pathlib.Path):  # -> tokenizers.Tokenizer
+    """Load a Hugging Face `tokenizers` tokenizer from ``tokenizer.json`` or a folder holding it."""
+    from tokenizers import Tokenizer
+
+    file = pathlib.Path(path)
+    if file.is_dir():
+        file = file / "tokenizer.json"
+    if not file.is_file():
+        raise DataError(f"--tokenizer {path}: no tokenizer.json found")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:
+        raise DataError(f"--tokenizer {file}: not a tokenizers JSON file ({exc})") from exc
+
+
+def read_text_lines(path: str | pathlib.Path, limit: int | None = None) -> list[str]:
+    """Non-empty lines (one sample each) of a UTF-8 text file, at most `limit`."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise DataError(f"--text {file}: file not found")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--text {file}: not UTF-8 text ({exc})") from exc
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError(f"--text {file}: no non-empty lines")
+    return lines[:limit] if limit else lines
+
+
+class TextSource:
+    """Tokenized lines of a text file, batched and padded to the longest line of each batch.
+
+    Model inputs are filled by name: ``input_ids``, ``attention_mask``, ``token_type_ids`` and
+    ``position_ids``; any other input is an error that names it.
+    """
+
+    synthetic = False
+    KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+    def __init__(
+        self,
+        text: str | pathlib.Path,
+        tokenizer: str | pathlib.Path,
+        specs: Sequence[InputSpec],
+        *,
+        seq_len: int = 128,
+        samples: int | None = 300,
+        batch_size: int = 8,
+    ) -> None:
+        if seq_len < 2 or batch_size < 1:
+            raise DataError(f"--seq-len must be >= 2 and --batch-size >= 1 ({seq_len}, {batch_size})")
+        unknown = [spec.name for spec in specs if spec.name not in self.KNOWN_INPUTS]
+        if unknown:
+            raise DataError(
+                f"--text cannot fill model input(s) {unknown}; text data fills only "
+                f"{list(self.KNOWN_INPUTS)} (use --data with .npz files instead)"
+            )
+        self.specs = list(specs)
+        self.lines = read_text_lines(text, samples)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer.enable_truncation(max_length=seq_len)
+        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.tokenizer.enable_padding(pad_id=pad_id)
+        self.batch_size = batch_size
+        self.description = (
+            f"{len(self.lines)} lines of {pathlib.Path(text).name}, seq_len <= {seq_len}, "
+            f"batch {batch_size}"
+        )
+
+    def __len__(self) -> int:
+        return -(-len(self.lines) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Feed]:
+        for start in range(0, len(self.lines), self.batch_size):
+            encodings = self.tokenizer.encode_batch(self.lines[start : start + self.batch_size])
+            ids = np.array([e.ids for e in encodings])
+            mask = np.array([e.attention_mask for e in encodings])
+            columns = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "token_type_ids": np.array([e.type_ids for e in encodings]),
+                "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
+            }
+            yield {spec.name: columns[spec.name].astype(spec.dtype) for spec in self.specs}
+
+
+class SyntheticSource:
+    """Random inputs, only when the user passed ``--synthetic``; the report flags it."""
+
+    synthetic = True
+
+    def __init__(
+        self, specs: Sequence[InputSpec], *, batches: int = 8, dynamic_size: int = 8, seed: int = 0
+    ) -> None:
+        self.specs = list(specs)
+        self.batches = batches
+        self.dynamic_size = dynamic_size
+        self.seed = seed
+        self.description = f"{batches} batches of random inputs (synthetic)"
+
+    def __iter__(self) -> Iterator[Feed]:
+        rng = np.random.default_rng(self.seed)
+        for _ in range(self.batches):
+            feed: Feed = {}
+            for spec in self.specs:
+                shape = tuple(d if d is not None else self.dynamic_size for d in spec.shape or ())
+                if spec.name == "attention_mask":
+                    feed[spec.name] = np.ones(shape, dtype=spec.dtype)
+                elif np.issubdtype(spec.dtype, np.integer):
+                    high = 2 if spec.name == "token_type_ids" else 1000
+                    feed[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
+                elif spec.dtype == np.bool_:
+                    feed[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
+                else:
+                    feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            yield feed
+
+
+def validated(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputSpec], name: str,
+              limit: int | None = None) -> Iterator[Feed]:
+    """Yield checked batches of `source` (at most `limit`); an empty source is an error."""
+    count = 0
+    for count, feed in enumerate(source, start=1):
+        yield check_feed(feed, specs, f"{name} batch {count}")
+        if limit is not None and count >= limit:
+            return
+    if count == 0:
+        raise DataError(f"{name}: the data source yielded no batches")
+
+
+def peek_check(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputSpec],
+               name: str) -> None:
+    """Check the first batch now, before any expensive work starts."""
+    for _ in validated(source, specs, name, limit=1):
+        return

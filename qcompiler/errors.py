@@ -1,0 +1,35 @@
+"""One exception family for every failure a user can cause or see.
+
+Each error's message names the file, node, input or option at fault, so the CLI can print it as a
+single line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class QCompileError(Exception):
+    """Base of every error qcompiler raises on purpose."""
+
+
+class ModelLoadError(QCompileError):
+    """The model file is missing, unreadable or not ONNX."""
+
+
+class ModelSaveError(QCompileError):
+    """The output could not be written (or would overwrite the input)."""
+
+
+class DataError(QCompileError):
+    """Calibration or validation data does not match the model's inputs."""
+
+
+class OptionError(QCompileError):
+    """An option or option combination is invalid."""
+
+
+class UnsupportedModelError(QCompileError):
+    """The model uses something this compiler cannot handle (opset, op, dtype)."""
+
+
+class LegalityError(QCompileError):
+    """An artifact breaks a rule of its target backend; raised before saving."""

@@ -1,0 +1,152 @@
+"""Loading models into the IR and saving them atomically.
+
+Loading keeps large initializers lazy (onnx_ir external tensors memory-map their file), so models
+over 2 GB load without reading their weights. Saving writes into a temporary folder beside the
+destination and renames the finished files into place: a failed or interrupted save never leaves a
+half-written model, and the input model's files are never written.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+import onnx
+import onnx_ir as ir
+
+from qcompiler.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
+
+SOURCE_PATH_KEY = "qcompiler.source_path"
+"""`ir.Model.meta` key holding the file a model was loaded from (used to refuse overwriting it)."""
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+"""Initializer bytes above which `save` writes external data by itself (protobuf's limit is 2 GB)."""
+
+def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model:
+    """Return `model` as an `onnx_ir.Model`, loading it from disk when given a path.
+
+    An `ir.Model` is returned as is (callers that modify it clone first); a `ModelProto` is
+    converted. Errors name the file.
+    """
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(model)
+    path = pathlib.Path(model)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
+    if path.suffix == ".xml":
+        raise UnsupportedModelError(f"{path}: OpenVINO IR input is not supported yet; pass ONNX")
+    try:
+        loaded = ir.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types for garbage input
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if loaded.ir_version == 0 or not loaded.graph.outputs:
+        raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph outputs)")
+    _check_external_data_inside(loaded, path)
+    loaded.meta[SOURCE_PATH_KEY] = str(path.resolve())
+    return loaded
+
+
+def _check_external_data_inside(model: ir.Model, path: pathlib.Path) -> None:
+    """Refuse external data locations that escape the model's folder (e.g. ``../../etc``)."""
+    folder = path.resolve().parent
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            location = (folder / tensor.location).resolve()
+            if folder not in location.parents:
+                raise ModelLoadError(
+                    f"{path}: initializer {value.name!r} points outside the model folder "
+                    f"({tensor.location!r})"
+                )
+            if not location.exists():
+                raise ModelLoadError(
+                    f"{path}: external data file {tensor.location!r} of {value.name!r} is missing"
+                )
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of all initializers (without loading lazy ones)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    protected: tuple[str | os.PathLike[str], ...] = (),
+) -> pathlib.Path:
+    """Write `model` to `path` atomically; return the path.
+
+    Args:
+        model: the model to write.
+        path: destination ``.onnx`` file.
+        external_data: True writes weights to ``<name>.data`` beside the model, False inlines them,
+            None decides by size (above ~1.8 GB external).
+        protected: files that must not be written (the input model); the file the model was
+            loaded from is always protected.
+    """
+    destination = pathlib.Path(path).resolve()
+    data_name = destination.name + ".data"
+    guarded = {pathlib.Path(p).resolve() for p in protected}
+    source = model.meta.get(SOURCE_PATH_KEY)
+    if source:
+        guarded.add(pathlib.Path(source))
+        guarded.update(_external_files(model, pathlib.Path(source).parent))
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    for target in (destination, destination.parent / data_name) if external_data else (destination,):
+        if target in guarded:
+            raise ModelSaveError(f"{target}: refusing to overwrite the input model's file")
+    if not destination.parent.is_dir():
+        raise ModelSaveError(f"{destination}: output folder {destination.parent} does not exist")
+
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".qcompile-", dir=destination.parent))
+    try:
+        staged = staging / destination.name
+        try:
+            ir.save(model, staged, external_data=data_name if external_data else None)
+        except Exception as exc:
+            raise ModelSaveError(f"{destination}: could not serialize the model: {exc}") from exc
+        if external_data:
+            os.replace(staging / data_name, destination.parent / data_name)
+        os.replace(staged, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def _external_files(model: ir.Model, folder: pathlib.Path) -> set[pathlib.Path]:
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add((folder / tensor.location).resolve())
+    return files
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
+    """Write a text file (a report) through a temporary file and a rename."""
+    destination = pathlib.Path(path).resolve()
+    if not destination.parent.is_dir():
+        raise ModelSaveError(f"{destination}: folder {destination.parent} does not exist")
+    handle, temporary = tempfile.mkstemp(prefix=".qcompile-", dir=destination.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, destination)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+    return destination

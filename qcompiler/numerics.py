@@ -1,0 +1,93 @@
+"""Quantize / dequantize arithmetic, numpy only, matching ONNX QuantizeLinear semantics.
+
+ONNX rounds half to even and saturates to the element type's range; `quantize` does the same, so
+a graph's QuantizeLinear and this module agree bit for bit (tested against onnxruntime).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.options import QuantType
+
+NUMPY_TYPES: dict[QuantType, type[np.integer]] = {QuantType.INT8: np.int8, QuantType.UINT8: np.uint8}
+
+SMALLEST_SCALE = float(np.finfo(np.float32).tiny) * 1e8
+"""Floor for scales so an all-zero tensor still gets a valid (positive, finite) scale."""
+
+
+def type_range(qtype: QuantType, *, symmetric: bool = False) -> tuple[int, int]:
+    """The integer range a quantizer uses; symmetric INT8 drops -128 so zero maps to 0 exactly."""
+    if qtype is QuantType.INT8:
+        return (-127, 127) if symmetric else (-128, 127)
+    return (0, 255)
+
+
+def activation_params(lo: float, hi: float, qtype: QuantType, *, symmetric: bool) -> tuple[np.float32, int]:
+    """Scale and zero point for a per-tensor activation quantizer covering [lo, hi].
+
+    The range always includes 0 (so zero padding and ReLU zeros are exact).
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = type_range(qtype, symmetric=symmetric)
+    if symmetric:
+        absmax = max(-lo, hi)
+        scale = max(2.0 * absmax / (qmax - qmin), SMALLEST_SCALE)
+        zero_point = (qmin + qmax + 1) // 2 if qtype is QuantType.UINT8 else 0
+        return np.float32(scale), int(zero_point)
+    scale = max((hi - lo) / (qmax - qmin), SMALLEST_SCALE)
+    zero_point = int(np.clip(np.round(qmin - lo / scale), qmin, qmax))
+    return np.float32(scale), zero_point
+
+
+def symmetric_weight_scales(weight: np.ndarray, axis: int | None, qtype: QuantType = QuantType.INT8) -> np.ndarray:
+    """Per-channel (along `axis`) or per-tensor (axis None) scales mapping max|w| to the type's edge."""
+    _, qmax = type_range(qtype, symmetric=True)
+    if axis is None:
+        absmax = np.max(np.abs(weight)) if weight.size else 0.0
+        return np.asarray(max(float(absmax) / qmax, SMALLEST_SCALE), dtype=np.float32)
+    reduce_axes = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+    absmax = np.max(np.abs(weight), axis=reduce_axes)
+    return np.maximum(absmax / qmax, SMALLEST_SCALE).astype(np.float32)
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    param = np.asarray(param)
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis % ndim] = param.size
+    return param.reshape(shape)
+
+
+def quantize(
+    x: np.ndarray,
+    scale: np.ndarray | float,
+    zero_point: np.ndarray | int,
+    qtype: QuantType,
+    axis: int | None = None,
+) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
+    info = np.iinfo(NUMPY_TYPES[qtype])
+    s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, dtype=np.int32), x.ndim, axis)
+    q = np.rint(x.astype(np.float32) / s) + z
+    return np.clip(q, info.min, info.max).astype(NUMPY_TYPES[qtype])
+
+
+def dequantize(
+    q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, axis: int | None = None
+) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
+    s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, dtype=np.int32), q.ndim, axis)
+    return ((q.astype(np.int32) - z) * s).astype(np.float32)
+
+
+def int32_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a bias to int32 with scale = input_scale * weight_scale (ORT's QLinearConv/QGemm form)."""
+    scales = (np.float32(input_scale) * np.asarray(weight_scales, dtype=np.float32)).astype(np.float32)
+    scales = np.broadcast_to(scales, bias.shape).astype(np.float32)
+    info = np.iinfo(np.int32)
+    q = np.clip(np.rint(bias.astype(np.float64) / scales), info.min, info.max).astype(np.int32)
+    return q, scales

@@ -1,0 +1,97 @@
+"""The compile report: what was quantized and fused, sizes, timings, options and versions.
+
+Written as JSON next to the output model, and summarised as a short table on the terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+
+VERSIONED = ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of qcompiler and the libraries that shape its output."""
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in kB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident memory now, in MB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@dataclasses.dataclass
+class Report:
+    """Accumulates the facts of one compile; `to_dict` is the JSON written beside the model."""
+
+    target: str
+    options: dict[str, object]
+    data: dict[str, object] = dataclasses.field(default_factory=dict)
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    nodes: dict[str, object] = dataclasses.field(default_factory=dict)
+    fusion: dict[str, object] | None = None
+    size_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    activation_quantizers: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Record the wall time of a pipeline stage."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings_s[stage] = round(time.perf_counter() - start, 3)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly view, with versions."""
+        result = dataclasses.asdict(self)
+        result["timings_s"]["total"] = round(sum(self.timings_s.values()), 3)
+        result["versions"] = versions()
+        return result
+
+    def to_json(self) -> str:
+        """The report as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def summary(self) -> str:
+        """A short table for the terminal."""
+        before = self.size_bytes.get("before", 0) / 2**20
+        after = self.size_bytes.get("after", 0) / 2**20
+        rows = [
+            ("target", self.target),
+            ("data", str(self.data.get("description", ""))),
+            ("quantized nodes", f"{self.nodes.get('quantized', 0)} ({self.nodes.get('by_op_type', {})})"),
+            ("left in float", str(len(self.nodes.get("skipped", {})))),  # type: ignore[arg-type]
+        ]
+        if self.fusion is not None:
+            rows.append(("fused by runtime", f"{self.fusion['fused']} of {self.nodes.get('quantized', 0)} {self.fusion['kernels']}"))
+        rows += [
+            ("size", f"{before:.1f} MB -> {after:.1f} MB"),
+            ("time", f"{sum(self.timings_s.values()):.1f} s"),
+            ("peak RSS", f"{self.peak_rss_mb:.0f} MB"),
+        ]
+        rows += [("warning", warning) for warning in self.warnings]
+        width = max(len(key) for key, _ in rows)
+        return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

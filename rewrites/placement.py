@@ -1,0 +1,157 @@
+"""Where quantizers go: which nodes become quantized units and which of their inputs are quantized.
+
+Placement reads the graph, the target's capabilities and the options, and returns a `QuantPlan`
+without touching the graph. The plan says, per quantized node, which inputs are activations
+(per-tensor quantizers from calibration), which input is a constant weight (per-channel symmetric
+along the output-channel axis), whether the bias becomes int32, and whether the output needs its
+own quantizer for the runtime to fuse. Nodes left in float are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from qcompiler.calibration import StatKind, StatRequest
+from qcompiler.options import CompileOptions, Preset, RangeMethod
+from qcompiler.targets import Target
+
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT})
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """How one op type is quantized.
+
+    Attributes:
+        inputs: indices of the inputs that carry data (activation or weight).
+        weight_input: index of the input quantized per channel when it is a constant.
+        bias_input: index of the bias, quantized to int32 on targets that want it.
+        weight_axis: output-channel axis of the weight, given the node and the weight's rank.
+    """
+
+    inputs: tuple[int, ...]
+    weight_input: int | None
+    bias_input: int | None
+    weight_axis: Callable[[ir.Node, int], int]
+
+
+def _gemm_weight_axis(node: ir.Node, rank: int) -> int:
+    trans_b = node.attributes.get_int("transB", 0)
+    return 0 if trans_b else 1
+
+
+OP_SPECS: dict[str, OpSpec] = {
+    # B is [..., K, N]: output channels are the last axis.
+    "MatMul": OpSpec(inputs=(0, 1), weight_input=1, bias_input=None, weight_axis=lambda n, r: r - 1),
+    # B is [K, N], or [N, K] with transB=1.
+    "Gemm": OpSpec(inputs=(0, 1), weight_input=1, bias_input=2, weight_axis=_gemm_weight_axis),
+    # W is [M, C/group, kH, kW]: output channels first.
+    "Conv": OpSpec(inputs=(0, 1), weight_input=1, bias_input=2, weight_axis=lambda n, r: 0),
+}
+
+PRESET_NEEDS_WEIGHT: dict[Preset, bool] = {Preset.DEFAULT: False, Preset.TRANSFORMER: True}
+"""Presets that quantize only ops with a constant weight (attention score MatMuls stay float)."""
+
+
+@dataclasses.dataclass
+class QuantizedUnit:
+    """One node to run as a quantized kernel, and how each of its inputs is quantized."""
+
+    node: ir.Node
+    activation_inputs: tuple[int, ...]
+    weight_input: int | None
+    weight_axis: int | None
+    bias_input: int | None
+    quantize_output: bool
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    """Every quantized unit, plus the nodes of quantizable types left in float and why."""
+
+    units: list[QuantizedUnit]
+    skipped: dict[str, str]
+
+    def activation_values(self) -> list[ir.Value]:
+        """The distinct tensors that get an activation quantizer, in graph order."""
+        seen: dict[int, ir.Value] = {}
+        for unit in self.units:
+            for index in unit.activation_inputs:
+                value = unit.node.inputs[index]
+                assert value is not None
+                seen.setdefault(id(value), value)
+            if unit.quantize_output:
+                seen.setdefault(id(unit.node.outputs[0]), unit.node.outputs[0])
+        return list(seen.values())
+
+    def stat_requests(self, method: RangeMethod) -> list[StatRequest]:
+        """What calibration must measure for this plan's activation quantizers."""
+        requests = []
+        for value in self.activation_values():
+            requests.append(StatRequest(value, StatKind.MINMAX))
+            if method is not RangeMethod.MINMAX:
+                requests.append(StatRequest(value, StatKind.HISTOGRAM))
+        return requests
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in FLOAT_TYPES
+
+
+def _try_plan_node(node: ir.Node, target: Target, options: CompileOptions, op_types: frozenset[str]) -> QuantizedUnit | str:
+    """A unit for `node`, or the reason it stays float."""
+    spec = OP_SPECS[node.op_type]
+    if options.ignored.matches(node):
+        return "in the ignored scope"
+    data_inputs = [node.inputs[i] if i < len(node.inputs) else None for i in spec.inputs]
+    if not all(_is_float(value) for value in data_inputs):
+        return "an input is not float32"
+    weight_index = None
+    weight = node.inputs[spec.weight_input] if spec.weight_input is not None else None
+    if weight is not None and weight.const_value is not None:
+        weight_index = spec.weight_input
+    elif PRESET_NEEDS_WEIGHT[options.preset]:
+        return f"no constant weight ({options.preset.value} preset quantizes only weighted ops)"
+    activations = tuple(i for i in spec.inputs if i != weight_index)
+    for index in activations:
+        value = node.inputs[index]
+        assert value is not None
+        if value.const_value is not None:
+            return f"input {index} is a constant but not the weight input"
+    axis = None
+    if weight_index is not None:
+        assert weight is not None and weight.shape is not None
+        axis = spec.weight_axis(node, len(weight.shape)) if options.weights.per_channel else None
+    bias_index = None
+    if (
+        spec.bias_input is not None
+        and node.op_type in target.int32_bias_ops
+        and weight_index is not None
+        and len(node.inputs) > spec.bias_input
+        and node.inputs[spec.bias_input] is not None
+        and node.inputs[spec.bias_input].const_value is not None  # type: ignore[union-attr]
+    ):
+        bias_index = spec.bias_input
+    output = node.outputs[0]
+    quantize_output = node.op_type in target.output_quantized_ops and not output.is_graph_output()
+    return QuantizedUnit(node, activations, weight_index, axis, bias_index, quantize_output)
+
+
+def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) -> QuantPlan:
+    """Decide which nodes are quantized and how (the graph is not modified)."""
+    op_types = frozenset(options.op_types) if options.op_types else target.quantizable_ops
+    op_types &= frozenset(OP_SPECS) & target.quantizable_ops
+    units: list[QuantizedUnit] = []
+    skipped: dict[str, str] = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
+            continue
+        outcome = _try_plan_node(node, target, options, op_types)
+        if isinstance(outcome, str):
+            skipped[str(node.name)] = outcome
+        else:
+            units.append(outcome)
+    return QuantPlan(units, skipped)

@@ -1,0 +1,251 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs for a `QuantPlan`: the canonical quantized form.
+
+Cases, in the order the pass handles them:
+
+1. An activation read by quantized units gets one QuantizeLinear (per-tensor scale and zero point
+   from its calibrated range) and a *dedicated* DequantizeLinear per quantized consumer, because
+   onnxruntime only fuses a node unit whose DQ feeds it alone.
+2. A unit's constant weight becomes an integer initializer (symmetric, per output channel) read by
+   its own DequantizeLinear with ``axis`` set; the float weight stays only if something else reads it.
+3. A bias on a target that wants it becomes int32 with scale = input scale * weight scale and
+   zero point 0 (what QLinearConv/QGemm consume).
+4. A unit whose runtime kernel needs a quantized output (QLinearConv) gets Q/DQ on its output;
+   every consumer of that output then reads through its own DQ.
+
+Node names say what each new node is, and ``metadata_props`` record the decision
+(``qcompiler.quantizer``), so a Netron user sees why a layer looks the way it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.calibration import Statistics
+from qcompiler.errors import UnsupportedModelError
+from qcompiler.numerics import activation_params, int32_bias, quantize, symmetric_weight_scales
+from qcompiler.options import ActivationOptions, QuantType
+from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
+from qcompiler.rewrites.ranges import choose_range
+
+ALGORITHM_KEY = "qcompiler.quantizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationQuantizer:
+    """The chosen parameters of one activation quantizer (reported per tensor)."""
+
+    scale: float
+    zero_point: int
+    lo: float
+    hi: float
+    observed_lo: float
+    observed_hi: float
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Rewrite the graph into QDQ form for `plan`, using calibrated `statistics`."""
+
+    def __init__(
+        self,
+        plan: QuantPlan,
+        statistics: Statistics,
+        activations: ActivationOptions,
+        activation_type: QuantType,
+        weight_type: QuantType = QuantType.INT8,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.statistics = statistics
+        self.activations = activations
+        self.activation_type = activation_type
+        self.weight_type = weight_type
+        self.quantizers: dict[str, ActivationQuantizer] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Apply the plan; `modified` is False only for an empty plan."""
+        opset = model.opset_imports.get("", 0)
+        if self.plan.units and opset < 13:
+            raise UnsupportedModelError(
+                f"model opset {opset} < 13: per-channel QuantizeLinear needs opset 13; re-export "
+                "the model with a newer opset"
+            )
+        graph = model.graph
+        self._choose_activation_quantizers()
+        self._q_outputs: dict[int, ir.Value] = {}
+        self._quantized_weights: dict[tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]] = {}
+        for unit in self.plan.units:
+            for index in unit.activation_inputs:
+                self._dequantize_input(graph, unit.node, index, unit.node.inputs[index])
+            if unit.weight_input is not None:
+                self._quantize_weight(graph, unit)
+            if unit.bias_input is not None:
+                self._quantize_bias(graph, unit)
+        for unit in self.plan.units:
+            if unit.quantize_output:
+                self._quantize_output(graph, unit)
+        return ir.passes.PassResult(model, modified=bool(self.plan.units))
+
+    # Activations -----------------------------------------------------------------------------
+
+    def _choose_activation_quantizers(self) -> None:
+        options = self.activations
+        for value in self.plan.activation_values():
+            observed = self.statistics.minmax(value)
+            histogram = None
+            if options.range_method.value != "minmax":
+                histogram = self.statistics.histogram(value)
+            lo, hi = choose_range(
+                options.range_method, observed, histogram, self.activation_type,
+                symmetric=options.symmetric, percentile=options.percentile,
+            )
+            scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=options.symmetric)
+            self.quantizers[str(value.name)] = ActivationQuantizer(
+                float(scale), zero_point, lo, hi, observed[0], observed[1]
+            )
+
+    def _activation_q(self, graph: ir.Graph, value: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The quantized tensor of `value` (one QuantizeLinear, made on first use) and its params."""
+        params = self.quantizers[str(value.name)]
+        if id(value) not in self._q_outputs:
+            scale = _initializer(graph, f"{value.name}_scale", np.float32(params.scale))
+            zero = _initializer(graph, f"{value.name}_zero_point", np.array(params.zero_point, dtype=_np_type(self.activation_type)))
+            node = ir.node(
+                "QuantizeLinear", [value, scale, zero], name=f"{value.name}/QuantizeLinear",
+                metadata_props={ALGORITHM_KEY: self._describe(params)},
+            )
+            node.outputs[0].name = f"{value.name}_quantized"
+            producer = value.producer()
+            if producer is not None and producer.graph is graph:
+                graph.insert_after(producer, node)
+            else:
+                graph.insert_before(before, node)
+            self._q_outputs[id(value)] = node.outputs[0]
+        q = self._q_outputs[id(value)]
+        q_node = q.producer()
+        assert q_node is not None
+        return q, q_node.inputs[1], q_node.inputs[2]  # type: ignore[return-value]
+
+    def _describe(self, params: ActivationQuantizer) -> str:
+        return (
+            f"activation {self.activation_type.value} per-tensor "
+            f"{'symmetric' if self.activations.symmetric else 'asymmetric'} "
+            f"range={self.activations.range_method.value} [{params.lo:.6g}, {params.hi:.6g}] "
+            f"observed [{params.observed_lo:.6g}, {params.observed_hi:.6g}]"
+        )
+
+    def _dequantize_input(self, graph: ir.Graph, node: ir.Node, index: int, value: ir.Value | None) -> None:
+        assert value is not None
+        q, scale, zero = self._activation_q(graph, value, node)
+        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{node.name}/input{index}/DequantizeLinear")
+        dq.outputs[0].name = f"{node.name}/input{index}_dequantized"
+        dq.outputs[0].dtype = value.dtype
+        dq.outputs[0].shape = value.shape
+        graph.insert_before(node, dq)
+        node.replace_input_with(index, dq.outputs[0])
+
+    # Weights and biases ----------------------------------------------------------------------
+
+    def _quantize_weight(self, graph: ir.Graph, unit: QuantizedUnit) -> None:
+        node, index, axis = unit.node, unit.weight_input, unit.weight_axis
+        assert index is not None
+        weight = node.inputs[index]
+        assert weight is not None and weight.const_value is not None
+        key = (id(weight), axis)
+        if key not in self._quantized_weights:
+            array = weight.const_value.numpy()
+            scales = symmetric_weight_scales(array, axis, self.weight_type)
+            q = quantize(array, scales, 0, self.weight_type, axis)
+            q_value = _initializer(graph, f"{weight.name}_quantized", q)
+            scale_value = _initializer(graph, f"{weight.name}_scale", scales)
+            zero_value = _initializer(graph, f"{weight.name}_zero_point", np.zeros(scales.shape, dtype=q.dtype))
+            self._quantized_weights[key] = (q_value, scale_value, zero_value, scales)
+        q_value, scale_value, zero_value, _ = self._quantized_weights[key]
+        attributes = {"axis": axis} if axis is not None else {}
+        granularity = f"per-channel axis {axis}" if axis is not None else "per-tensor"
+        dq = ir.node(
+            "DequantizeLinear", [q_value, scale_value, zero_value], attributes,
+            name=f"{node.name}/weight/DequantizeLinear",
+            metadata_props={ALGORITHM_KEY: f"weight {self.weight_type.value} symmetric {granularity}"},
+        )
+        dq.outputs[0].name = f"{node.name}/weight_dequantized"
+        dq.outputs[0].dtype = weight.dtype
+        dq.outputs[0].shape = weight.shape
+        graph.insert_before(node, dq)
+        node.replace_input_with(index, dq.outputs[0])
+        _drop_if_unused(graph, weight)
+
+    def _quantize_bias(self, graph: ir.Graph, unit: QuantizedUnit) -> None:
+        node, index = unit.node, unit.bias_input
+        assert index is not None and unit.weight_input is not None
+        bias = node.inputs[index]
+        assert bias is not None and bias.const_value is not None
+        activation = _dequantized_source(node.inputs[unit.activation_inputs[0]])
+        input_scale = self.quantizers[str(activation.name)].scale
+        weight_dq = node.inputs[unit.weight_input]
+        assert weight_dq is not None and weight_dq.producer() is not None
+        weight_scales = weight_dq.producer().inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        q, scales = int32_bias(bias.const_value.numpy(), input_scale, weight_scales)
+        q_value = _initializer(graph, f"{node.name}.bias_quantized", q)
+        scale_value = _initializer(graph, f"{node.name}.bias_scale", scales)
+        dq = ir.node(
+            "DequantizeLinear", [q_value, scale_value], {"axis": 0},
+            name=f"{node.name}/bias/DequantizeLinear",
+            metadata_props={ALGORITHM_KEY: "bias int32, scale = input scale * weight scale"},
+        )
+        dq.outputs[0].name = f"{node.name}/bias_dequantized"
+        dq.outputs[0].dtype = bias.dtype
+        dq.outputs[0].shape = bias.shape
+        graph.insert_before(node, dq)
+        node.replace_input_with(index, dq.outputs[0])
+        _drop_if_unused(graph, bias)
+
+    # Outputs ---------------------------------------------------------------------------------
+
+    def _quantize_output(self, graph: ir.Graph, unit: QuantizedUnit) -> None:
+        output = unit.node.outputs[0]
+        uses = [(use.node, use.idx) for use in output.uses()]
+        q, _, _ = self._activation_q(graph, output, unit.node)
+        for consumer, index in uses:
+            if consumer is q.producer():
+                continue
+            self._dequantize_input(graph, consumer, index, output)
+
+
+def _dequantized_source(value: ir.Value | None) -> ir.Value:
+    """The float tensor a DequantizeLinear(QuantizeLinear(x)) chain started from."""
+    assert value is not None
+    dq = value.producer()
+    assert dq is not None and dq.op_type == "DequantizeLinear"
+    q = dq.inputs[0].producer()  # type: ignore[union-attr]
+    assert q is not None and q.op_type == "QuantizeLinear"
+    return q.inputs[0]  # type: ignore[return-value]
+
+
+def _np_type(qtype: QuantType) -> type[np.integer]:
+    return np.uint8 if qtype is QuantType.UINT8 else np.int8
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer under a name not yet used in the graph."""
+    unique = name
+    suffix = 1
+    while unique in graph.initializers:
+        unique = f"{name}_{suffix}"
+        suffix += 1
+    array = np.asarray(array)
+    value = ir.Value(
+        name=unique,
+        const_value=ir.tensor(array, name=unique),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        shape=ir.Shape(array.shape),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if not value.uses() and value.is_initializer() and not value.is_graph_output():
+        graph.initializers.pop(str(value.name), None)

@@ -1,0 +1,73 @@
+"""Choosing an activation's clipping range from its calibration statistics.
+
+MinMax keeps every observed value. Percentile clips the rare tails. MSE picks the [lo, hi] that
+minimises the expected squared error of quantize-dequantize over the observed histogram, trading
+clipping error on the tails against rounding error everywhere else; it is usually best for
+heavy-tailed transformer activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qcompiler.calibration import Histogram
+from qcompiler.numerics import activation_params, type_range
+from qcompiler.options import QuantType, RangeMethod
+
+
+def percentile_range(histogram: Histogram, percentile: float) -> tuple[float, float]:
+    """[lo, hi] keeping `percentile` % of the mass on each side (from the histogram's CDF)."""
+    total = histogram.counts.sum()
+    if total == 0:
+        return (histogram.lo, histogram.hi)
+    cdf = np.cumsum(histogram.counts) / total
+    edges = histogram.edges
+    tail = (100.0 - percentile) / 100.0
+    lo_index = int(np.searchsorted(cdf, tail, side="left"))
+    hi_index = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
+    return (float(edges[lo_index]), float(edges[min(hi_index + 1, len(edges) - 1)]))
+
+
+def expected_error(
+    histogram: Histogram, lo: np.ndarray, hi: np.ndarray, qtype: QuantType, symmetric: bool
+) -> np.ndarray:
+    """Sum over bins of count * (center - fake_quant(center))^2 for each candidate range."""
+    centers = histogram.centers
+    errors = np.empty(len(lo))
+    qmin, qmax = type_range(qtype, symmetric=symmetric)
+    for index, (candidate_lo, candidate_hi) in enumerate(zip(lo, hi)):
+        scale, zero_point = activation_params(candidate_lo, candidate_hi, qtype, symmetric=symmetric)
+        q = np.clip(np.rint(centers / scale) + zero_point, qmin, qmax)
+        errors[index] = np.dot(histogram.counts, (centers - (q - zero_point) * scale) ** 2)
+    return errors
+
+
+def mse_range(histogram: Histogram, qtype: QuantType, symmetric: bool, steps: int = 32) -> tuple[float, float]:
+    """The [lo, hi] on a grid of shrunken ranges with the least expected quantization error."""
+    lo, hi = min(histogram.lo, 0.0), max(histogram.hi, 0.0)
+    factors = np.geomspace(0.02, 1.0, steps)
+    if symmetric:
+        candidates_lo, candidates_hi = lo * factors, hi * factors
+    else:
+        grid_lo, grid_hi = np.meshgrid(lo * factors, hi * factors, indexing="ij")
+        candidates_lo, candidates_hi = grid_lo.ravel(), grid_hi.ravel()
+    errors = expected_error(histogram, candidates_lo, candidates_hi, qtype, symmetric)
+    best = int(np.argmin(errors))
+    return (float(candidates_lo[best]), float(candidates_hi[best]))
+
+
+def choose_range(
+    method: RangeMethod,
+    minmax: tuple[float, float],
+    histogram: Histogram | None,
+    qtype: QuantType,
+    *,
+    symmetric: bool,
+    percentile: float,
+) -> tuple[float, float]:
+    """The clipping range `method` picks; histogram-based methods need `histogram`."""
+    if method is RangeMethod.MINMAX or histogram is None:
+        return minmax
+    if method is RangeMethod.PERCENTILE:
+        return percentile_range(histogram, percentile)
+    return mse_range(histogram, qtype, symmetric)
