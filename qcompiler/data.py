@@ -99,6 +99,10 @@ class NpzFolder:
             raise DataError(f"--data {self.folder}: no .npz files in the folder")
         self.description = f"{len(self.files)} .npz batches from {self.folder}"
 
+    def batch_name(self, index: int) -> str:
+        """The file batch `index` comes from (error messages name it)."""
+        return str(self.files[index])
+
     def __iter__(self) -> Iterator[Feed]:
         for file in self.files:
             try:
@@ -245,8 +249,10 @@ def validated(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputS
               limit: int | None = None) -> Iterator[Feed]:
     """Yield checked batches of `source` (at most `limit`); an empty source is an error."""
     count = 0
+    namer = getattr(source, "batch_name", None)
     for count, feed in enumerate(source, start=1):
-        yield check_feed(feed, specs, f"{name} batch {count}")
+        where = f"{name} {namer(count - 1)}" if namer else f"{name} batch {count}"
+        yield check_feed(feed, specs, where)
         if limit is not None and count >= limit:
             return
     if count == 0:

@@ -141,8 +141,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         q, scale, zero = self._activation_q(graph, value, node)
         dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{node.name}/input{index}/DequantizeLinear")
         dq.outputs[0].name = f"{node.name}/input{index}_dequantized"
-        dq.outputs[0].dtype = value.dtype
-        dq.outputs[0].shape = value.shape
+        copy_type_and_shape(value, dq.outputs[0])
         graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
 
@@ -171,8 +170,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             metadata_props={ALGORITHM_KEY: f"weight {self.weight_type.value} symmetric {granularity}"},
         )
         dq.outputs[0].name = f"{node.name}/weight_dequantized"
-        dq.outputs[0].dtype = weight.dtype
-        dq.outputs[0].shape = weight.shape
+        copy_type_and_shape(weight, dq.outputs[0])
         graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
         _drop_if_unused(graph, weight)
@@ -196,8 +194,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             metadata_props={ALGORITHM_KEY: "bias int32, scale = input scale * weight scale"},
         )
         dq.outputs[0].name = f"{node.name}/bias_dequantized"
-        dq.outputs[0].dtype = bias.dtype
-        dq.outputs[0].shape = bias.shape
+        copy_type_and_shape(bias, dq.outputs[0])
         graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
         _drop_if_unused(graph, bias)
@@ -212,6 +209,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if consumer is q.producer():
                 continue
             self._dequantize_input(graph, consumer, index, output)
+
+
+def copy_type_and_shape(source: ir.Value, target: ir.Value) -> None:
+    """Give `target` the type and shape of `source` (a DQ output stands in for its float input)."""
+    if source.type is not None:
+        target.type = source.type
+    if source.shape is not None:
+        target.shape = source.shape
 
 
 def _dequantized_source(value: ir.Value | None) -> ir.Value:

@@ -88,7 +88,15 @@ def _refusal_reason(node: ir.Node) -> str:
         index for index, value in enumerate(node.inputs)
         if value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"  # type: ignore[union-attr]
     ]
-    output_q = any(use.node.op_type == "QuantizeLinear" for use in node.outputs[0].uses())
+    output = node.outputs[0]
+    output_q = any(use.node.op_type == "QuantizeLinear" for use in output.uses())
+    others = [use for use in output.uses() if use.node.op_type != "QuantizeLinear"]
+    if output_q and (others or output.is_graph_output()):
+        where = f"{len(others)} float consumer(s)" if others else "a graph output"
+        return (
+            f"its output feeds a QuantizeLinear and also {where}; ORT fuses a unit with an "
+            "output Q only when the Q is its sole consumer"
+        )
     if not dq_inputs:
         return f"runs as float {node.op_type}: its inputs are not dequantized in ORT's graph"
     shared = [

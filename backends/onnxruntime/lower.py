@@ -3,13 +3,21 @@
 The QDQ insertion pass already emits that form for graphs it made. These rules repair what other
 producers leave (a QDQ model from another tool, a later pass that shared a DQ):
 
-1. ``dedicate_dequantize``: a DequantizeLinear read by several nodes is duplicated, one per
-   consumer, because ORT's QDQ selectors accept only node units whose DQ has a single consumer.
+1. `DedicateDequantizePass`: a DequantizeLinear read by several nodes is duplicated, one per
+   consumer (ORT duplicates them itself today; the checker still insists, so what we emit does
+   not depend on that).
+2. `RequantizeSharedOutputPass`: a quantized node whose output feeds a QuantizeLinear *and* float
+   consumers is refused by ORT's selectors (QLinear* needs the Q as sole consumer, and
+   MatMulIntegerToFloat refuses an output Q). The float consumers are made to read the quantized
+   output through their own DequantizeLinear, so the node fuses as QLinearMatMul/QLinearConv.
+   Graph outputs stay float: that unit stays unfused and the fusion count says why.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+
+from qcompiler.rewrites.qdq import copy_type_and_shape
 
 
 class DedicateDequantizePass(ir.passes.InPlacePass):
@@ -33,15 +41,54 @@ class DedicateDequantizePass(ir.passes.InPlacePass):
             copy = ir.node("DequantizeLinear", list(node.inputs), name=f"{node.name}/copy{copy_index}")
             for attribute in node.attributes.values():
                 copy.attributes[attribute.name] = attribute
-            copy.outputs[0].dtype = output.dtype
-            copy.outputs[0].shape = output.shape
+            copy_type_and_shape(output, copy.outputs[0])
             copy.outputs[0].name = f"{output.name}/copy{copy_index}"
             graph.insert_before(use.node, copy)
             use.node.replace_input_with(use.idx, copy.outputs[0])
         return True
 
 
+def _is_dequantized(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+class RequantizeSharedOutputPass(ir.passes.InPlacePass):
+    """Route float consumers of a quantized node's output-Q'd tensor through their own DQ."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Rewrite every such output; `modified` tells whether one was found."""
+        modified = False
+        for node in list(model.graph):
+            modified |= self._try_requantize_output(model.graph, node)
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _try_requantize_output(graph: ir.Graph, node: ir.Node) -> bool:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not node.outputs:
+            return False
+        if not any(_is_dequantized(value) for value in node.inputs):
+            return False
+        output = node.outputs[0]
+        if output.is_graph_output():
+            return False
+        uses = list(output.uses())
+        quantizers = [use.node for use in uses if use.node.op_type == "QuantizeLinear"]
+        floats = [use for use in uses if use.node.op_type != "QuantizeLinear"]
+        if not quantizers or not floats:
+            return False
+        q = quantizers[0]
+        for index, use in enumerate(floats):
+            dq = ir.node("DequantizeLinear", [q.outputs[0], *q.inputs[1:]], name=f"{q.name}/float_consumer{index}")
+            copy_type_and_shape(output, dq.outputs[0])
+            dq.outputs[0].name = f"{output.name}/requantized{index}"
+            graph.insert_before(use.node, dq)
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        return True
+
+
 def lower(model: ir.Model) -> ir.Model:
     """Apply the ORT CPU lowering rules in place and return the model."""
+    RequantizeSharedOutputPass()(model)
     DedicateDequantizePass()(model)
     return model

