@@ -1,0 +1,111 @@
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qcompiler import io
+from qcompiler.cli import main
+from tests.graphs import gemm_conv_model, mlp_with_attention_matmul
+
+
+@pytest.fixture()
+def workspace(tmp_path):
+    """A tiny model on disk, a folder of .npz batches for it, and the model's original hash."""
+    model = io.save(mlp_with_attention_matmul(), tmp_path / "mlp.onnx")
+    data = tmp_path / "calib"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        np.savez(data / f"{index}.npz", x=rng.standard_normal((2, 6, 8)).astype(np.float32))
+    return tmp_path, model, data, hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def _unchanged(model, digest):
+    return hashlib.sha256(model.read_bytes()).hexdigest() == digest
+
+
+def test_compile_writes_model_and_report_beside_the_input(workspace, capsys):
+    """Default output <stem>.<target>.onnx, report <stem>.<target>.report.json; input untouched."""
+    folder, model, data, digest = workspace
+    assert main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer", "-q"]) == 0
+    output = folder / "mlp.ort-cpu.onnx"
+    report = json.loads((folder / "mlp.ort-cpu.report.json").read_text())
+    assert report["nodes"]["quantized"] == 3 and report["fusion"]["fused"] == 3
+    assert report["data"]["synthetic"] is False and report["data"]["batches"] == 3
+    assert report["size_bytes"]["after"] < report["size_bytes"]["before"]
+    assert set(report["versions"]) >= {"onnxruntime", "onnx-ir", "qcompiler"}
+    loaded = io.load(output)
+    assert sum(node.op_type == "QuantizeLinear" for node in loaded.graph) == 2
+    assert loaded.metadata_props["qcompiler.target"] == "ort-cpu"
+    assert _unchanged(model, digest)
+    assert sorted(p.name for p in folder.iterdir()) == ["calib", "mlp.onnx", "mlp.ort-cpu.onnx", "mlp.ort-cpu.report.json"]
+
+
+def test_ignore_and_explicit_output(workspace):
+    """--ignore REGEX keeps matching nodes float; -o/--report choose the paths."""
+    folder, model, data, _ = workspace
+    out = folder / "custom.onnx"
+    assert main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer",
+                 "--ignore", "fc[23]", "-o", str(out), "--report", str(folder / "r.json"), "-q"]) == 0
+    report = json.loads((folder / "r.json").read_text())
+    assert report["nodes"]["quantized"] == 1
+    assert report["nodes"]["skipped"]["fc2"] == "in the ignored scope"
+
+
+def test_synthetic_is_flagged(workspace):
+    """--synthetic works and the report says so."""
+    folder, model, _, _ = workspace
+    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-q"]) == 0
+    report = json.loads((folder / "mlp.ort-cpu.report.json").read_text())
+    assert report["data"]["synthetic"] is True and report["warnings"]
+
+
+def test_cnn_through_the_cli(tmp_path):
+    """Conv and Gemm compile and fuse (QLinearConv, QGemm) from the command line."""
+    model = io.save(gemm_conv_model(), tmp_path / "cnn.onnx")
+    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-q"]) == 0
+    report = json.loads((tmp_path / "cnn.ort-cpu.report.json").read_text())
+    assert report["fusion"]["kernels"] == {"QGemm": 1, "QLinearConv": 1}
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["{missing}", "--target", "ort-cpu", "--synthetic"], "missing.onnx: model file not found"),
+    (["{garbage}", "--target", "ort-cpu", "--synthetic"], "garbage.onnx: not"),
+    (["{model}", "--target", "ort-cpu", "--synthetic", "-o", "{model}"], "the output path is the input model"),
+    (["{model}", "--target", "tpu", "--synthetic"], "--target: unknown target 'tpu'"),
+    (["{model}", "--target", "ort-cpu"], "pass exactly one of --data DIR"),
+    (["{model}", "--target", "ort-cpu", "--data", "{badname}"], r"bad\.npz: unknown input name\(s\) \['y'\]"),
+    (["{model}", "--target", "ort-cpu", "--data", "{badshape}"], "'x' has size 5 on axis 1, the model expects 6"),
+    (["{model}", "--target", "ort-cpu", "--synthetic", "--preset", "cnn"], "--preset: 'cnn' is not one of"),
+    (["{model}", "--target", "ort-cpu", "--text", "{model}"], "--text needs --tokenizer"),
+])
+def test_bad_input_is_one_line_naming_the_culprit(workspace, capsys, arguments, message):
+    """Exit code 2, a single stderr line that names the cause, no output files, input unchanged."""
+    import re
+
+    folder, model, _, digest = workspace
+    (folder / "garbage.onnx").write_bytes(b"\x08\x07garbage")
+    for name, array in (("badname", {"y": np.zeros((2, 6, 8), np.float32)}), ("badshape", {"x": np.zeros((2, 5, 8), np.float32)})):
+        (folder / name).mkdir()
+        np.savez(folder / name / "bad.npz", **array)
+    paths = {"missing": folder / "missing.onnx", "garbage": folder / "garbage.onnx", "model": model,
+             "badname": folder / "badname", "badshape": folder / "badshape"}
+    code = main([argument.format(**paths) for argument in arguments])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("qcompile: error: ")
+    assert re.search(message, err), err
+    assert not (folder / "mlp.ort-cpu.onnx").exists()
+    assert _unchanged(model, digest)
+
+
+def test_console_script_exit_code(workspace):
+    """The installed entry point returns non-zero with one line on stderr."""
+    folder, _, _, _ = workspace
+    result = subprocess.run([sys.executable, "-m", "qcompiler.cli", str(folder / "nope.onnx"), "--target", "ort-cpu", "--synthetic"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("nope.onnx: model file not found")
