@@ -45,7 +45,9 @@ def load_feeds(folder: pathlib.Path) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def compile_with(tool: str, model_path: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path) -> None:
+def compile_with(
+    tool: str, model_path: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path
+) -> None:
     """Run one tool; writes `output`."""
     import onnx
 
@@ -67,20 +69,40 @@ def compile_with(tool: str, model_path: pathlib.Path, calibration: pathlib.Path,
                 return next(self.iterator, None)
 
         if tool == "ort-all":
-            quantize_static(str(model_path), str(output), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                str(model_path),
+                str(output),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+            )
         else:
-            quantize_static(str(model_path), str(output), Reader(), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul"], per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(
+                str(model_path),
+                str(output),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
     elif tool in ("nncf", "nncf-nosq"):
         import nncf
 
         advanced = None
         if tool == "nncf-nosq":
-            advanced = nncf.AdvancedQuantizationParameters(smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
-        quantized = nncf.quantize(onnx.load(model_path), nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(feeds), advanced_parameters=advanced)
+            advanced = nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
+            )
+        quantized = nncf.quantize(
+            onnx.load(model_path),
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+            advanced_parameters=advanced,
+        )
         onnx.save(quantized, output)
     else:
         raise SystemExit(f"unknown tool {tool}")
@@ -99,8 +121,11 @@ def latency(path: pathlib.Path, batch: int, seq: int = 128) -> float:
     from qcompiler.backends.onnxruntime.session import create_session, median_latency_ms, session_options
 
     rng = np.random.default_rng(0)
-    feed = {"input_ids": rng.integers(1000, 20000, (batch, seq)), "attention_mask": np.ones((batch, seq), np.int64),
-            "token_type_ids": np.zeros((batch, seq), np.int64)}
+    feed = {
+        "input_ids": rng.integers(1000, 20000, (batch, seq)),
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
     return median_latency_ms(create_session(path, session_options(threads=2)), feed, repeats=20)
 
 
@@ -112,7 +137,8 @@ def integer_kernels(path: pathlib.Path) -> dict[str, int]:
     graph = optimized_graph(qcompiler.load(path)).graph
     fused = sum(node.op_type in FUSED_OP_TYPES for node in graph)
     float_weighted = sum(
-        node.op_type in ("MatMul", "Gemm", "FusedMatMul") and any(v is not None and v.const_value is not None for v in node.inputs[1:2])
+        node.op_type in ("MatMul", "Gemm", "FusedMatMul")
+        and any(v is not None and v.const_value is not None for v in node.inputs[1:2])
         for node in graph
     )
     return {"integer_kernels": fused, "float_weighted_matmuls": float_weighted}
@@ -120,7 +146,9 @@ def integer_kernels(path: pathlib.Path) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ", ".join(TOOLS))
+    parser.add_argument(
+        "--tools", default=",".join(TOOLS), help="comma-separated subset of " + ", ".join(TOOLS)
+    )
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=pathlib.Path, help=argparse.SUPPRESS)
@@ -143,32 +171,67 @@ def main() -> None:
     evaluation = list(TextSource(EVALUATION_TEXT, tokenizer, specs, samples=600, batch_size=16))
     reference = run_outputs(qcompiler.load(model_path), evaluation, "sentence_embedding")
     fp32 = {"1x128_ms": latency(model_path, 1), "8x128_ms": latency(model_path, 8)}
-    rows = {"fp32": {"description": "FP32 reference", "size_mb": round(model_path.stat().st_size / 2**20, 1), **{k: round(v, 2) for k, v in fp32.items()}}}
+    rows = {
+        "fp32": {
+            "description": "FP32 reference",
+            "size_mb": round(model_path.stat().st_size / 2**20, 1),
+            **{k: round(v, 2) for k, v in fp32.items()},
+        }
+    }
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as folder:
         work = pathlib.Path(folder)
         calibration = work / "calibration"
         calibration.mkdir()
-        for index, feed in enumerate(TextSource(CALIBRATION_TEXT, tokenizer, specs, samples=300, batch_size=1)):
+        for index, feed in enumerate(
+            TextSource(CALIBRATION_TEXT, tokenizer, specs, samples=300, batch_size=1)
+        ):
             np.savez(calibration / f"{index}.npz", **feed)
         for tool in args.tools.split(","):
             output = work / f"{tool}.onnx"
-            command = [sys.executable, __file__, "--worker", tool, "--model", str(model_path), "--calibration", str(calibration), "--output", str(output)]
+            command = [
+                sys.executable,
+                __file__,
+                "--worker",
+                tool,
+                "--model",
+                str(model_path),
+                "--calibration",
+                str(calibration),
+                "--output",
+                str(output),
+            ]
             process = subprocess.run(command, capture_output=True, text=True, check=False)
             if process.returncode != 0:
-                rows[tool] = {"description": TOOLS[tool], "error": process.stderr.strip().splitlines()[-1][:300]}
+                rows[tool] = {
+                    "description": TOOLS[tool],
+                    "error": process.stderr.strip().splitlines()[-1][:300],
+                }
                 print(f"{tool}: FAILED {rows[tool]['error']}", file=sys.stderr)
                 continue
             measured = json.loads(process.stdout.strip().splitlines()[-1])
             got = run_outputs(qcompiler.load(output), evaluation, "sentence_embedding")
             score = fidelity(reference, got)
-            row = {"description": TOOLS[tool], **measured, "mean_cosine": round(score.mean_cosine, 4), "min_cosine": round(score.min_cosine, 4),
-                   "size_mb": round(output.stat().st_size / 2**20, 1), "1x128_ms": round(latency(output, 1), 2), "8x128_ms": round(latency(output, 8), 2),
-                   **integer_kernels(output)}
+            row = {
+                "description": TOOLS[tool],
+                **measured,
+                "mean_cosine": round(score.mean_cosine, 4),
+                "min_cosine": round(score.min_cosine, 4),
+                "size_mb": round(output.stat().st_size / 2**20, 1),
+                "1x128_ms": round(latency(output, 1), 2),
+                "8x128_ms": round(latency(output, 8), 2),
+                **integer_kernels(output),
+            }
             row["speedup_8x128"] = round(fp32["8x128_ms"] / row["8x128_ms"], 2)
             rows[tool] = row
             print(tool, row, file=sys.stderr)
-    result = {"model": "all-MiniLM-L6-v2", "calibration": "300 paragraphs, python-docs train slice", "evaluation": "600 paragraphs, python-docs test slice",
-              "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores", "versions": versions(), "rows": rows}
+    result = {
+        "model": "all-MiniLM-L6-v2",
+        "calibration": "300 paragraphs, python-docs train slice",
+        "evaluation": "600 paragraphs, python-docs test slice",
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "versions": versions(),
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm_w8a8.json").write_text(json.dumps(result, indent=2) + "\n")
     write_table(result, ROOT / "docs" / "benchmarks.md")
@@ -182,18 +245,28 @@ def write_table(result: dict, path: pathlib.Path) -> None:
         if "error" in row:
             lines.append(f"| {name} | failed: {row['error'][:80]} | | | | | | | |")
         elif name == "fp32":
-            lines.append(f"| FP32 | 1 / 1 | | | {row['size_mb']} | {row['1x128_ms']} | {row['8x128_ms']} | 1.00 | |")
+            lines.append(
+                f"| FP32 | 1 / 1 | | | {row['size_mb']} | {row['1x128_ms']} | {row['8x128_ms']} | 1.00 | |"
+            )
         else:
-            lines.append(f"| {name} | {row['mean_cosine']:.4f} / {row['min_cosine']:.4f} | {row['seconds']} | {row['peak_rss_mb']:.0f} | {row['size_mb']} | "
-                         f"{row['1x128_ms']} | {row['8x128_ms']} | {row['speedup_8x128']:.2f} | {row['integer_kernels']} / {row['float_weighted_matmuls']} |")
+            lines.append(
+                f"| {name} | {row['mean_cosine']:.4f} / {row['min_cosine']:.4f} | {row['seconds']} | {row['peak_rss_mb']:.0f} | {row['size_mb']} | "
+                f"{row['1x128_ms']} | {row['8x128_ms']} | {row['speedup_8x128']:.2f} | {row['integer_kernels']} / {row['float_weighted_matmuls']} |"
+            )
     legend = "\n".join(f"- `{name}`: {row['description']}" for name, row in result["rows"].items())
-    section = (f"## MiniLM W8A8, ort-cpu\n\n{result['calibration']}; measured on {result['evaluation']}; {result['machine']}.\n"
-               f"Generated by `python benchmarks/minilm_w8a8.py`.\n\n{header}" + "\n".join(lines) + f"\n\n{legend}\n")
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nAbsolute timings are noisy on shared machines: compare ratios within one run.\n\n"
+    section = (
+        f"## MiniLM W8A8, ort-cpu\n\n{result['calibration']}; measured on {result['evaluation']}; {result['machine']}.\n"
+        f"Generated by `python benchmarks/minilm_w8a8.py`.\n\n{header}" + "\n".join(lines) + f"\n\n{legend}\n"
+    )
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nAbsolute timings are noisy on shared machines: compare ratios within one run.\n\n"
+    )
     start = text.find("## MiniLM W8A8, ort-cpu")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)

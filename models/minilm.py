@@ -81,9 +81,14 @@ def export(path: pathlib.Path) -> pathlib.Path:
         staged = pathlib.Path(folder) / path.name
         with torch.no_grad():
             torch.onnx.export(
-                module, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(staged),
-                dynamo=False, opset_version=17, input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                module,
+                (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                str(staged),
+                dynamo=False,
+                opset_version=17,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_axes=dynamic,
             )
         onnx.checker.check_model(str(staged))
         # Verify on a padded batch of another shape than the one traced.
@@ -95,7 +100,10 @@ def export(path: pathlib.Path) -> pathlib.Path:
         with torch.no_grad():
             expected = module(ids, mask, types)[1].numpy()
         session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
-        got = session.run(["sentence_embedding"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()})[0]
+        got = session.run(
+            ["sentence_embedding"],
+            {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": types.numpy()},
+        )[0]
         error = float(np.abs(got - expected).max())
         if error > EXPORT_TOLERANCE:
             raise QCompileError(f"MiniLM export differs from PyTorch by {error:.2e} (> {EXPORT_TOLERANCE})")

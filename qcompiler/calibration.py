@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qcompiler.data import Feed, input_specs, validated
+from qcompiler.data import input_specs, validated
 from qcompiler.errors import DataError
 
 
@@ -252,7 +252,7 @@ def collect(
             total = min(total, max_batches)
         stream = validated(data, specs, "calibration data", limit=max_batches)
         for feed in tqdm(stream, total=total, desc=description, unit="batch", disable=not progress):
-            outputs = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
+            outputs = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
             outputs.update({name: feed[name] for name in input_names})
             for key in runtime_keys:
                 reducers[key].update(outputs[key[0]])

@@ -26,8 +26,8 @@ from qcompiler.options import (
     Preset,
     QuantType,
     RangeMethod,
-    as_tuple,
     WeightOptions,
+    as_tuple,
     parse_enum,
 )
 from qcompiler.targets import TARGETS
@@ -44,11 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", type=pathlib.Path, help="input .onnx model (never modified)")
     parser.add_argument("--target", required=True, help=f"deployment target: {', '.join(sorted(TARGETS))}")
-    parser.add_argument("-o", "--output", type=pathlib.Path, help="output model (default: <stem>.<target>.onnx beside the input)")
-    parser.add_argument("--report", type=pathlib.Path, help="report JSON (default: <output stem>.report.json)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=pathlib.Path,
+        help="output model (default: <stem>.<target>.onnx beside the input)",
+    )
+    parser.add_argument(
+        "--report", type=pathlib.Path, help="report JSON (default: <output stem>.report.json)"
+    )
     source = parser.add_argument_group("calibration data (one of)")
-    source.add_argument("--data", type=pathlib.Path, help="folder of .npz files, one batch each, keys = input names")
-    source.add_argument("--text", type=pathlib.Path, help="text file, one sample per line (needs --tokenizer)")
+    source.add_argument(
+        "--data", type=pathlib.Path, help="folder of .npz files, one batch each, keys = input names"
+    )
+    source.add_argument(
+        "--text", type=pathlib.Path, help="text file, one sample per line (needs --tokenizer)"
+    )
     source.add_argument("--synthetic", action="store_true", help="random inputs (flagged in the report)")
     text = parser.add_argument_group("text data")
     text.add_argument("--tokenizer", type=pathlib.Path, help="tokenizer.json or a folder holding it")
@@ -57,17 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--preset", default="default", help="default | transformer")
-    quant.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="leave nodes whose name matches in float (repeatable)")
-    quant.add_argument("--ignore-node", action="append", default=[], metavar="NAME", help="leave this exact node in float (repeatable)")
-    quant.add_argument("--ignore-op", action="append", default=[], metavar="OP", help="leave every node of this op type in float (repeatable)")
+    quant.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave nodes whose name matches in float (repeatable)",
+    )
+    quant.add_argument(
+        "--ignore-node",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this exact node in float (repeatable)",
+    )
+    quant.add_argument(
+        "--ignore-op",
+        action="append",
+        default=[],
+        metavar="OP",
+        help="leave every node of this op type in float (repeatable)",
+    )
     quant.add_argument("--op-types", nargs="+", metavar="OP", help="quantize exactly these op types")
     quant.add_argument("--range", default="minmax", help="activation range: minmax | percentile | mse")
-    quant.add_argument("--percentile", type=float, default=99.999, help="kept percentile for --range percentile")
+    quant.add_argument(
+        "--percentile", type=float, default=99.999, help="kept percentile for --range percentile"
+    )
     quant.add_argument("--activation-type", help="uint8 | int8 (default: the target's choice)")
     quant.add_argument("--symmetric-activations", action="store_true", help="zero point at the midpoint")
-    quant.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel")
+    quant.add_argument(
+        "--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel"
+    )
     quant.add_argument("--max-batches", type=int, help="stop calibration after this many batches")
-    parser.add_argument("--no-fusion-count", action="store_true", help="skip asking the runtime what it fused")
+    parser.add_argument(
+        "--no-fusion-count", action="store_true", help="skip asking the runtime what it fused"
+    )
     parser.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,11 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> CompileOptions:
     """Typed options from parsed arguments; every mistake names its flag."""
-    activation_type = parse_enum(QuantType, args.activation_type, "--activation-type") if args.activation_type else None
+    activation_type = (
+        parse_enum(QuantType, args.activation_type, "--activation-type") if args.activation_type else None
+    )
     return CompileOptions(
         preset=parse_enum(Preset, args.preset, "--preset"),  # type: ignore[arg-type]
         op_types=tuple(args.op_types) if args.op_types else None,
-        ignored=IgnoredScope(names=as_tuple(args.ignore_node), patterns=as_tuple(args.ignore), op_types=as_tuple(args.ignore_op)),
+        ignored=IgnoredScope(
+            names=as_tuple(args.ignore_node),
+            patterns=as_tuple(args.ignore),
+            op_types=as_tuple(args.ignore_op),
+        ),
         activations=ActivationOptions(
             dtype=activation_type,  # type: ignore[arg-type]
             symmetric=args.symmetric_activations,
@@ -109,7 +150,11 @@ def data_from_args(args: argparse.Namespace, model):  # -> a data source
     """The calibration data source the flags ask for (exactly one kind)."""
     from qcompiler.data import NpzFolder, SyntheticSource, TextSource, input_specs
 
-    chosen = [flag for flag, on in (("--data", args.data), ("--text", args.text), ("--synthetic", args.synthetic)) if on]
+    chosen = [
+        flag
+        for flag, on in (("--data", args.data), ("--text", args.text), ("--synthetic", args.synthetic))
+        if on
+    ]
     if len(chosen) != 1:
         raise OptionError(
             "calibration data: pass exactly one of --data DIR, --text FILE --tokenizer PATH, --synthetic"
@@ -121,7 +166,14 @@ def data_from_args(args: argparse.Namespace, model):  # -> a data source
     if args.text:
         if not args.tokenizer:
             raise OptionError("--text needs --tokenizer PATH (tokenizer.json or its folder)")
-        return TextSource(args.text, args.tokenizer, specs, seq_len=args.seq_len, samples=args.samples, batch_size=args.batch_size)
+        return TextSource(
+            args.text,
+            args.tokenizer,
+            specs,
+            seq_len=args.seq_len,
+            samples=args.samples,
+            batch_size=args.batch_size,
+        )
     return SyntheticSource(specs)
 
 
@@ -167,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, with a hint to get the traceback
         if debug:
             raise
-        print(f"qcompile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)  # noqa: T201
+        print(
+            f"qcompile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )  # noqa: T201
         return EXIT_INTERNAL_ERROR
 
 

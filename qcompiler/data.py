@@ -51,7 +51,7 @@ class InputSpec:
                 f"{where}: input {self.name!r} has rank {array.ndim} (shape {list(array.shape)}), "
                 f"the model expects rank {len(self.shape)}"
             )
-        for axis, (got, expected) in enumerate(zip(array.shape, self.shape)):
+        for axis, (got, expected) in enumerate(zip(array.shape, self.shape, strict=True)):
             if expected is not None and got != expected:
                 raise DataError(
                     f"{where}: input {self.name!r} has size {got} on axis {axis}, "
@@ -192,8 +192,7 @@ class TextSource:
         self.tokenizer.enable_padding(pad_id=pad_id)
         self.batch_size = batch_size
         self.description = (
-            f"{len(self.lines)} lines of {pathlib.Path(text).name}, seq_len <= {seq_len}, "
-            f"batch {batch_size}"
+            f"{len(self.lines)} lines of {pathlib.Path(text).name}, seq_len <= {seq_len}, batch {batch_size}"
         )
 
     def __len__(self) -> int:
@@ -245,8 +244,12 @@ class SyntheticSource:
             yield feed
 
 
-def validated(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputSpec], name: str,
-              limit: int | None = None) -> Iterator[Feed]:
+def validated(
+    source: Iterable[Mapping[str, np.ndarray]],
+    specs: Sequence[InputSpec],
+    name: str,
+    limit: int | None = None,
+) -> Iterator[Feed]:
     """Yield checked batches of `source` (at most `limit`); an empty source is an error."""
     count = 0
     namer = getattr(source, "batch_name", None)
@@ -259,8 +262,7 @@ def validated(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputS
         raise DataError(f"{name}: the data source yielded no batches")
 
 
-def peek_check(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputSpec],
-               name: str) -> None:
+def peek_check(source: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputSpec], name: str) -> None:
     """Check the first batch now, before any expensive work starts."""
     for _ in validated(source, specs, name, limit=1):
         return

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = input_specs(model)
     tokenizer = minilm.tokenizer_path()
     calibration = TextSource(CALIBRATION_TEXT, tokenizer, specs, samples=300, batch_size=8)
-    result = compile_model(model, "ort-cpu", CompileOptions(preset=Preset.TRANSFORMER), data=calibration, progress=not args.quiet)
+    result = compile_model(
+        model, "ort-cpu", CompileOptions(preset=Preset.TRANSFORMER), data=calibration, progress=not args.quiet
+    )
     output = io.save(result.model, folder / f"{model_path.stem}.ort-cpu.onnx", protected=(model_path,))
     io.atomic_write_text(output.with_suffix(".report.json"), result.report.to_json())
     print(result.report.summary())  # noqa: T201

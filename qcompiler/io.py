@@ -24,6 +24,7 @@ SOURCE_PATH_KEY = "qcompiler.source_path"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Initializer bytes above which `save` writes external data by itself (protobuf's limit is 2 GB)."""
 
+
 def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model:
     """Return `model` as an `onnx_ir.Model`, loading it from disk when given a path.
 

@@ -44,14 +44,21 @@ class Fidelity:
 
 
 def run_outputs(
-    model: ir.Model, feeds: Iterable[Mapping[str, np.ndarray]], output: str, *,
-    progress: bool = False, description: str = "evaluating", threads: int | None = None,
+    model: ir.Model,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    output: str,
+    *,
+    progress: bool = False,
+    description: str = "evaluating",
+    threads: int | None = None,
 ) -> np.ndarray:
     """Concatenate one output of `model` over all batches (onnxruntime CPU, full optimizations)."""
     from qcompiler.backends.onnxruntime import create_session, session_options
 
     session = create_session(model, session_options(threads=threads))
-    chunks = [session.run([output], dict(feed))[0] for feed in tqdm(feeds, desc=description, disable=not progress)]
+    chunks = [
+        session.run([output], dict(feed))[0] for feed in tqdm(feeds, desc=description, disable=not progress)
+    ]
     return np.concatenate(chunks, axis=0)
 
 
@@ -62,8 +69,12 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
 
 
 def compare_models(
-    reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], output: str,
-    *, progress: bool = False,
+    reference: ir.Model,
+    candidate: ir.Model,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    output: str,
+    *,
+    progress: bool = False,
 ) -> Fidelity:
     """Fidelity of `candidate`'s `output` against `reference` on the same batches."""
     expected = run_outputs(reference, feeds, output, progress=progress, description="float model")

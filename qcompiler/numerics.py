@@ -40,7 +40,9 @@ def activation_params(lo: float, hi: float, qtype: QuantType, *, symmetric: bool
     return np.float32(scale), zero_point
 
 
-def symmetric_weight_scales(weight: np.ndarray, axis: int | None, qtype: QuantType = QuantType.INT8) -> np.ndarray:
+def symmetric_weight_scales(
+    weight: np.ndarray, axis: int | None, qtype: QuantType = QuantType.INT8
+) -> np.ndarray:
     """Per-channel (along `axis`) or per-tensor (axis None) scales mapping max|w| to the type's edge."""
     _, qmax = type_range(qtype, symmetric=True)
     if axis is None:
@@ -84,7 +86,9 @@ def dequantize(
     return ((q.astype(np.int32) - z) * s).astype(np.float32)
 
 
-def int32_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def int32_bias(
+    bias: np.ndarray, input_scale: float, weight_scales: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a bias to int32 with scale = input_scale * weight_scale (ORT's QLinearConv/QGemm form)."""
     scales = (np.float32(input_scale) * np.asarray(weight_scales, dtype=np.float32)).astype(np.float32)
     scales = np.broadcast_to(scales, bias.shape).astype(np.float32)

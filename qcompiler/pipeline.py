@@ -65,7 +65,10 @@ def compile(  # noqa: A001 - the public name the design promises
     report.size_bytes["before"] = io.initializer_bytes(source)
     if not hasattr(data, "synthetic"):
         data = FeedIterable(data)
-    report.data = {"description": getattr(data, "description", ""), "synthetic": bool(getattr(data, "synthetic", False))}
+    report.data = {
+        "description": getattr(data, "description", ""),
+        "synthetic": bool(getattr(data, "synthetic", False)),
+    }
     if report.data["synthetic"]:
         report.warnings.append("calibrated on synthetic random inputs: accuracy is not representative")
 
@@ -80,9 +83,12 @@ def compile(  # noqa: A001 - the public name the design promises
     requests = plan.stat_requests(options.activations.range_method)
     with report.timed("calibrate"):
         statistics = calibration.collect(
-            working, requests, data,
+            working,
+            requests,
+            data,
             histogram_bins=options.calibration.histogram_bins,
-            max_batches=options.calibration.max_batches, progress=progress,
+            max_batches=options.calibration.max_batches,
+            progress=progress,
         )
     report.data["batches"] = statistics.batches
     activation_type = options.activations.dtype or resolved.activation_type

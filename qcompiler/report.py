@@ -86,7 +86,12 @@ class Report:
             ("left in float", str(len(self.nodes.get("skipped", {})))),  # type: ignore[arg-type]
         ]
         if self.fusion is not None:
-            rows.append(("fused by runtime", f"{self.fusion['fused']} of {self.nodes.get('quantized', 0)} {self.fusion['kernels']}"))
+            rows.append(
+                (
+                    "fused by runtime",
+                    f"{self.fusion['fused']} of {self.nodes.get('quantized', 0)} {self.fusion['kernels']}",
+                )
+            )
         rows += [
             ("size", f"{before:.1f} MB -> {after:.1f} MB"),
             ("time", f"{sum(self.timings_s.values()):.1f} s"),

@@ -101,7 +101,9 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 
 
-def _try_plan_node(node: ir.Node, target: Target, options: CompileOptions, op_types: frozenset[str]) -> QuantizedUnit | str:
+def _try_plan_node(
+    node: ir.Node, target: Target, options: CompileOptions, op_types: frozenset[str]
+) -> QuantizedUnit | str:
     """A unit for `node`, or the reason it stays float."""
     spec = OP_SPECS[node.op_type]
     if options.ignored.matches(node):

@@ -75,7 +75,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph = model.graph
         self._choose_activation_quantizers()
         self._q_outputs: dict[int, ir.Value] = {}
-        self._quantized_weights: dict[tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]] = {}
+        self._quantized_weights: dict[
+            tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]
+        ] = {}
         for unit in self.plan.units:
             for index in unit.activation_inputs:
                 self._dequantize_input(graph, unit.node, index, unit.node.inputs[index])
@@ -98,22 +100,34 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if options.range_method.value != "minmax":
                 histogram = self.statistics.histogram(value)
             lo, hi = choose_range(
-                options.range_method, observed, histogram, self.activation_type,
-                symmetric=options.symmetric, percentile=options.percentile,
+                options.range_method,
+                observed,
+                histogram,
+                self.activation_type,
+                symmetric=options.symmetric,
+                percentile=options.percentile,
             )
             scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=options.symmetric)
             self.quantizers[str(value.name)] = ActivationQuantizer(
                 float(scale), zero_point, lo, hi, observed[0], observed[1]
             )
 
-    def _activation_q(self, graph: ir.Graph, value: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def _activation_q(
+        self, graph: ir.Graph, value: ir.Value, before: ir.Node
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """The quantized tensor of `value` (one QuantizeLinear, made on first use) and its params."""
         params = self.quantizers[str(value.name)]
         if id(value) not in self._q_outputs:
             scale = _initializer(graph, f"{value.name}_scale", np.float32(params.scale))
-            zero = _initializer(graph, f"{value.name}_zero_point", np.array(params.zero_point, dtype=_np_type(self.activation_type)))
+            zero = _initializer(
+                graph,
+                f"{value.name}_zero_point",
+                np.array(params.zero_point, dtype=_np_type(self.activation_type)),
+            )
             node = ir.node(
-                "QuantizeLinear", [value, scale, zero], name=f"{value.name}/QuantizeLinear",
+                "QuantizeLinear",
+                [value, scale, zero],
+                name=f"{value.name}/QuantizeLinear",
                 metadata_props={ALGORITHM_KEY: self._describe(params)},
             )
             node.outputs[0].name = f"{value.name}_quantized"
@@ -159,13 +173,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
             q = quantize(array, scales, 0, self.weight_type, axis)
             q_value = _initializer(graph, f"{weight.name}_quantized", q)
             scale_value = _initializer(graph, f"{weight.name}_scale", scales)
-            zero_value = _initializer(graph, f"{weight.name}_zero_point", np.zeros(scales.shape, dtype=q.dtype))
+            zero_value = _initializer(
+                graph, f"{weight.name}_zero_point", np.zeros(scales.shape, dtype=q.dtype)
+            )
             self._quantized_weights[key] = (q_value, scale_value, zero_value, scales)
         q_value, scale_value, zero_value, _ = self._quantized_weights[key]
         attributes = {"axis": axis} if axis is not None else {}
         granularity = f"per-channel axis {axis}" if axis is not None else "per-tensor"
         dq = ir.node(
-            "DequantizeLinear", [q_value, scale_value, zero_value], attributes,
+            "DequantizeLinear",
+            [q_value, scale_value, zero_value],
+            attributes,
             name=f"{node.name}/weight/DequantizeLinear",
             metadata_props={ALGORITHM_KEY: f"weight {self.weight_type.value} symmetric {granularity}"},
         )
@@ -189,7 +207,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         q_value = _initializer(graph, f"{node.name}.bias_quantized", q)
         scale_value = _initializer(graph, f"{node.name}.bias_scale", scales)
         dq = ir.node(
-            "DequantizeLinear", [q_value, scale_value], {"axis": 0},
+            "DequantizeLinear",
+            [q_value, scale_value],
+            {"axis": 0},
             name=f"{node.name}/bias/DequantizeLinear",
             metadata_props={ALGORITHM_KEY: "bias int32, scale = input scale * weight scale"},
         )

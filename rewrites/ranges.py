@@ -35,14 +35,16 @@ def expected_error(
     centers = histogram.centers
     errors = np.empty(len(lo))
     qmin, qmax = type_range(qtype, symmetric=symmetric)
-    for index, (candidate_lo, candidate_hi) in enumerate(zip(lo, hi)):
+    for index, (candidate_lo, candidate_hi) in enumerate(zip(lo, hi, strict=True)):
         scale, zero_point = activation_params(candidate_lo, candidate_hi, qtype, symmetric=symmetric)
         q = np.clip(np.rint(centers / scale) + zero_point, qmin, qmax)
         errors[index] = np.dot(histogram.counts, (centers - (q - zero_point) * scale) ** 2)
     return errors
 
 
-def mse_range(histogram: Histogram, qtype: QuantType, symmetric: bool, steps: int = 32) -> tuple[float, float]:
+def mse_range(
+    histogram: Histogram, qtype: QuantType, symmetric: bool, steps: int = 32
+) -> tuple[float, float]:
     """The [lo, hi] on a grid of shrunken ranges with the least expected quantization error."""
     lo, hi = min(histogram.lo, 0.0), max(histogram.hi, 0.0)
     factors = np.geomspace(0.02, 1.0, steps)

@@ -6,11 +6,15 @@ import numpy as np
 import onnx_ir as ir
 
 
-
 def const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register an initializer."""
     array = np.asarray(array)
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
+    value = ir.Value(
+        name=name,
+        const_value=ir.tensor(array, name=name),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        shape=ir.Shape(array.shape),
+    )
     graph.register_initializer(value)
     return value
 
@@ -70,7 +74,9 @@ def gemm_conv_model() -> ir.Model:
     return model_of(graph)
 
 
-def random_feeds(model: ir.Model, batches: int = 4, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def random_feeds(
+    model: ir.Model, batches: int = 4, batch: int = 2, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
     """Float feeds for every input; dynamic dims get `batch`."""
     rng = np.random.default_rng(seed)
     feeds = []

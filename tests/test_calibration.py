@@ -60,8 +60,12 @@ def test_collect_merges_requests_and_matches_numpy():
     NormalizePass()(model)
     relu = next(node for node in model.graph if node.op_type == "Relu").outputs[0]
     weight = model.graph.initializers["w1"]
-    requests = [StatRequest(relu, StatKind.MINMAX), StatRequest(relu, StatKind.MINMAX),
-                StatRequest(relu, StatKind.ABSMAX_PER_CHANNEL, axis=-1), StatRequest(weight, StatKind.MINMAX)]
+    requests = [
+        StatRequest(relu, StatKind.MINMAX),
+        StatRequest(relu, StatKind.MINMAX),
+        StatRequest(relu, StatKind.ABSMAX_PER_CHANNEL, axis=-1),
+        StatRequest(weight, StatKind.MINMAX),
+    ]
     feeds = random_feeds(model, batches=3)
     stats = calibration.collect(model, requests, feeds, progress=False)
     assert len(stats) == 3 and stats.batches == 3
@@ -78,4 +82,9 @@ def test_collect_rejects_wrong_data_before_running():
     model = mlp_with_attention_matmul()
     relu = next(node for node in model.graph if node.op_type == "Relu").outputs[0]
     with pytest.raises(DataError, match="unknown input name.*'y'"):
-        calibration.collect(model, [StatRequest(relu, StatKind.MINMAX)], [{"y": np.zeros((1, 6, 8), np.float32)}], progress=False)
+        calibration.collect(
+            model,
+            [StatRequest(relu, StatKind.MINMAX)],
+            [{"y": np.zeros((1, 6, 8), np.float32)}],
+            progress=False,
+        )

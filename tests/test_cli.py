@@ -30,7 +30,9 @@ def _unchanged(model, digest):
 def test_compile_writes_model_and_report_beside_the_input(workspace, capsys):
     """Default output <stem>.<target>.onnx, report <stem>.<target>.report.json; input untouched."""
     folder, model, data, digest = workspace
-    assert main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer", "-q"]) == 0
+    assert (
+        main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer", "-q"]) == 0
+    )
     output = folder / "mlp.ort-cpu.onnx"
     report = json.loads((folder / "mlp.ort-cpu.report.json").read_text())
     assert report["nodes"]["quantized"] == 3 and report["fusion"]["fused"] == 3
@@ -41,15 +43,39 @@ def test_compile_writes_model_and_report_beside_the_input(workspace, capsys):
     assert sum(node.op_type == "QuantizeLinear" for node in loaded.graph) == 2
     assert loaded.metadata_props["qcompiler.target"] == "ort-cpu"
     assert _unchanged(model, digest)
-    assert sorted(p.name for p in folder.iterdir()) == ["calib", "mlp.onnx", "mlp.ort-cpu.onnx", "mlp.ort-cpu.report.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "calib",
+        "mlp.onnx",
+        "mlp.ort-cpu.onnx",
+        "mlp.ort-cpu.report.json",
+    ]
 
 
 def test_ignore_and_explicit_output(workspace):
     """--ignore REGEX keeps matching nodes float; -o/--report choose the paths."""
     folder, model, data, _ = workspace
     out = folder / "custom.onnx"
-    assert main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer",
-                 "--ignore", "fc[23]", "-o", str(out), "--report", str(folder / "r.json"), "-q"]) == 0
+    assert (
+        main(
+            [
+                str(model),
+                "--target",
+                "ort-cpu",
+                "--data",
+                str(data),
+                "--preset",
+                "transformer",
+                "--ignore",
+                "fc[23]",
+                "-o",
+                str(out),
+                "--report",
+                str(folder / "r.json"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     report = json.loads((folder / "r.json").read_text())
     assert report["nodes"]["quantized"] == 1
     assert report["nodes"]["skipped"]["fc2"] == "in the ignored scope"
@@ -71,28 +97,51 @@ def test_cnn_through_the_cli(tmp_path):
     assert report["fusion"]["kernels"] == {"QGemm": 1, "QLinearConv": 1}
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["{missing}", "--target", "ort-cpu", "--synthetic"], "missing.onnx: model file not found"),
-    (["{garbage}", "--target", "ort-cpu", "--synthetic"], "garbage.onnx: not"),
-    (["{model}", "--target", "ort-cpu", "--synthetic", "-o", "{model}"], "the output path is the input model"),
-    (["{model}", "--target", "tpu", "--synthetic"], "--target: unknown target 'tpu'"),
-    (["{model}", "--target", "ort-cpu"], "pass exactly one of --data DIR"),
-    (["{model}", "--target", "ort-cpu", "--data", "{badname}"], r"bad\.npz: unknown input name\(s\) \['y'\]"),
-    (["{model}", "--target", "ort-cpu", "--data", "{badshape}"], "'x' has size 5 on axis 1, the model expects 6"),
-    (["{model}", "--target", "ort-cpu", "--synthetic", "--preset", "cnn"], "--preset: 'cnn' is not one of"),
-    (["{model}", "--target", "ort-cpu", "--text", "{model}"], "--text needs --tokenizer"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["{missing}", "--target", "ort-cpu", "--synthetic"], "missing.onnx: model file not found"),
+        (["{garbage}", "--target", "ort-cpu", "--synthetic"], "garbage.onnx: not"),
+        (
+            ["{model}", "--target", "ort-cpu", "--synthetic", "-o", "{model}"],
+            "the output path is the input model",
+        ),
+        (["{model}", "--target", "tpu", "--synthetic"], "--target: unknown target 'tpu'"),
+        (["{model}", "--target", "ort-cpu"], "pass exactly one of --data DIR"),
+        (
+            ["{model}", "--target", "ort-cpu", "--data", "{badname}"],
+            r"bad\.npz: unknown input name\(s\) \['y'\]",
+        ),
+        (
+            ["{model}", "--target", "ort-cpu", "--data", "{badshape}"],
+            "'x' has size 5 on axis 1, the model expects 6",
+        ),
+        (
+            ["{model}", "--target", "ort-cpu", "--synthetic", "--preset", "cnn"],
+            "--preset: 'cnn' is not one of",
+        ),
+        (["{model}", "--target", "ort-cpu", "--text", "{model}"], "--text needs --tokenizer"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_culprit(workspace, capsys, arguments, message):
     """Exit code 2, a single stderr line that names the cause, no output files, input unchanged."""
     import re
 
     folder, model, _, digest = workspace
     (folder / "garbage.onnx").write_bytes(b"\x08\x07garbage")
-    for name, array in (("badname", {"y": np.zeros((2, 6, 8), np.float32)}), ("badshape", {"x": np.zeros((2, 5, 8), np.float32)})):
+    for name, array in (
+        ("badname", {"y": np.zeros((2, 6, 8), np.float32)}),
+        ("badshape", {"x": np.zeros((2, 5, 8), np.float32)}),
+    ):
         (folder / name).mkdir()
         np.savez(folder / name / "bad.npz", **array)
-    paths = {"missing": folder / "missing.onnx", "garbage": folder / "garbage.onnx", "model": model,
-             "badname": folder / "badname", "badshape": folder / "badshape"}
+    paths = {
+        "missing": folder / "missing.onnx",
+        "garbage": folder / "garbage.onnx",
+        "model": model,
+        "badname": folder / "badname",
+        "badshape": folder / "badshape",
+    }
     code = main([argument.format(**paths) for argument in arguments])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -105,7 +154,19 @@ def test_bad_input_is_one_line_naming_the_culprit(workspace, capsys, arguments, 
 def test_console_script_exit_code(workspace):
     """The installed entry point returns non-zero with one line on stderr."""
     folder, _, _, _ = workspace
-    result = subprocess.run([sys.executable, "-m", "qcompiler.cli", str(folder / "nope.onnx"), "--target", "ort-cpu", "--synthetic"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcompiler.cli",
+            str(folder / "nope.onnx"),
+            "--target",
+            "ort-cpu",
+            "--synthetic",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().endswith("nope.onnx: model file not found")

@@ -1,11 +1,23 @@
 import numpy as np
 import pytest
 
-from qcompiler.data import FeedIterable, InputSpec, NpzFolder, SyntheticSource, TextSource, check_feed, input_specs, validated
+from qcompiler.data import (
+    FeedIterable,
+    InputSpec,
+    NpzFolder,
+    SyntheticSource,
+    TextSource,
+    check_feed,
+    input_specs,
+    validated,
+)
 from qcompiler.errors import DataError
 from tests.graphs import mlp_with_attention_matmul
 
-SPECS = [InputSpec("input_ids", np.dtype(np.int64), (None, None)), InputSpec("attention_mask", np.dtype(np.int64), (None, None))]
+SPECS = [
+    InputSpec("input_ids", np.dtype(np.int64), (None, None)),
+    InputSpec("attention_mask", np.dtype(np.int64), (None, None)),
+]
 
 
 def test_check_feed_names_the_culprit():

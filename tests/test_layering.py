@@ -19,7 +19,11 @@ def test_rewrites_never_import_backends_or_runtimes():
     """rewrites/ stays runtime-independent: no backends, no onnxruntime/openvino imports."""
     imports = _imports(ROOT / "rewrites")
     assert imports, "no imports found: the scan is broken"
-    bad = [(f, m) for f, m in imports if m.startswith(("qcompiler.backends", "backends", "onnxruntime", "openvino"))]
+    bad = [
+        (f, m)
+        for f, m in imports
+        if m.startswith(("qcompiler.backends", "backends", "onnxruntime", "openvino"))
+    ]
     assert bad == []
 
 

@@ -30,7 +30,15 @@ def compiled(minilm_path):
 def test_w8a8_fidelity_on_held_out_text(compiled):
     """Sentence-embedding cosine vs FP32 on 600 held-out paragraphs: mean >= 0.99, min >= 0.97."""
     model, result, _, _ = compiled
-    evaluation = list(TextSource(EVALUATION_TEXT, minilm.tokenizer_path(), input_specs(model), samples=EVALUATION_LINES, batch_size=16))
+    evaluation = list(
+        TextSource(
+            EVALUATION_TEXT,
+            minilm.tokenizer_path(),
+            input_specs(model),
+            samples=EVALUATION_LINES,
+            batch_size=16,
+        )
+    )
     fidelity = compare_models(model, result.model, evaluation, "sentence_embedding")
     assert fidelity.samples == EVALUATION_LINES
     assert fidelity.mean_cosine >= 0.99, fidelity
@@ -51,7 +59,11 @@ def test_quantized_structure_and_input_untouched(compiled):
     """Weights are int8 per channel, activations uint8; the model file is byte-identical."""
     _, result, digest, path = compiled
     q_types = {node.inputs[2].dtype for node in result.model.graph if node.op_type == "QuantizeLinear"}
-    weights = [node for node in result.model.graph if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None]
+    weights = [
+        node
+        for node in result.model.graph
+        if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None
+    ]
     assert q_types == {ir.DataType.UINT8}
     assert len(weights) == 36 and all(node.attributes.get_int("axis") == 1 for node in weights)
     assert result.report.size_bytes["after"] < 0.7 * result.report.size_bytes["before"]

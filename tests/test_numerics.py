@@ -11,7 +11,11 @@ def _ort_quantize(x, scale, zero_point, axis=None):
     """QuantizeLinear as onnxruntime computes it."""
     xin = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x.shape))
     graph = ir.Graph([xin], [], nodes=[], name="q")
-    node = ir.node("QuantizeLinear", [xin, const(graph, "s", scale), const(graph, "z", zero_point)], {"axis": axis} if axis is not None else None)
+    node = ir.node(
+        "QuantizeLinear",
+        [xin, const(graph, "s", scale), const(graph, "z", zero_point)],
+        {"axis": axis} if axis is not None else None,
+    )
     graph.append(node)
     graph.outputs.append(node.outputs[0])
     node.outputs[0].name = "y"
@@ -21,7 +25,9 @@ def _ort_quantize(x, scale, zero_point, axis=None):
 def test_quantize_matches_onnxruntime_per_tensor_uint8():
     """Rounding half to even and saturation agree bit for bit with ORT."""
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_normal(1000) * 3, np.array([0.05, 0.15, -0.05, 100, -100])]).astype(np.float32)
+    x = np.concatenate([rng.standard_normal(1000) * 3, np.array([0.05, 0.15, -0.05, 100, -100])]).astype(
+        np.float32
+    )
     scale, zero = np.float32(0.1), np.uint8(128)
     ours = numerics.quantize(x, scale, zero, QuantType.UINT8)
     assert ours.dtype == np.uint8
@@ -34,7 +40,9 @@ def test_quantize_matches_onnxruntime_per_channel_int8():
     w = rng.standard_normal((16, 8)).astype(np.float32)
     scales = numerics.symmetric_weight_scales(w, axis=1)
     zeros = np.zeros(8, np.int8)
-    np.testing.assert_array_equal(numerics.quantize(w, scales, zeros, QuantType.INT8, axis=1), _ort_quantize(w, scales, zeros, axis=1))
+    np.testing.assert_array_equal(
+        numerics.quantize(w, scales, zeros, QuantType.INT8, axis=1), _ort_quantize(w, scales, zeros, axis=1)
+    )
 
 
 def test_symmetric_weight_scales_closed_form():

@@ -10,7 +10,16 @@ from tests.graphs import const, float_input, model_of, run
 
 def _quantized_matmul(graph, source, index, rng):
     w = const(graph, f"w{index}", rng.integers(-127, 128, (8, 8)).astype(np.int8))
-    wdq = ir.node("DequantizeLinear", [w, const(graph, f"ws{index}", np.full(8, 0.01, np.float32)), const(graph, f"wz{index}", np.zeros(8, np.int8))], {"axis": 1}, name=f"wdq{index}")
+    wdq = ir.node(
+        "DequantizeLinear",
+        [
+            w,
+            const(graph, f"ws{index}", np.full(8, 0.01, np.float32)),
+            const(graph, f"wz{index}", np.zeros(8, np.int8)),
+        ],
+        {"axis": 1},
+        name=f"wdq{index}",
+    )
     mm = ir.node("MatMul", [source, wdq.outputs[0]], name=f"mm{index}")
     mm.outputs[0].name = f"y{index}"
     graph.extend([wdq, mm])
@@ -18,7 +27,11 @@ def _quantized_matmul(graph, source, index, rng):
 
 
 def _q_dq(graph, value, name):
-    q = ir.node("QuantizeLinear", [value, const(graph, f"{name}_s", np.float32(0.05)), const(graph, f"{name}_z", np.uint8(128))], name=f"{name}_q")
+    q = ir.node(
+        "QuantizeLinear",
+        [value, const(graph, f"{name}_s", np.float32(0.05)), const(graph, f"{name}_z", np.uint8(128))],
+        name=f"{name}_q",
+    )
     dq = ir.node("DequantizeLinear", [q.outputs[0], q.inputs[1], q.inputs[2]], name=f"{name}_dq")
     graph.extend([q, dq])
     return dq
@@ -33,7 +46,15 @@ def _shared_dq_model(bias_zero_point: int = 0) -> ir.Model:
     for index in range(2):
         graph.outputs.append(_quantized_matmul(graph, dq.outputs[0], index, rng).outputs[0])
     if bias_zero_point:
-        b = ir.node("DequantizeLinear", [const(graph, "b", np.arange(4, dtype=np.int32)), const(graph, "bs", np.float32(0.1)), const(graph, "bz", np.int32(bias_zero_point))], name="bias_dq")
+        b = ir.node(
+            "DequantizeLinear",
+            [
+                const(graph, "b", np.arange(4, dtype=np.int32)),
+                const(graph, "bs", np.float32(0.1)),
+                const(graph, "bz", np.int32(bias_zero_point)),
+            ],
+            name="bias_dq",
+        )
         b.outputs[0].name = "bias"
         graph.append(b)
         graph.outputs.append(b.outputs[0])
@@ -61,9 +82,12 @@ def test_dedicating_dqs_keeps_outputs_and_passes_the_checker():
     expected = run(model, feed)
     assert DedicateDequantizePass()(model).modified
     check(model)
-    for a, b in zip(expected, run(model, feed)):
+    for a, b in zip(expected, run(model, feed), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert count_fusion(model, ["mm0", "mm1"]).fused == {"mm0": "MatMulIntegerToFloat", "mm1": "MatMulIntegerToFloat"}
+    assert count_fusion(model, ["mm0", "mm1"]).fused == {
+        "mm0": "MatMulIntegerToFloat",
+        "mm1": "MatMulIntegerToFloat",
+    }
 
 
 def _output_feeds_q_and_float(as_graph_output: bool) -> ir.Model:
@@ -100,4 +124,7 @@ def test_requantizing_float_consumers_lets_the_node_fuse():
     assert RequantizeSharedOutputPass()(model).modified
     relu = next(node for node in model.graph if node.op_type == "Relu")
     assert relu.inputs[0].producer().op_type == "DequantizeLinear"
-    assert count_fusion(model, ["mm0", "mm1"]).fused == {"mm0": "QLinearMatMul", "mm1": "MatMulIntegerToFloat"}
+    assert count_fusion(model, ["mm0", "mm1"]).fused == {
+        "mm0": "QLinearMatMul",
+        "mm1": "MatMulIntegerToFloat",
+    }

@@ -56,9 +56,13 @@ def test_bias_and_output_quantization_follow_the_target():
 
 def test_ignored_scope_by_name_regex_and_op_type():
     """Each kind of ignored scope removes the node and records why."""
-    by_name = _plan(mlp_with_attention_matmul(), preset=Preset.TRANSFORMER, ignored=IgnoredScope(names=("fc2",)))
+    by_name = _plan(
+        mlp_with_attention_matmul(), preset=Preset.TRANSFORMER, ignored=IgnoredScope(names=("fc2",))
+    )
     assert _names(by_name) == ["fc1", "fc3"] and by_name.skipped["fc2"] == "in the ignored scope"
-    by_regex = _plan(mlp_with_attention_matmul(), preset=Preset.TRANSFORMER, ignored=IgnoredScope(patterns=(r"fc[23]",)))
+    by_regex = _plan(
+        mlp_with_attention_matmul(), preset=Preset.TRANSFORMER, ignored=IgnoredScope(patterns=(r"fc[23]",))
+    )
     assert _names(by_regex) == ["fc1"]
     by_type = _plan(gemm_conv_model(), ignored=IgnoredScope(op_types=("Conv",)))
     assert _names(by_type) == ["gemm"]

@@ -19,7 +19,9 @@ def _quantize(model, **options):
     compile_options = CompileOptions(**options)
     plan = plan_quantizers(model, ORT_CPU, compile_options)
     feeds = random_feeds(model, batches=4)
-    stats = calibration.collect(model, plan.stat_requests(compile_options.activations.range_method), feeds, progress=False)
+    stats = calibration.collect(
+        model, plan.stat_requests(compile_options.activations.range_method), feeds, progress=False
+    )
     result = InsertQDQPass(plan, stats, compile_options.activations, QuantType.UINT8)(model)
     return reference, model, plan, feeds, result
 
@@ -85,11 +87,14 @@ def test_cnn_quantized_numerics():
     assert np.abs(expected - got).max() < 0.05 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("builder, preset, kernels", [
-    (mlp_with_attention_matmul, Preset.TRANSFORMER, {"MatMulIntegerToFloat", "QLinearMatMul"}),
-    (mlp_with_attention_matmul, Preset.DEFAULT, {"MatMulIntegerToFloat", "QLinearMatMul"}),
-    (gemm_conv_model, Preset.DEFAULT, {"QGemm", "QLinearConv"}),
-])
+@pytest.mark.parametrize(
+    "builder, preset, kernels",
+    [
+        (mlp_with_attention_matmul, Preset.TRANSFORMER, {"MatMulIntegerToFloat", "QLinearMatMul"}),
+        (mlp_with_attention_matmul, Preset.DEFAULT, {"MatMulIntegerToFloat", "QLinearMatMul"}),
+        (gemm_conv_model, Preset.DEFAULT, {"QGemm", "QLinearConv"}),
+    ],
+)
 def test_every_unit_fuses_in_onnxruntime(builder, preset, kernels):
     """The emitted form is what ORT CPU fuses: every quantized node becomes an integer kernel."""
     _, model, plan, _, _ = _quantize(builder(), preset=preset)
@@ -103,8 +108,9 @@ def test_every_unit_fuses_in_onnxruntime(builder, preset, kernels):
 
 def test_symmetric_int8_activations_option():
     """int8 symmetric activations: zero point 0 and int8 zero-point initializers."""
-    _, model, _, _, _ = _quantize(mlp_with_attention_matmul(), preset=Preset.TRANSFORMER,
-                                  activations=ActivationOptions(symmetric=True))
+    _, model, _, _, _ = _quantize(
+        mlp_with_attention_matmul(), preset=Preset.TRANSFORMER, activations=ActivationOptions(symmetric=True)
+    )
     # The pass was built with UINT8 in _quantize; symmetric uint8 puts the zero point at 128.
     q = next(node for node in model.graph if node.op_type == "QuantizeLinear")
     assert int(q.inputs[2].const_value.numpy()) == 128

@@ -38,7 +38,9 @@ def test_mse_range_clips_outliers_but_not_uniform_data():
 
 def test_choose_range_minmax_ignores_histogram():
     """MinMax returns the observed range unchanged."""
-    assert ranges.choose_range(RangeMethod.MINMAX, (-2.0, 3.0), None, QuantType.UINT8, symmetric=False, percentile=99.9) == (-2.0, 3.0)
+    assert ranges.choose_range(
+        RangeMethod.MINMAX, (-2.0, 3.0), None, QuantType.UINT8, symmetric=False, percentile=99.9
+    ) == (-2.0, 3.0)
 
 
 def test_expected_error_is_zero_on_grid_points():

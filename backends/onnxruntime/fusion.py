@@ -19,12 +19,28 @@ import onnx_ir as ir
 from qcompiler.backends.onnxruntime.session import PROTOBUF_LIMIT, create_session, session_options
 from qcompiler.io import initializer_bytes
 
-FUSED_OP_TYPES = frozenset({
-    "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearConv", "QLinearAdd", "QLinearMul",
-    "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearAveragePool",
-    "QLinearGlobalAveragePool", "QLinearWhere", "QAttention", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "MatMulNBits",
-})
+FUSED_OP_TYPES = frozenset(
+    {
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "QLinearConv",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearConcat",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearWhere",
+        "QAttention",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+    }
+)
 
 
 @dataclasses.dataclass
@@ -85,8 +101,11 @@ def count_fusion(model: ir.Model, quantized_nodes: Iterable[str]) -> FusionRepor
 
 def _refusal_reason(node: ir.Node) -> str:
     dq_inputs = [
-        index for index, value in enumerate(node.inputs)
-        if value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"  # type: ignore[union-attr]
+        index
+        for index, value in enumerate(node.inputs)
+        if value is not None
+        and value.producer() is not None
+        and value.producer().op_type == "DequantizeLinear"  # type: ignore[union-attr]
     ]
     output = node.outputs[0]
     output_q = any(use.node.op_type == "QuantizeLinear" for use in output.uses())
@@ -100,11 +119,14 @@ def _refusal_reason(node: ir.Node) -> str:
     if not dq_inputs:
         return f"runs as float {node.op_type}: its inputs are not dequantized in ORT's graph"
     shared = [
-        index for index in dq_inputs
+        index
+        for index in dq_inputs
         if len(node.inputs[index].uses()) > 1  # type: ignore[union-attr]
     ]
     if shared:
-        return f"DequantizeLinear on input(s) {shared} is shared with other nodes; ORT fuses only dedicated DQs"
+        return (
+            f"DequantizeLinear on input(s) {shared} is shared with other nodes; ORT fuses only dedicated DQs"
+        )
     return (
         f"ORT's QDQ selector refused {node.op_type} with DQ on input(s) {dq_inputs} and "
         f"{'a' if output_q else 'no'} Q on the output (unsupported type or shape combination)"

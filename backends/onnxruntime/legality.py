@@ -21,7 +21,9 @@ def _dq_single_consumer(model: ir.Model) -> list[str]:
     problems = []
     for node in model.graph:
         if node.op_type == "DequantizeLinear" and len(node.outputs[0].uses()) > 1:
-            problems.append(f"{node.name}: DequantizeLinear feeds {len(node.outputs[0].uses())} nodes (ORT fuses only dedicated DQs)")
+            problems.append(
+                f"{node.name}: DequantizeLinear feeds {len(node.outputs[0].uses())} nodes (ORT fuses only dedicated DQs)"
+            )
     return problems
 
 
@@ -31,7 +33,9 @@ def _quantize_types(model: ir.Model) -> list[str]:
         if node.op_type == "QuantizeLinear":
             zero = node.inputs[2] if len(node.inputs) > 2 else None
             if zero is None or zero.dtype not in Q_TYPES:
-                problems.append(f"{node.name}: activation quantizer must be uint8/int8 with an explicit zero point")
+                problems.append(
+                    f"{node.name}: activation quantizer must be uint8/int8 with an explicit zero point"
+                )
     return problems
 
 
@@ -41,7 +45,9 @@ def _constant_weight_zero_points(model: ir.Model) -> list[str]:
         if node.op_type != "DequantizeLinear" or node.inputs[0] is None or node.inputs[0].const_value is None:
             continue
         if node.inputs[0].dtype not in WEIGHT_TYPES:
-            problems.append(f"{node.name}: constant of type {node.inputs[0].dtype} has no ORT CPU int8 kernel")
+            problems.append(
+                f"{node.name}: constant of type {node.inputs[0].dtype} has no ORT CPU int8 kernel"
+            )
         zero = node.inputs[2] if len(node.inputs) > 2 else None
         if node.inputs[0].dtype is ir.DataType.INT32 and zero is not None and zero.const_value is not None:
             if zero.const_value.numpy().any():

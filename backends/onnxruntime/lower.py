@@ -79,7 +79,9 @@ class RequantizeSharedOutputPass(ir.passes.InPlacePass):
             return False
         q = quantizers[0]
         for index, use in enumerate(floats):
-            dq = ir.node("DequantizeLinear", [q.outputs[0], *q.inputs[1:]], name=f"{q.name}/float_consumer{index}")
+            dq = ir.node(
+                "DequantizeLinear", [q.outputs[0], *q.inputs[1:]], name=f"{q.name}/float_consumer{index}"
+            )
             copy_type_and_shape(output, dq.outputs[0])
             dq.outputs[0].name = f"{output.name}/requantized{index}"
             graph.insert_before(use.node, dq)

@@ -13,7 +13,9 @@ from qcompiler.io import initializer_bytes, save
 PROTOBUF_LIMIT = 1_800_000_000
 
 
-def session_options(*, threads: int | None = None, level: str = "all", optimized_path: str | None = None) -> ort.SessionOptions:
+def session_options(
+    *, threads: int | None = None, level: str = "all", optimized_path: str | None = None
+) -> ort.SessionOptions:
     """CPU session options; `level` is one of disable, basic, extended, all."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -30,7 +32,9 @@ def session_options(*, threads: int | None = None, level: str = "all", optimized
     return options
 
 
-def create_session(model: ir.Model | str | pathlib.Path, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+def create_session(
+    model: ir.Model | str | pathlib.Path, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
     """An InferenceSession on the CPU provider; models over ~1.8 GB go through a temporary file."""
     options = options or session_options()
     providers = ["CPUExecutionProvider"]
@@ -43,7 +47,9 @@ def create_session(model: ir.Model | str | pathlib.Path, options: ort.SessionOpt
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def median_latency_ms(session: ort.InferenceSession, feed: dict, *, warmup: int = 3, repeats: int = 20) -> float:
+def median_latency_ms(
+    session: ort.InferenceSession, feed: dict, *, warmup: int = 3, repeats: int = 20
+) -> float:
     """Median wall time of one `session.run` on `feed`, in milliseconds."""
     import time
 
