@@ -204,9 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         if argv[:1] == ["demo"]:
-            from qcompiler.demo import main as demo_main
+            from qcompiler.demo import run as run_demo
 
-            return demo_main(argv[1:])
+            print("\n".join(run_demo(argv[1:])))  # noqa: T201
+            return 0
         return run_compile(build_parser().parse_args(argv))
     except QCompileError as exc:
         if debug:

@@ -36,8 +36,8 @@ def _latency_ratio(reference, candidate, batch: int = 8, seq: int = 128) -> tupl
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit code."""
+def run(argv: list[str] | None = None) -> list[str]:
+    """Run the demo; returns the lines to show (the CLI prints them)."""
     from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, cache_dir, minilm
 
     parser = argparse.ArgumentParser(prog="qcompile demo", description=__doc__.splitlines()[0])
@@ -57,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     output = io.save(result.model, folder / f"{model_path.stem}.ort-cpu.onnx", protected=(model_path,))
     io.atomic_write_text(output.with_suffix(".report.json"), result.report.to_json())
-    print(result.report.summary())  # noqa: T201
 
     evaluation = list(TextSource(EVALUATION_TEXT, tokenizer, specs, samples=600, batch_size=16))
     fidelity = compare_models(model, result.model, evaluation, "sentence_embedding", progress=not args.quiet)
     fp32_ms, int8_ms = _latency_ratio(model, result.model)
-    print(  # noqa: T201
+    return [
+        result.report.summary(),
         f"sentence_embedding vs FP32 on {fidelity.samples} held-out paragraphs: "
-        f"mean cosine {fidelity.mean_cosine:.4f}, min {fidelity.min_cosine:.4f}\n"
-        f"ORT CPU 8x128, 2 threads: FP32 {fp32_ms:.1f} ms, W8A8 {int8_ms:.1f} ms ({fp32_ms / int8_ms:.2f}x faster)\n"
-        f"wrote {output}"
-    )
-    return 0
+        f"mean cosine {fidelity.mean_cosine:.4f}, min {fidelity.min_cosine:.4f}",
+        f"ORT CPU 8x128, 2 threads: FP32 {fp32_ms:.1f} ms, W8A8 {int8_ms:.1f} ms "
+        f"({fp32_ms / int8_ms:.2f}x faster)",
+        f"wrote {output}",
+    ]

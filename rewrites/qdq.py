@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from qcompiler.calibration import Statistics
 from qcompiler.errors import UnsupportedModelError
+from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, quantize, symmetric_weight_scales
 from qcompiler.options import ActivationOptions, QuantType
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
@@ -118,8 +119,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         """The quantized tensor of `value` (one QuantizeLinear, made on first use) and its params."""
         params = self.quantizers[str(value.name)]
         if id(value) not in self._q_outputs:
-            scale = _initializer(graph, f"{value.name}_scale", np.float32(params.scale))
-            zero = _initializer(
+            scale = add_initializer(graph, f"{value.name}_scale", np.float32(params.scale))
+            zero = add_initializer(
                 graph,
                 f"{value.name}_zero_point",
                 np.array(params.zero_point, dtype=_np_type(self.activation_type)),
@@ -153,11 +154,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _dequantize_input(self, graph: ir.Graph, node: ir.Node, index: int, value: ir.Value | None) -> None:
         assert value is not None
         q, scale, zero = self._activation_q(graph, value, node)
-        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{node.name}/input{index}/DequantizeLinear")
-        dq.outputs[0].name = f"{node.name}/input{index}_dequantized"
-        copy_type_and_shape(value, dq.outputs[0])
-        graph.insert_before(node, dq)
-        node.replace_input_with(index, dq.outputs[0])
+        insert_dequantize(
+            graph,
+            node,
+            index,
+            [q, scale, zero],
+            name=f"{node.name}/input{index}/DequantizeLinear",
+            like=value,
+        )
 
     # Weights and biases ----------------------------------------------------------------------
 
@@ -171,27 +175,25 @@ class InsertQDQPass(ir.passes.InPlacePass):
             array = weight.const_value.numpy()
             scales = symmetric_weight_scales(array, axis, self.weight_type)
             q = quantize(array, scales, 0, self.weight_type, axis)
-            q_value = _initializer(graph, f"{weight.name}_quantized", q)
-            scale_value = _initializer(graph, f"{weight.name}_scale", scales)
-            zero_value = _initializer(
+            q_value = add_initializer(graph, f"{weight.name}_quantized", q)
+            scale_value = add_initializer(graph, f"{weight.name}_scale", scales)
+            zero_value = add_initializer(
                 graph, f"{weight.name}_zero_point", np.zeros(scales.shape, dtype=q.dtype)
             )
             self._quantized_weights[key] = (q_value, scale_value, zero_value, scales)
         q_value, scale_value, zero_value, _ = self._quantized_weights[key]
-        attributes = {"axis": axis} if axis is not None else {}
         granularity = f"per-channel axis {axis}" if axis is not None else "per-tensor"
-        dq = ir.node(
-            "DequantizeLinear",
+        insert_dequantize(
+            graph,
+            node,
+            index,
             [q_value, scale_value, zero_value],
-            attributes,
             name=f"{node.name}/weight/DequantizeLinear",
-            metadata_props={ALGORITHM_KEY: f"weight {self.weight_type.value} symmetric {granularity}"},
+            like=weight,
+            attributes={"axis": axis} if axis is not None else None,
+            metadata={ALGORITHM_KEY: f"weight {self.weight_type.value} symmetric {granularity}"},
         )
-        dq.outputs[0].name = f"{node.name}/weight_dequantized"
-        copy_type_and_shape(weight, dq.outputs[0])
-        graph.insert_before(node, dq)
-        node.replace_input_with(index, dq.outputs[0])
-        _drop_if_unused(graph, weight)
+        drop_if_unused(graph, weight)
 
     def _quantize_bias(self, graph: ir.Graph, unit: QuantizedUnit) -> None:
         node, index = unit.node, unit.bias_input
@@ -204,20 +206,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
         assert weight_dq is not None and weight_dq.producer() is not None
         weight_scales = weight_dq.producer().inputs[1].const_value.numpy()  # type: ignore[union-attr]
         q, scales = int32_bias(bias.const_value.numpy(), input_scale, weight_scales)
-        q_value = _initializer(graph, f"{node.name}.bias_quantized", q)
-        scale_value = _initializer(graph, f"{node.name}.bias_scale", scales)
-        dq = ir.node(
-            "DequantizeLinear",
+        q_value = add_initializer(graph, f"{node.name}.bias_quantized", q)
+        scale_value = add_initializer(graph, f"{node.name}.bias_scale", scales)
+        insert_dequantize(
+            graph,
+            node,
+            index,
             [q_value, scale_value],
-            {"axis": 0},
             name=f"{node.name}/bias/DequantizeLinear",
-            metadata_props={ALGORITHM_KEY: "bias int32, scale = input scale * weight scale"},
+            like=bias,
+            attributes={"axis": 0},
+            metadata={ALGORITHM_KEY: "bias int32, scale = input scale * weight scale"},
         )
-        dq.outputs[0].name = f"{node.name}/bias_dequantized"
-        copy_type_and_shape(bias, dq.outputs[0])
-        graph.insert_before(node, dq)
-        node.replace_input_with(index, dq.outputs[0])
-        _drop_if_unused(graph, bias)
+        drop_if_unused(graph, bias)
 
     # Outputs ---------------------------------------------------------------------------------
 
@@ -229,14 +230,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if consumer is q.producer():
                 continue
             self._dequantize_input(graph, consumer, index, output)
-
-
-def copy_type_and_shape(source: ir.Value, target: ir.Value) -> None:
-    """Give `target` the type and shape of `source` (a DQ output stands in for its float input)."""
-    if source.type is not None:
-        target.type = source.type
-    if source.shape is not None:
-        target.shape = source.shape
 
 
 def _dequantized_source(value: ir.Value | None) -> ir.Value:
@@ -251,26 +244,3 @@ def _dequantized_source(value: ir.Value | None) -> ir.Value:
 
 def _np_type(qtype: QuantType) -> type[np.integer]:
     return np.uint8 if qtype is QuantType.UINT8 else np.int8
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register a new initializer under a name not yet used in the graph."""
-    unique = name
-    suffix = 1
-    while unique in graph.initializers:
-        unique = f"{name}_{suffix}"
-        suffix += 1
-    array = np.asarray(array)
-    value = ir.Value(
-        name=unique,
-        const_value=ir.tensor(array, name=unique),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        shape=ir.Shape(array.shape),
-    )
-    graph.register_initializer(value)
-    return value
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if not value.uses() and value.is_initializer() and not value.is_graph_output():
-        graph.initializers.pop(str(value.name), None)

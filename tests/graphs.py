@@ -5,18 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.irutil import add_initializer
+
 
 def const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register an initializer."""
-    array = np.asarray(array)
-    value = ir.Value(
-        name=name,
-        const_value=ir.tensor(array, name=name),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        shape=ir.Shape(array.shape),
-    )
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, name, np.asarray(array))
 
 
 def float_input(name: str, shape: list) -> ir.Value:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qcompiler.rewrites.qdq import copy_type_and_shape
+from qcompiler.irutil import insert_dequantize
 
 
 class DedicateDequantizePass(ir.passes.InPlacePass):
@@ -37,14 +37,17 @@ class DedicateDequantizePass(ir.passes.InPlacePass):
         uses = list(output.uses())
         if len(uses) < 2 or output.is_graph_output():
             return False
+        attributes = {attribute.name: attribute.value for attribute in node.attributes.values()}
         for copy_index, use in enumerate(uses[1:], start=1):
-            copy = ir.node("DequantizeLinear", list(node.inputs), name=f"{node.name}/copy{copy_index}")
-            for attribute in node.attributes.values():
-                copy.attributes[attribute.name] = attribute
-            copy_type_and_shape(output, copy.outputs[0])
-            copy.outputs[0].name = f"{output.name}/copy{copy_index}"
-            graph.insert_before(use.node, copy)
-            use.node.replace_input_with(use.idx, copy.outputs[0])
+            insert_dequantize(
+                graph,
+                use.node,
+                use.idx,
+                list(node.inputs),
+                name=f"{node.name}/copy{copy_index}",
+                like=output,
+                attributes=attributes,
+            )
         return True
 
 
@@ -79,13 +82,14 @@ class RequantizeSharedOutputPass(ir.passes.InPlacePass):
             return False
         q = quantizers[0]
         for index, use in enumerate(floats):
-            dq = ir.node(
-                "DequantizeLinear", [q.outputs[0], *q.inputs[1:]], name=f"{q.name}/float_consumer{index}"
+            insert_dequantize(
+                graph,
+                use.node,
+                use.idx,
+                [q.outputs[0], *q.inputs[1:]],
+                name=f"{q.name}/float_consumer{index}",
+                like=output,
             )
-            copy_type_and_shape(output, dq.outputs[0])
-            dq.outputs[0].name = f"{output.name}/requantized{index}"
-            graph.insert_before(use.node, dq)
-            use.node.replace_input_with(use.idx, dq.outputs[0])
         return True
 
 

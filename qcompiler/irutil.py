@@ -1,0 +1,69 @@
+"""Small onnx_ir helpers shared by passes, backends and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as an initializer under `name`, or `name_1`, `name_2`... if taken."""
+    unique = name
+    suffix = 1
+    while unique in graph.initializers:
+        unique = f"{name}_{suffix}"
+        suffix += 1
+    array = np.asarray(array)
+    value = ir.Value(
+        name=unique,
+        const_value=ir.tensor(array, name=unique),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        shape=ir.Shape(array.shape),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def copy_type_and_shape(source: ir.Value, target: ir.Value) -> None:
+    """Give `target` the type and shape of `source` (a DQ output stands in for its float input)."""
+    if source.type is not None:
+        target.type = source.type
+    if source.shape is not None:
+        target.shape = source.shape
+
+
+def insert_dequantize(
+    graph: ir.Graph,
+    consumer: ir.Node,
+    index: int,
+    inputs: Sequence[ir.Value | None],
+    *,
+    name: str,
+    like: ir.Value,
+    attributes: Mapping[str, int] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> ir.Node:
+    """Insert ``DequantizeLinear(inputs)`` before `consumer` and make it `consumer`'s input `index`.
+
+    The new output is named ``<name>_output`` and typed like `like`, the float tensor it replaces.
+    """
+    dq = ir.node(
+        "DequantizeLinear",
+        list(inputs),
+        dict(attributes) if attributes else None,
+        name=name,
+        metadata_props=dict(metadata) if metadata else None,
+    )
+    dq.outputs[0].name = f"{name}_output"
+    copy_type_and_shape(like, dq.outputs[0])
+    graph.insert_before(consumer, dq)
+    consumer.replace_input_with(index, dq.outputs[0])
+    return dq
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an initializer nothing reads any more."""
+    if not value.uses() and value.is_initializer() and not value.is_graph_output():
+        graph.initializers.pop(str(value.name), None)
