@@ -170,3 +170,31 @@ def test_console_script_exit_code(workspace):
     )
     assert result.returncode == 2
     assert result.stderr.strip().endswith("nope.onnx: model file not found")
+
+
+def test_external_data_input_and_output_are_safe(tmp_path):
+    """A model with external data compiles; --external-data writes <out>.data; input files unchanged."""
+    model = io.save(mlp_with_attention_matmul(), tmp_path / "ext.onnx", external_data=True)
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    assert main([str(model), "--target", "ort-cpu", "--synthetic", "--external-data", "-q"]) == 0
+    assert (tmp_path / "ext.ort-cpu.onnx.data").exists()
+    for name, digest in digests.items():
+        assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
+    # default preset: x, relu, and both inputs of the scores MatMul
+    assert sum(node.op_type == "QuantizeLinear" for node in io.load(tmp_path / "ext.ort-cpu.onnx").graph) == 4
+
+
+def test_large_model_path_goes_through_external_files(tmp_path, monkeypatch):
+    """Above the protobuf limit, sessions and saves use external data; results are unchanged."""
+    from qcompiler.backends.onnxruntime import fusion, session
+
+    model = io.save(mlp_with_attention_matmul(), tmp_path / "m.onnx")
+    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "small.onnx"), "-q"]) == 0
+    monkeypatch.setattr(session, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(fusion, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)
+    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "large.onnx"), "-q"]) == 0
+    assert (tmp_path / "large.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
+    small = json.loads((tmp_path / "small.report.json").read_text())
+    large = json.loads((tmp_path / "large.report.json").read_text())
+    assert small["fusion"] == large["fusion"] and small["activation_quantizers"] == large["activation_quantizers"]

@@ -41,6 +41,10 @@ def create_session(
     if not isinstance(model, ir.Model):
         return ort.InferenceSession(str(model), options, providers=providers)
     if initializer_bytes(model) < PROTOBUF_LIMIT:
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+            # ORT resolves external data of an in-memory model against its own working folder,
+            # so lazy tensors are read in (on a clone; the caller's model stays lazy).
+            model = ir.external_data.load_to_model(model.clone())
         return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="qcompile-session-") as folder:
         path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
