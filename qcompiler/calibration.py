@@ -12,150 +12,57 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qcompiler.data import input_specs, validated
-from qcompiler.errors import DataError
+from qcompiler.reducers import (
+    AbsMaxPerChannelReducer,
+    Histogram,
+    HistogramReducer,
+    MinMaxPerChannelReducer,
+    MinMaxReducer,
+    Reducer,
+    RowSampleReducer,
+)
+
+StatKey = tuple[str, "StatKind", int, int]
 
 
 class StatKind(enum.Enum):
     """Kinds of statistics a pass can request."""
 
     MINMAX = "minmax"
+    """Per-tensor (min, max)."""
     HISTOGRAM = "histogram"
+    """Per-tensor `Histogram` (percentile and MSE ranges)."""
     ABSMAX_PER_CHANNEL = "absmax_per_channel"
+    """max |x| per channel along `axis`."""
+    MINMAX_PER_CHANNEL = "minmax_per_channel"
+    """(min, max) vectors per channel along `axis` (SmoothQuant: exact ranges after scaling)."""
+    ROW_SAMPLE = "row_sample"
+    """A uniform sample of up to `size` rows (vectors along `axis`), for layer-output error search."""
 
 
 @dataclasses.dataclass(frozen=True)
 class StatRequest:
-    """One statistic of one tensor. `axis` is the channel axis of per-channel statistics."""
+    """One statistic of one tensor.
+
+    `axis` is the channel axis of per-channel statistics and samples; `size` the number of rows
+    of a ROW_SAMPLE.
+    """
 
     value: ir.Value
     kind: StatKind
     axis: int = -1
+    size: int = 0
 
     @property
-    def key(self) -> tuple[str, StatKind, int]:
+    def key(self) -> StatKey:
         """Identity used to merge equal requests from different passes."""
-        return (str(self.value.name), self.kind, self.axis)
-
-
-@dataclasses.dataclass(frozen=True)
-class Histogram:
-    """Counts over equal-width bins spanning [lo, hi]; `lo`/`hi` are the exact observed extremes."""
-
-    counts: np.ndarray
-    lo: float
-    hi: float
-
-    @property
-    def edges(self) -> np.ndarray:
-        """Bin edges, len(counts) + 1 of them."""
-        return np.linspace(self.lo, self.hi, len(self.counts) + 1)
-
-    @property
-    def centers(self) -> np.ndarray:
-        """Bin centres, where each bin's mass is assumed to sit."""
-        edges = self.edges
-        return (edges[:-1] + edges[1:]) / 2
-
-
-class Reducer(Protocol):
-    """Folds batches of one tensor into a bounded-size statistic."""
-
-    def update(self, array: np.ndarray) -> None:
-        """Fold in one batch."""
-
-    def result(self) -> object:
-        """The statistic over everything seen so far."""
-
-
-class MinMaxReducer:
-    """Running minimum and maximum."""
-
-    def __init__(self) -> None:
-        self.lo = np.inf
-        self.hi = -np.inf
-
-    def update(self, array: np.ndarray) -> None:
-        """Fold in one batch (NaNs are ignored)."""
-        if array.size:
-            self.lo = min(self.lo, float(np.nanmin(array)))
-            self.hi = max(self.hi, float(np.nanmax(array)))
-
-    def result(self) -> tuple[float, float]:
-        """(min, max); (0, 0) when nothing was seen."""
-        if self.lo > self.hi:
-            return (0.0, 0.0)
-        return (self.lo, self.hi)
-
-
-class HistogramReducer:
-    """A fixed number of equal-width bins whose range grows to cover every batch.
-
-    When a batch falls outside the current range, the existing counts are redistributed over the
-    wider range by linear interpolation of the cumulative distribution (as PyTorch's
-    HistogramObserver does), then the batch is added exactly.
-    """
-
-    def __init__(self, bins: int = 2048) -> None:
-        self.bins = bins
-        self.counts = np.zeros(bins, dtype=np.float64)
-        self.lo = np.inf
-        self.hi = -np.inf
-
-    def update(self, array: np.ndarray) -> None:
-        """Fold in one batch."""
-        flat = np.asarray(array, dtype=np.float64).ravel()
-        flat = flat[np.isfinite(flat)]
-        if flat.size == 0:
-            return
-        lo, hi = float(flat.min()), float(flat.max())
-        if self.lo > self.hi:
-            self.lo, self.hi = lo, hi
-        elif lo < self.lo or hi > self.hi:
-            self._widen(min(lo, self.lo), max(hi, self.hi))
-        span_hi = self.hi if self.hi > self.lo else self.lo + 1e-12
-        counts, _ = np.histogram(flat, bins=self.bins, range=(self.lo, span_hi))
-        self.counts += counts
-
-    def _widen(self, lo: float, hi: float) -> None:
-        old_edges = np.linspace(self.lo, self.hi, self.bins + 1)
-        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
-        new_edges = np.linspace(lo, hi, self.bins + 1)
-        redistributed = np.interp(new_edges, old_edges, cumulative, left=0.0, right=cumulative[-1])
-        self.counts = np.diff(redistributed)
-        self.lo, self.hi = lo, hi
-
-    def result(self) -> Histogram:
-        """The histogram so far."""
-        if self.lo > self.hi:
-            return Histogram(np.zeros(self.bins), 0.0, 0.0)
-        return Histogram(self.counts.copy(), self.lo, self.hi)
-
-
-class AbsMaxPerChannelReducer:
-    """Running max of |x| per channel along `axis` (reduced over every other axis)."""
-
-    def __init__(self, axis: int) -> None:
-        self.axis = axis
-        self.absmax: np.ndarray | None = None
-
-    def update(self, array: np.ndarray) -> None:
-        """Fold in one batch."""
-        moved = np.moveaxis(np.abs(array), self.axis, -1)
-        batch_max = moved.reshape(-1, moved.shape[-1]).max(axis=0)
-        self.absmax = batch_max if self.absmax is None else np.maximum(self.absmax, batch_max)
-
-    def result(self) -> np.ndarray:
-        """One value per channel."""
-        if self.absmax is None:
-            raise DataError("per-channel statistic requested but no data was seen")
-        return self.absmax
+        return (str(self.value.name), self.kind, self.axis, self.size)
 
 
 def make_reducer(request: StatRequest, histogram_bins: int) -> Reducer:
@@ -164,13 +71,17 @@ def make_reducer(request: StatRequest, histogram_bins: int) -> Reducer:
         return MinMaxReducer()
     if request.kind is StatKind.HISTOGRAM:
         return HistogramReducer(histogram_bins)
-    return AbsMaxPerChannelReducer(request.axis)
+    if request.kind is StatKind.ABSMAX_PER_CHANNEL:
+        return AbsMaxPerChannelReducer(request.axis)
+    if request.kind is StatKind.MINMAX_PER_CHANNEL:
+        return MinMaxPerChannelReducer(request.axis)
+    return RowSampleReducer(request.axis, request.size)
 
 
 class Statistics:
     """Results of a calibration step, looked up by the request that asked for them."""
 
-    def __init__(self, results: Mapping[tuple[str, StatKind, int], object], batches: int) -> None:
+    def __init__(self, results: Mapping[StatKey, object], batches: int) -> None:
         self._results = dict(results)
         self.batches = batches
 
@@ -179,11 +90,15 @@ class Statistics:
 
     def minmax(self, value: ir.Value) -> tuple[float, float]:
         """Min and max of `value`."""
-        return self._results[(str(value.name), StatKind.MINMAX, -1)]  # type: ignore[return-value]
+        return self._results[(str(value.name), StatKind.MINMAX, -1, 0)]  # type: ignore[return-value]
 
     def histogram(self, value: ir.Value) -> Histogram:
         """Histogram of `value`."""
-        return self._results[(str(value.name), StatKind.HISTOGRAM, -1)]  # type: ignore[return-value]
+        return self._results[(str(value.name), StatKind.HISTOGRAM, -1, 0)]  # type: ignore[return-value]
+
+    def get(self, request: StatRequest) -> object | None:
+        """The result of `request`, or None if it was not collected."""
+        return self._results.get(request.key)
 
     def __len__(self) -> int:
         return len(self._results)
@@ -226,11 +141,11 @@ def collect(
     """
     from qcompiler.backends.onnxruntime.session import create_session
 
-    merged: dict[tuple[str, StatKind, int], StatRequest] = {}
+    merged: dict[StatKey, StatRequest] = {}
     for request in requests:
         merged.setdefault(request.key, request)
     reducers = {key: make_reducer(req, histogram_bins) for key, req in merged.items()}
-    results: dict[tuple[str, StatKind, int], object] = {}
+    results: dict[StatKey, object] = {}
 
     # Constant tensors need no run.
     runtime_keys = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.calibration import Histogram
+from qcompiler.reducers import Histogram
 from qcompiler.numerics import activation_params, type_range
 from qcompiler.options import QuantType, RangeMethod
 

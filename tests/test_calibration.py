@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qcompiler import calibration
+from qcompiler import calibration, reducers
 from qcompiler.calibration import StatKind, StatRequest
 from qcompiler.errors import DataError
 from qcompiler.rewrites.normalize import NormalizePass
@@ -12,7 +12,7 @@ def test_minmax_reducer_matches_numpy_over_batches():
     """Streaming min/max over batches equals min/max of the concatenation."""
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((4, 7)) * (i + 1) for i in range(5)]
-    reducer = calibration.MinMaxReducer()
+    reducer = reducers.MinMaxReducer()
     for batch in batches:
         reducer.update(batch)
     everything = np.concatenate(batches)
@@ -23,7 +23,7 @@ def test_absmax_per_channel_reducer_matches_numpy():
     """Per-channel |x| max along the last axis, reduced over all others."""
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((2, 3, 5)) for _ in range(4)]
-    reducer = calibration.AbsMaxPerChannelReducer(axis=-1)
+    reducer = reducers.AbsMaxPerChannelReducer(axis=-1)
     for batch in batches:
         reducer.update(batch)
     np.testing.assert_allclose(reducer.result(), np.abs(np.concatenate(batches)).max(axis=(0, 1)))
@@ -33,7 +33,7 @@ def test_histogram_reducer_widens_and_keeps_mass():
     """Growing ranges keep every sample's count, exact extremes, and percentiles within a bin or two."""
     rng = np.random.default_rng(2)
     batches = [rng.standard_normal(5000) * scale for scale in (0.5, 1.0, 3.0, 2.0)]
-    reducer = calibration.HistogramReducer(bins=512)
+    reducer = reducers.HistogramReducer(bins=512)
     for batch in batches:
         reducer.update(batch)
     histogram = reducer.result()
@@ -48,7 +48,7 @@ def test_histogram_reducer_widens_and_keeps_mass():
 
 def test_reducer_state_does_not_grow_with_samples():
     """Memory is bounded by the statistic: the histogram's size is fixed whatever the data."""
-    reducer = calibration.HistogramReducer(bins=64)
+    reducer = reducers.HistogramReducer(bins=64)
     for _ in range(50):
         reducer.update(np.random.default_rng(0).standard_normal(10_000))
     assert reducer.counts.shape == (64,)
@@ -88,3 +88,29 @@ def test_collect_rejects_wrong_data_before_running():
             [{"y": np.zeros((1, 6, 8), np.float32)}],
             progress=False,
         )
+
+
+def test_minmax_per_channel_reducer_matches_numpy():
+    """Per-channel (min, max) along the last axis."""
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((2, 5, 4)) for _ in range(3)]
+    reducer = reducers.MinMaxPerChannelReducer(axis=-1)
+    for batch in batches:
+        reducer.update(batch)
+    everything = np.concatenate(batches).reshape(-1, 4)
+    lo, hi = reducer.result()
+    np.testing.assert_array_equal(lo, everything.min(axis=0))
+    np.testing.assert_array_equal(hi, everything.max(axis=0))
+
+
+def test_row_sample_is_bounded_uniform_and_made_of_real_rows():
+    """At most `size` rows, each one a real row, drawn from every batch (not just the first)."""
+    reducer = reducers.RowSampleReducer(axis=-1, size=200)
+    batches = [np.full((100, 3), float(index)) + np.arange(3) for index in range(20)]
+    for batch in batches:
+        reducer.update(batch)
+    sample = reducer.result()
+    assert sample.shape == (200, 3)
+    np.testing.assert_array_equal(sample[:, 1] - sample[:, 0], 1.0)  # rows kept intact
+    counts = np.bincount(sample[:, 0].astype(int), minlength=20)
+    assert counts.min() >= 2 and counts.max() <= 25  # ~10 per batch expected

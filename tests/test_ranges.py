@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qcompiler.calibration import HistogramReducer
+from qcompiler.reducers import HistogramReducer
 from qcompiler.options import QuantType, RangeMethod
 from qcompiler.rewrites import ranges
 
@@ -45,7 +45,7 @@ def test_choose_range_minmax_ignores_histogram():
 
 def test_expected_error_is_zero_on_grid_points():
     """Values exactly on the quantization grid have no error."""
-    from qcompiler.calibration import Histogram
+    from qcompiler.reducers import Histogram
 
     histogram = Histogram(np.array([1.0, 0.0, 1.0]), -0.5, 2.5)  # centres 0, 1, 2
     error = ranges.expected_error(histogram, np.array([0.0]), np.array([255.0]), QuantType.UINT8, False)

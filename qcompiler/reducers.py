@@ -1,0 +1,186 @@
+"""Streaming reducers: fold batches of one tensor into a statistic of bounded size.
+
+Each reducer's state is independent of the number of samples (a pair of floats, a fixed-size
+histogram, one vector per channel, a fixed number of sampled rows), which is what bounds the
+calibration engine's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+from qcompiler.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """Counts over equal-width bins spanning [lo, hi]; `lo`/`hi` are the exact observed extremes."""
+
+    counts: np.ndarray
+    lo: float
+    hi: float
+
+    @property
+    def edges(self) -> np.ndarray:
+        """Bin edges, len(counts) + 1 of them."""
+        return np.linspace(self.lo, self.hi, len(self.counts) + 1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        """Bin centres, where each bin's mass is assumed to sit."""
+        edges = self.edges
+        return (edges[:-1] + edges[1:]) / 2
+
+
+class Reducer(Protocol):
+    """Folds batches of one tensor into a bounded-size statistic."""
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch."""
+
+    def result(self) -> object:
+        """The statistic over everything seen so far."""
+
+
+class MinMaxReducer:
+    """Running minimum and maximum."""
+
+    def __init__(self) -> None:
+        self.lo = np.inf
+        self.hi = -np.inf
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch (NaNs are ignored)."""
+        if array.size:
+            self.lo = min(self.lo, float(np.nanmin(array)))
+            self.hi = max(self.hi, float(np.nanmax(array)))
+
+    def result(self) -> tuple[float, float]:
+        """(min, max); (0, 0) when nothing was seen."""
+        if self.lo > self.hi:
+            return (0.0, 0.0)
+        return (self.lo, self.hi)
+
+
+class HistogramReducer:
+    """A fixed number of equal-width bins whose range grows to cover every batch.
+
+    When a batch falls outside the current range, the existing counts are redistributed over the
+    wider range by linear interpolation of the cumulative distribution (as PyTorch's
+    HistogramObserver does), then the batch is added exactly.
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.lo = np.inf
+        self.hi = -np.inf
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch."""
+        flat = np.asarray(array, dtype=np.float64).ravel()
+        flat = flat[np.isfinite(flat)]
+        if flat.size == 0:
+            return
+        lo, hi = float(flat.min()), float(flat.max())
+        if self.lo > self.hi:
+            self.lo, self.hi = lo, hi
+        elif lo < self.lo or hi > self.hi:
+            self._widen(min(lo, self.lo), max(hi, self.hi))
+        span_hi = self.hi if self.hi > self.lo else self.lo + 1e-12
+        counts, _ = np.histogram(flat, bins=self.bins, range=(self.lo, span_hi))
+        self.counts += counts
+
+    def _widen(self, lo: float, hi: float) -> None:
+        old_edges = np.linspace(self.lo, self.hi, self.bins + 1)
+        cumulative = np.concatenate([[0.0], np.cumsum(self.counts)])
+        new_edges = np.linspace(lo, hi, self.bins + 1)
+        redistributed = np.interp(new_edges, old_edges, cumulative, left=0.0, right=cumulative[-1])
+        self.counts = np.diff(redistributed)
+        self.lo, self.hi = lo, hi
+
+    def result(self) -> Histogram:
+        """The histogram so far."""
+        if self.lo > self.hi:
+            return Histogram(np.zeros(self.bins), 0.0, 0.0)
+        return Histogram(self.counts.copy(), self.lo, self.hi)
+
+
+class AbsMaxPerChannelReducer:
+    """Running max of |x| per channel along `axis` (reduced over every other axis)."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.absmax: np.ndarray | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch."""
+        moved = np.moveaxis(np.abs(array), self.axis, -1)
+        batch_max = moved.reshape(-1, moved.shape[-1]).max(axis=0)
+        self.absmax = batch_max if self.absmax is None else np.maximum(self.absmax, batch_max)
+
+    def result(self) -> np.ndarray:
+        """One value per channel."""
+        if self.absmax is None:
+            raise DataError("per-channel statistic requested but no data was seen")
+        return self.absmax
+
+
+class MinMaxPerChannelReducer:
+    """Running (min, max) per channel along `axis`."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.lo: np.ndarray | None = None
+        self.hi: np.ndarray | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch."""
+        moved = np.moveaxis(np.asarray(array), self.axis, -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        lo, hi = rows.min(axis=0), rows.max(axis=0)
+        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min per channel, max per channel)."""
+        if self.lo is None or self.hi is None:
+            raise DataError("per-channel statistic requested but no data was seen")
+        return self.lo, self.hi
+
+
+class RowSampleReducer:
+    """A uniform random sample of at most `size` rows (vectors along `axis`) over all batches.
+
+    Every row gets a random key and the `size` rows with the smallest keys are kept, which is a
+    uniform sample without replacement whatever the batch sizes (reservoir sampling).
+    """
+
+    def __init__(self, axis: int, size: int, seed: int = 0) -> None:
+        self.axis = axis
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.rows: np.ndarray | None = None
+        self.keys = np.empty(0)
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch."""
+        moved = np.moveaxis(np.asarray(array), self.axis, -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        keys = self.rng.random(len(rows))
+        if self.rows is not None:
+            rows = np.concatenate([self.rows, rows])
+            keys = np.concatenate([self.keys, keys])
+        if len(rows) > self.size:
+            keep = np.argpartition(keys, self.size)[: self.size]
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = np.array(rows, copy=True), keys
+
+    def result(self) -> np.ndarray:
+        """The sampled rows, shape [n <= size, channels]."""
+        if self.rows is None:
+            raise DataError("row sample requested but no data was seen")
+        return self.rows
