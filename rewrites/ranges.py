@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.reducers import Histogram
 from qcompiler.numerics import activation_params, type_range
 from qcompiler.options import QuantType, RangeMethod
+from qcompiler.reducers import Histogram
 
 
 def percentile_range(histogram: Histogram, percentile: float) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from qcompiler.reducers import HistogramReducer
 from qcompiler.options import QuantType, RangeMethod
+from qcompiler.reducers import HistogramReducer
 from qcompiler.rewrites import ranges
 
 
