@@ -18,6 +18,7 @@ from qcompiler.options import (
     Preset,
     QuantType,
     RangeMethod,
+    SmoothQuantOptions,
     WeightOptions,
 )
 from qcompiler.pipeline import CompileResult, compile
@@ -34,6 +35,7 @@ __all__ = [
     "QCompileError",
     "QuantType",
     "RangeMethod",
+    "SmoothQuantOptions",
     "Target",
     "WeightOptions",
     "compile",

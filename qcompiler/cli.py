@@ -26,6 +26,7 @@ from qcompiler.options import (
     Preset,
     QuantType,
     RangeMethod,
+    SmoothQuantOptions,
     WeightOptions,
     as_tuple,
     parse_enum,
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave every node of this op type in float (repeatable)",
     )
     quant.add_argument("--op-types", nargs="+", metavar="OP", help="quantize exactly these op types")
-    quant.add_argument("--range", default="minmax", help="activation range: minmax | percentile | mse")
+    quant.add_argument(
+        "--range", help="activation range: minmax | percentile | mse | search (default: the preset's)"
+    )
     quant.add_argument(
         "--percentile", type=float, default=99.999, help="kept percentile for --range percentile"
     )
@@ -98,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--symmetric-activations", action="store_true", help="zero point at the midpoint")
     quant.add_argument(
         "--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel"
+    )
+    quant.add_argument(
+        "--smooth-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SmoothQuant on/off (default: the preset's)",
+    )
+    quant.add_argument(
+        "--smooth-alpha",
+        type=float,
+        help="one SmoothQuant alpha for every group instead of a per-group search",
     )
     quant.add_argument("--max-batches", type=int, help="stop calibration after this many batches")
     parser.add_argument(
@@ -125,10 +139,11 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         activations=ActivationOptions(
             dtype=activation_type,  # type: ignore[arg-type]
             symmetric=args.symmetric_activations,
-            range_method=parse_enum(RangeMethod, args.range, "--range"),  # type: ignore[arg-type]
+            range_method=parse_enum(RangeMethod, args.range, "--range") if args.range else None,  # type: ignore[arg-type]
             percentile=args.percentile,
         ),
         weights=WeightOptions(per_channel=not args.per_tensor_weights),
+        smooth_quant=SmoothQuantOptions(enabled=args.smooth_quant, alpha=args.smooth_alpha),
         calibration=CalibrationOptions(max_batches=args.max_batches),
         count_fusion=not args.no_fusion_count,
     )

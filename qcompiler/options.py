@@ -33,6 +33,9 @@ class RangeMethod(enum.Enum):
     """Clip to a percentile of the observed distribution (histogram)."""
     MSE = "mse"
     """The clipping range that minimises the expected quantization error (histogram)."""
+    SEARCH = "search"
+    """Per tensor, the candidate (MinMax, percentiles, MSE) whose quantized consumers' output
+    error on sampled calibration rows is least."""
 
 
 class QuantType(enum.Enum):
@@ -85,18 +88,46 @@ class ActivationOptions:
     Attributes:
         dtype: element type; None takes the target's preferred type (UINT8 on x86 ORT CPU).
         symmetric: zero point fixed at the type's midpoint when True.
-        range_method: how the clipping range is chosen from calibration statistics.
+        range_method: how the clipping range is chosen; None takes the preset's choice.
         percentile: the percentile kept by ``RangeMethod.PERCENTILE`` (on each side).
+        sample_rows: calibration rows kept per tensor for ``RangeMethod.SEARCH``.
     """
 
     dtype: QuantType | None = None
     symmetric: bool = False
-    range_method: RangeMethod = RangeMethod.MINMAX
+    range_method: RangeMethod | None = None
     percentile: float = 99.999
+    sample_rows: int = 512
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise OptionError(f"activation percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantOptions:
+    """SmoothQuant: migrate activation outliers into the weights before quantizing.
+
+    Attributes:
+        enabled: on/off; None takes the preset's choice (on for ``transformer``).
+        alpha: one migration strength for every group; None searches `alphas` per group.
+        alphas: the grid searched per group by quantized-layer output error.
+        sample_rows: calibration rows kept per activation for the search.
+    """
+
+    enabled: bool | None = None
+    alpha: float | None = None
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    sample_rows: int = 512
+
+    def __post_init__(self) -> None:
+        for alpha in (self.alpha, *self.alphas) if self.alpha is not None else self.alphas:
+            if not 0.0 <= alpha <= 1.0:
+                raise OptionError(f"--smooth-alpha must be in [0, 1], got {alpha}")
+
+    def grid(self) -> tuple[float, ...]:
+        """The alphas to try: the fixed one, or the grid."""
+        return (self.alpha,) if self.alpha is not None else self.alphas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +170,7 @@ class CompileOptions:
         ignored: nodes that stay in floating point.
         activations: activation quantizer settings.
         weights: weight quantizer settings.
+        smooth_quant: SmoothQuant settings.
         calibration: calibration settings.
         count_fusion: ask the runtime which quantized nodes it fused (costs one session build).
     """
@@ -148,12 +180,40 @@ class CompileOptions:
     ignored: IgnoredScope = IgnoredScope()
     activations: ActivationOptions = ActivationOptions()
     weights: WeightOptions = WeightOptions()
+    smooth_quant: SmoothQuantOptions = SmoothQuantOptions()
     calibration: CalibrationOptions = CalibrationOptions()
     count_fusion: bool = True
+
+    def resolved(self) -> CompileOptions:
+        """These options with every "preset decides" (None) replaced by the preset's value."""
+        defaults = PRESET_DEFAULTS[self.preset]
+        activations = self.activations
+        if activations.range_method is None:
+            activations = dataclasses.replace(activations, range_method=defaults.range_method)
+        smooth_quant = self.smooth_quant
+        if smooth_quant.enabled is None:
+            smooth_quant = dataclasses.replace(smooth_quant, enabled=defaults.smooth_quant)
+        return dataclasses.replace(self, activations=activations, smooth_quant=smooth_quant)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly view for the report."""
         return _jsonable(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetDefaults:
+    """What a preset turns on when the user leaves a setting to it."""
+
+    range_method: RangeMethod
+    smooth_quant: bool
+
+
+PRESET_DEFAULTS: dict[Preset, PresetDefaults] = {
+    Preset.DEFAULT: PresetDefaults(range_method=RangeMethod.MINMAX, smooth_quant=False),
+    # Range search (RangeMethod.SEARCH) measured worse than MinMax after SmoothQuant on MiniLM's
+    # worst sentences (docs/benchmarks.md), so the preset keeps MinMax ranges.
+    Preset.TRANSFORMER: PresetDefaults(range_method=RangeMethod.MINMAX, smooth_quant=True),
+}
 
 
 def parse_enum(enum_type: type[enum.Enum], value: str, option: str) -> enum.Enum:

@@ -13,16 +13,20 @@ from collections.abc import Iterable, Iterator, Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
+from tqdm.auto import tqdm
 
 from qcompiler import calibration, io
 from qcompiler.backends import backend_for
+from qcompiler.calibration import StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError
-from qcompiler.options import CompileOptions
+from qcompiler.options import CompileOptions, QuantType
 from qcompiler.report import Report, peak_rss_mb, versions
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
+from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
+from qcompiler.rewrites.smoothquant import choose_alpha
 from qcompiler.targets import Target, get_target
 
 DataArg = Iterable[Mapping[str, np.ndarray]]
@@ -54,7 +58,7 @@ def compile(  # noqa: A001 - the public name the design promises
             feed dicts (input name -> array). One-shot iterators are validated as they stream.
         progress: show tqdm progress bars.
     """
-    options = options or CompileOptions()
+    options = (options or CompileOptions()).resolved()
     resolved = get_target(target)
     if data is None:
         raise OptionError("calibration data is required: pass data= (CLI: --data, --text or --synthetic)")
@@ -73,14 +77,19 @@ def compile(  # noqa: A001 - the public name the design promises
         report.warnings.append("calibrated on synthetic random inputs: accuracy is not representative")
 
     specs = input_specs(working)
-    if not isinstance(data, Iterator):
-        with report.timed("validate_data"):
-            peek_check(data, specs, "calibration data")
+    if isinstance(data, Iterator):  # later steps read the data again
+        data = FeedIterable(list(data), getattr(data, "description", ""))
+    with report.timed("validate_data"):
+        peek_check(data, specs, "calibration data")
 
     with report.timed("normalize"):
         NormalizePass()(working)
+    activation_type = options.activations.dtype or resolved.activation_type
+    if options.smooth_quant.enabled:
+        with report.timed("smooth_quant"):
+            report.smooth_quant = smooth_quant(working, data, options, activation_type, progress=progress)
     plan = plan_quantizers(working, resolved, options)
-    requests = plan.stat_requests(options.activations.range_method)
+    requests = plan.stat_requests(options.activations.range_method, options.activations.sample_rows)  # type: ignore[arg-type]
     with report.timed("calibrate"):
         statistics = calibration.collect(
             working,
@@ -91,7 +100,6 @@ def compile(  # noqa: A001 - the public name the design promises
             progress=progress,
         )
     report.data["batches"] = statistics.batches
-    activation_type = options.activations.dtype or resolved.activation_type
     insert = InsertQDQPass(plan, statistics, options.activations, activation_type, resolved.weight_type)
     with report.timed("quantize"):
         insert(working)
@@ -117,10 +125,62 @@ def compile(  # noqa: A001 - the public name the design promises
     return CompileResult(working, report)
 
 
+def smooth_quant(
+    model: ir.Model, data: DataArg, options: CompileOptions, activation_type: QuantType, *, progress: bool
+) -> dict[str, dict[str, object]]:
+    """Calibrate the smoothing groups (one run), search alpha per group, apply; report per group."""
+    groups = find_groups(model, options.ignored)
+    settings = options.smooth_quant
+    requests = []
+    for group in groups:
+        requests.append(StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1))
+        requests.append(
+            StatRequest(group.activation, StatKind.ROW_SAMPLE, axis=-1, size=settings.sample_rows)
+        )
+    statistics = calibration.collect(
+        model,
+        requests,
+        data,
+        max_batches=options.calibration.max_batches,
+        progress=progress,
+        description="calibrating (SmoothQuant)",
+    )
+    decisions = []
+    summary: dict[str, dict[str, object]] = {}
+    for group in tqdm(groups, desc="SmoothQuant alpha search", disable=not progress):
+        lo, hi = statistics[StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1)]  # type: ignore[misc]
+        rows = statistics[
+            StatRequest(group.activation, StatKind.ROW_SAMPLE, axis=-1, size=settings.sample_rows)
+        ]
+        choice = choose_alpha(
+            rows,
+            lo,
+            hi,
+            group.weight_rows(),
+            settings.grid(),
+            activation_type,  # type: ignore[arg-type]
+            symmetric=options.activations.symmetric,
+        )
+        name = str(group.activation.name)
+        summary[name] = {
+            "consumers": [str(node.name) for node in group.consumers],
+            "alpha": choice.alpha,
+            "errors": {key: round(value, 6) for key, value in choice.errors.items()},
+        }
+        if choice.alpha is not None and choice.scales is not None:
+            decisions.append((group, choice.scales, f"alpha={choice.alpha:g}"))
+    applied = ApplySmoothingPass(decisions)
+    applied(model)
+    for name, how in applied.outcomes.items():
+        summary[name]["applied"] = how
+    return summary
+
+
 def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:
     """Record provenance in the model's metadata (visible in Netron's model properties)."""
     model.metadata_props["qcompiler.version"] = versions()["qcompiler"]
     model.metadata_props["qcompiler.target"] = target.name
     model.metadata_props["qcompiler.preset"] = options.preset.value
-    model.metadata_props["qcompiler.activation_range"] = options.activations.range_method.value
+    model.metadata_props["qcompiler.activation_range"] = options.activations.range_method.value  # type: ignore[union-attr]
+    model.metadata_props["qcompiler.smooth_quant"] = str(bool(options.smooth_quant.enabled)).lower()
     model.meta.pop(io.SOURCE_PATH_KEY, None)

@@ -51,7 +51,8 @@ class Report:
     nodes: dict[str, object] = dataclasses.field(default_factory=dict)
     fusion: dict[str, object] | None = None
     size_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
-    activation_quantizers: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    activation_quantizers: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    smooth_quant: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
     peak_rss_mb: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -85,6 +86,20 @@ class Report:
             ("quantized nodes", f"{self.nodes.get('quantized', 0)} ({self.nodes.get('by_op_type', {})})"),
             ("left in float", str(len(self.nodes.get("skipped", {})))),  # type: ignore[arg-type]
         ]
+        if self.smooth_quant:
+            smoothed = [g for g in self.smooth_quant.values() if g.get("alpha") is not None]
+            inserted = sum("Mul inserted" in str(g.get("applied", "")) for g in smoothed)
+            rows.append(
+                (
+                    "SmoothQuant",
+                    f"{len(smoothed)} of {len(self.smooth_quant)} groups smoothed ({inserted} with an inserted Mul)",
+                )
+            )
+        if self.activation_quantizers:
+            methods: dict[str, int] = {}
+            for quantizer in self.activation_quantizers.values():
+                methods[str(quantizer["method"])] = methods.get(str(quantizer["method"]), 0) + 1
+            rows.append(("activation ranges", str(methods)))
         if self.fusion is not None:
             rows.append(
                 (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import StatKind, StatRequest
@@ -87,14 +88,42 @@ class QuantPlan:
                 seen.setdefault(id(unit.node.outputs[0]), unit.node.outputs[0])
         return list(seen.values())
 
-    def stat_requests(self, method: RangeMethod) -> list[StatRequest]:
+    def stat_requests(self, method: RangeMethod, sample_rows: int = 512) -> list[StatRequest]:
         """What calibration must measure for this plan's activation quantizers."""
         requests = []
         for value in self.activation_values():
             requests.append(StatRequest(value, StatKind.MINMAX))
             if method is not RangeMethod.MINMAX:
                 requests.append(StatRequest(value, StatKind.HISTOGRAM))
+            if method is RangeMethod.SEARCH:
+                requests.append(StatRequest(value, StatKind.ROW_SAMPLE, axis=-1, size=sample_rows))
         return requests
+
+    def consumer_weights(self, value: ir.Value) -> list[np.ndarray]:
+        """Weights [C, N] of the weighted MatMul/Gemm units that read `value` as their data input."""
+        weights = []
+        for unit in self.units:
+            if unit.weight_input is not None and unit.node.inputs[0] is value:
+                rows = linear_weight_rows(unit.node)
+                if rows is not None:
+                    weights.append(rows)
+        return weights
+
+
+def linear_weight_rows(node: ir.Node) -> np.ndarray | None:
+    """A MatMul/Gemm's constant 2-D weight as [input channels, output channels], else None.
+
+    None also when the node does not read its data from input 0 (Gemm with transA).
+    """
+    if node.op_type not in ("MatMul", "Gemm") or (
+        node.op_type == "Gemm" and node.attributes.get_int("transA", 0)
+    ):
+        return None
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    array = weight.const_value.numpy()
+    return array.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else array
 
 
 def _is_float(value: ir.Value | None) -> bool:

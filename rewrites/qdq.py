@@ -23,13 +23,13 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibration import Statistics
+from qcompiler.calibration import Statistics, StatKind, StatRequest
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, quantize, symmetric_weight_scales
-from qcompiler.options import ActivationOptions, QuantType
+from qcompiler.options import ActivationOptions, QuantType, RangeMethod
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
-from qcompiler.rewrites.ranges import choose_range
+from qcompiler.rewrites.ranges import candidate_ranges, choose_range, search_range
 
 ALGORITHM_KEY = "qcompiler.quantizer"
 
@@ -44,6 +44,7 @@ class ActivationQuantizer:
     hi: float
     observed_lo: float
     observed_hi: float
+    method: str
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -95,22 +96,39 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _choose_activation_quantizers(self) -> None:
         options = self.activations
+        method = options.range_method or RangeMethod.MINMAX
         for value in self.plan.activation_values():
             observed = self.statistics.minmax(value)
-            histogram = None
-            if options.range_method.value != "minmax":
-                histogram = self.statistics.histogram(value)
-            lo, hi = choose_range(
-                options.range_method,
-                observed,
-                histogram,
-                self.activation_type,
-                symmetric=options.symmetric,
-                percentile=options.percentile,
-            )
+            histogram = None if method is RangeMethod.MINMAX else self.statistics.histogram(value)
+            chosen = method.value
+            if method is RangeMethod.SEARCH:
+                assert histogram is not None
+                candidates = candidate_ranges(
+                    observed, histogram, self.activation_type, symmetric=options.symmetric
+                )
+                rows = self.statistics.get(
+                    StatRequest(value, StatKind.ROW_SAMPLE, axis=-1, size=options.sample_rows)
+                )
+                chosen, (lo, hi), _ = search_range(
+                    candidates,
+                    histogram,
+                    rows,
+                    self.plan.consumer_weights(value),  # type: ignore[arg-type]
+                    self.activation_type,
+                    symmetric=options.symmetric,
+                )
+            else:
+                lo, hi = choose_range(
+                    method,
+                    observed,
+                    histogram,
+                    self.activation_type,
+                    symmetric=options.symmetric,
+                    percentile=options.percentile,
+                )
             scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=options.symmetric)
             self.quantizers[str(value.name)] = ActivationQuantizer(
-                float(scale), zero_point, lo, hi, observed[0], observed[1]
+                float(scale), zero_point, lo, hi, observed[0], observed[1], chosen
             )
 
     def _activation_q(
@@ -147,7 +165,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return (
             f"activation {self.activation_type.value} per-tensor "
             f"{'symmetric' if self.activations.symmetric else 'asymmetric'} "
-            f"range={self.activations.range_method.value} [{params.lo:.6g}, {params.hi:.6g}] "
+            f"range={params.method} [{params.lo:.6g}, {params.hi:.6g}] "
             f"observed [{params.observed_lo:.6g}, {params.observed_hi:.6g}]"
         )
 

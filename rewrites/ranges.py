@@ -8,11 +8,14 @@ heavy-tailed transformer activations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from qcompiler.numerics import activation_params, type_range
 from qcompiler.options import QuantType, RangeMethod
 from qcompiler.reducers import Histogram
+from qcompiler.rewrites.layer_error import fake_quantize_weight, layer_output_error
 
 
 def percentile_range(histogram: Histogram, percentile: float) -> tuple[float, float]:
@@ -58,6 +61,52 @@ def mse_range(
     return (float(candidates_lo[best]), float(candidates_hi[best]))
 
 
+SEARCH_PERCENTILES = (99.99, 99.9)
+
+
+def candidate_ranges(
+    minmax: tuple[float, float], histogram: Histogram, qtype: QuantType, *, symmetric: bool
+) -> dict[str, tuple[float, float]]:
+    """The ranges `RangeMethod.SEARCH` chooses among: MinMax, two percentiles, MSE."""
+    candidates = {"minmax": minmax}
+    for percentile in SEARCH_PERCENTILES:
+        candidates[f"p{percentile:g}"] = percentile_range(histogram, percentile)
+    candidates["mse"] = mse_range(histogram, qtype, symmetric)
+    return candidates
+
+
+def search_range(
+    candidates: dict[str, tuple[float, float]],
+    histogram: Histogram,
+    rows: np.ndarray | None,
+    weights: Sequence[np.ndarray],
+    qtype: QuantType,
+    *,
+    symmetric: bool,
+) -> tuple[str, tuple[float, float], dict[str, float]]:
+    """The candidate with the least error.
+
+    The error is the quantized layers' output error on `rows` when the tensor feeds weighted
+    layers, else the tensor's own expected error over its histogram.
+    """
+    errors: dict[str, float] = {}
+    if rows is not None and len(rows) and weights:
+        quantized = [fake_quantize_weight(w) for w in weights]
+        for name, (lo, hi) in candidates.items():
+            errors[name] = layer_output_error(
+                rows, weights, lo, hi, qtype, symmetric=symmetric, quantized_weights=quantized
+            )
+    else:
+        names = list(candidates)
+        lows = np.array([candidates[n][0] for n in names])
+        highs = np.array([candidates[n][1] for n in names])
+        errors = dict(
+            zip(names, map(float, expected_error(histogram, lows, highs, qtype, symmetric)), strict=True)
+        )
+    best = min(errors, key=errors.__getitem__)
+    return best, candidates[best], errors
+
+
 def choose_range(
     method: RangeMethod,
     minmax: tuple[float, float],
@@ -70,6 +119,8 @@ def choose_range(
     """The clipping range `method` picks; histogram-based methods need `histogram`."""
     if method is RangeMethod.MINMAX or histogram is None:
         return minmax
+    if method is RangeMethod.SEARCH:
+        raise ValueError("RangeMethod.SEARCH needs samples and weights: use search_range")
     if method is RangeMethod.PERCENTILE:
         return percentile_range(histogram, percentile)
     return mse_range(histogram, qtype, symmetric)

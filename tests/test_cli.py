@@ -189,12 +189,21 @@ def test_large_model_path_goes_through_external_files(tmp_path, monkeypatch):
     from qcompiler.backends.onnxruntime import fusion, session
 
     model = io.save(mlp_with_attention_matmul(), tmp_path / "m.onnx")
-    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "small.onnx"), "-q"]) == 0
+    assert (
+        main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "small.onnx"), "-q"])
+        == 0
+    )
     monkeypatch.setattr(session, "PROTOBUF_LIMIT", 0)
     monkeypatch.setattr(fusion, "PROTOBUF_LIMIT", 0)
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)
-    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "large.onnx"), "-q"]) == 0
+    assert (
+        main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "large.onnx"), "-q"])
+        == 0
+    )
     assert (tmp_path / "large.onnx.data").exists() and not (tmp_path / "small.onnx.data").exists()
     small = json.loads((tmp_path / "small.report.json").read_text())
     large = json.loads((tmp_path / "large.report.json").read_text())
-    assert small["fusion"] == large["fusion"] and small["activation_quantizers"] == large["activation_quantizers"]
+    assert (
+        small["fusion"] == large["fusion"]
+        and small["activation_quantizers"] == large["activation_quantizers"]
+    )

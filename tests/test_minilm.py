@@ -16,20 +16,16 @@ CALIBRATION_LINES = 300
 EVALUATION_LINES = 600
 
 
-@pytest.fixture(scope="module")
-def compiled(minilm_path):
-    digest = hashlib.sha256(minilm_path.read_bytes()).hexdigest()
-    model = qcompiler.load(minilm_path)
-    specs = input_specs(model)
-    calibration = TextSource(CALIBRATION_TEXT, minilm.tokenizer_path(), specs, samples=CALIBRATION_LINES)
-    options = qcompiler.CompileOptions(preset=qcompiler.Preset.TRANSFORMER)
-    result = qcompiler.compile(minilm_path, "ort-cpu", options, data=calibration, progress=False)
-    return model, result, digest, minilm_path
+def _compile(path, **options):
+    model = qcompiler.load(path)
+    calibration = TextSource(
+        CALIBRATION_TEXT, minilm.tokenizer_path(), input_specs(model), samples=CALIBRATION_LINES
+    )
+    compile_options = qcompiler.CompileOptions(preset=qcompiler.Preset.TRANSFORMER, **options)
+    return model, qcompiler.compile(path, "ort-cpu", compile_options, data=calibration, progress=False)
 
 
-def test_w8a8_fidelity_on_held_out_text(compiled):
-    """Sentence-embedding cosine vs FP32 on 600 held-out paragraphs: mean >= 0.99, min >= 0.97."""
-    model, result, _, _ = compiled
+def _fidelity(model, quantized):
     evaluation = list(
         TextSource(
             EVALUATION_TEXT,
@@ -39,8 +35,33 @@ def test_w8a8_fidelity_on_held_out_text(compiled):
             batch_size=16,
         )
     )
-    fidelity = compare_models(model, result.model, evaluation, "sentence_embedding")
+    fidelity = compare_models(model, quantized, evaluation, "sentence_embedding")
     assert fidelity.samples == EVALUATION_LINES
+    return fidelity
+
+
+@pytest.fixture(scope="module")
+def compiled(minilm_path):
+    digest = hashlib.sha256(minilm_path.read_bytes()).hexdigest()
+    model, result = _compile(minilm_path)
+    return model, result, digest, minilm_path
+
+
+def test_w8a8_fidelity_with_smoothquant(compiled):
+    """Transformer preset (SmoothQuant on), 600 held-out paragraphs: mean >= 0.998, min >= 0.99."""
+    model, result, _, _ = compiled
+    fidelity = _fidelity(model, result.model)
+    assert fidelity.mean_cosine >= 0.998, fidelity
+    assert fidelity.min_cosine >= 0.99, fidelity
+    applied = [group for group in result.report.smooth_quant.values() if group["alpha"] is not None]
+    assert len(result.report.smooth_quant) == 24 and len(applied) >= 20
+
+
+def test_w8a8_fidelity_without_smoothquant(minilm_path):
+    """Plain W8A8 (MinMax ranges, no SmoothQuant): mean >= 0.99, min >= 0.97."""
+    model, result = _compile(minilm_path, smooth_quant=qcompiler.SmoothQuantOptions(enabled=False))
+    assert result.report.smooth_quant == {}
+    fidelity = _fidelity(model, result.model)
     assert fidelity.mean_cosine >= 0.99, fidelity
     assert fidelity.min_cosine >= 0.97, fidelity
 

@@ -1,0 +1,217 @@
+"""Applying SmoothQuant scales to the graph: find the groups, scale weights, fold 1/s upstream.
+
+A *group* is one activation tensor X and the linear layers that read it as their data input
+(MatMul input 0 or Gemm input A, with a constant 2-D weight). Every consumer of one X shares one
+scale vector s (Q, K and V after one norm; gate and up projections). `ApplySmoothingPass`:
+
+1. multiplies row c of each consumer's weight by s_c (a weight shared with nodes outside the
+   group is copied first, so they keep the original);
+2. divides X by s by folding 1/s into X's producer, when X feeds nothing but the group:
+   - LayerNormalization over the last axis: scale / s and bias / s;
+   - Mul by a constant broadcast along the channels (the tail of an RMSNorm decomposition):
+     the constant / s;
+   - MatMul with a constant weight [K, C] (optionally followed by Add of a constant bias):
+     weight columns / s (and bias / s); Gemm likewise, honouring transB;
+3. otherwise inserts ``Mul(X, 1/s)`` in front of the group's consumers only, and records why the
+   producer could not absorb it (e.g. "X also feeds Add 'residual' unscaled").
+
+All of these are exact in float (tests assert < 1e-5 relative change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.irutil import add_initializer
+from qcompiler.options import IgnoredScope
+from qcompiler.rewrites.placement import linear_weight_rows
+
+SMOOTHQUANT_KEY = "qcompiler.smoothquant"
+
+
+@dataclasses.dataclass
+class SmoothGroup:
+    """One activation and its linear consumers (node, weight input index)."""
+
+    activation: ir.Value
+    consumers: list[ir.Node]
+
+    def weight_rows(self) -> list[np.ndarray]:
+        """Each consumer's weight as [C, N] (input channels first), for the alpha search."""
+        rows = [linear_weight_rows(node) for node in self.consumers]
+        return [r for r in rows if r is not None]
+
+
+def _linear_weight(node: ir.Node) -> ir.Value | None:
+    """The constant 2-D weight of a MatMul/Gemm reading its data from input 0, else None."""
+    return node.inputs[1] if linear_weight_rows(node) is not None else None
+
+
+def find_groups(model: ir.Model, ignored: IgnoredScope | None = None) -> list[SmoothGroup]:
+    """Every float activation read as data input by at least one weighted MatMul/Gemm."""
+    ignored = ignored or IgnoredScope()
+    groups: dict[int, SmoothGroup] = {}
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or ignored.matches(node) or _linear_weight(node) is None:
+            continue
+        activation = node.inputs[0]
+        if activation is None or activation.const_value is not None or activation.dtype != ir.DataType.FLOAT:
+            continue
+        groups.setdefault(id(activation), SmoothGroup(activation, [])).consumers.append(node)
+    return list(groups.values())
+
+
+class ApplySmoothingPass(ir.passes.InPlacePass):
+    """Apply per-group scales: weights x s, activation / s (folded upstream, or a Mul)."""
+
+    def __init__(self, decisions: list[tuple[SmoothGroup, np.ndarray, str]]) -> None:
+        """`decisions`: (group, scales, label recorded in metadata, e.g. "alpha=0.5")."""
+        super().__init__()
+        self.decisions = decisions
+        self.outcomes: dict[str, str] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Apply every decision; `outcomes` maps activation name -> how 1/s was applied."""
+        for group, scales, label in self.decisions:
+            for consumer in group.consumers:
+                _scale_weight_rows(model.graph, consumer, scales)
+            refusal = _try_fold_into_producer(model.graph, group, scales)
+            how = "folded into producer" if refusal is None else f"Mul inserted ({refusal})"
+            if refusal is not None:
+                _insert_mul(model.graph, group, scales)
+            if refusal is None:
+                producer = group.activation.producer()
+                how = f"folded into {producer.op_type} '{producer.name}'"  # type: ignore[union-attr]
+            self.outcomes[str(group.activation.name)] = how
+            for consumer in group.consumers:
+                consumer.metadata_props[SMOOTHQUANT_KEY] = f"{label}; 1/s {how}"
+        return ir.passes.PassResult(model, modified=bool(self.decisions))
+
+
+def _own_constant(graph: ir.Graph, value: ir.Value, reader: ir.Node, array: np.ndarray) -> None:
+    """Give `reader` the constant `array` in place of `value` (copying if others read `value`)."""
+    if all(use.node is reader for use in value.uses()) and value.is_initializer():
+        value.const_value = ir.tensor(array.astype(value.const_value.numpy().dtype), name=value.name)  # type: ignore[union-attr]
+        return
+    copy = add_initializer(graph, f"{value.name}_smoothed", array.astype(value.const_value.numpy().dtype))  # type: ignore[union-attr]
+    for use in list(value.uses()):
+        if use.node is reader:
+            reader.replace_input_with(use.idx, copy)
+
+
+def _scale_weight_rows(graph: ir.Graph, node: ir.Node, scales: np.ndarray) -> None:
+    weight = _linear_weight(node)
+    assert weight is not None and weight.const_value is not None
+    array = weight.const_value.numpy()
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        _own_constant(graph, weight, node, array * scales[None, :])
+    else:
+        _own_constant(graph, weight, node, array * scales[:, None])
+
+
+def _channel_vector(value: ir.Value, channels: int) -> np.ndarray | None:
+    """A constant broadcast only along the last (channel) axis, as a [C] vector; else None."""
+    if value.const_value is None:
+        return None
+    array = value.const_value.numpy()
+    if array.size == 1:
+        return np.full(channels, array.reshape(()), dtype=array.dtype)
+    if array.shape[-1] == channels and array.size == channels:
+        return array.reshape(channels)
+    return None
+
+
+def _try_fold_into_producer(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> str | None:
+    """Fold 1/s into the activation's producer; None on success, else the reason it cannot."""
+    activation = group.activation
+    producer = activation.producer()
+    if producer is None:
+        return "the activation is a graph input"
+    if activation.is_graph_output():
+        return "the activation is also a graph output"
+    members = {id(node) for node in group.consumers}
+    others = [use.node for use in activation.uses() if id(use.node) not in members]
+    if others:
+        return f"it also feeds {others[0].op_type} '{others[0].name}' unscaled"
+    channels = len(scales)
+    if producer.op_type == "LayerNormalization":
+        return _try_fold_layer_norm(graph, producer, scales)
+    if producer.op_type == "Mul":
+        for index in (0, 1):
+            vector = _channel_vector(producer.inputs[index], channels)  # type: ignore[arg-type]
+            if vector is not None:
+                constant = producer.inputs[index]
+                shape = (
+                    constant.const_value.numpy().shape
+                    if constant.const_value.numpy().size == channels
+                    else (channels,)
+                )  # type: ignore[union-attr]
+                _own_constant(graph, constant, producer, (vector / scales).reshape(shape))  # type: ignore[arg-type]
+                return None
+        return "Mul has no constant per-channel operand"
+    if producer.op_type == "Add":
+        return _try_fold_biased_linear(graph, producer, scales)
+    if producer.op_type in ("MatMul", "Gemm"):
+        return _try_fold_linear_columns(graph, producer, scales)
+    return f"{producer.op_type} cannot absorb a per-channel scale"
+
+
+def _try_fold_layer_norm(graph: ir.Graph, node: ir.Node, scales: np.ndarray) -> str | None:
+    rank = len(node.inputs[0].shape) if node.inputs[0] is not None and node.inputs[0].shape else None  # type: ignore[union-attr]
+    axis = node.attributes.get_int("axis", -1)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return "LayerNormalization does not normalise over the last axis"
+    for index in (1, 2):
+        if index < len(node.inputs) and node.inputs[index] is not None:
+            vector = _channel_vector(node.inputs[index], len(scales))  # type: ignore[arg-type]
+            if vector is None:
+                return "LayerNormalization scale/bias is not a constant channel vector"
+            _own_constant(graph, node.inputs[index], node, vector / scales)  # type: ignore[arg-type]
+    return None
+
+
+def _try_fold_linear_columns(graph: ir.Graph, node: ir.Node, scales: np.ndarray) -> str | None:
+    weight = _linear_weight(node)
+    if weight is None:
+        return f"{node.op_type} '{node.name}' has no constant 2-D weight"
+    array = weight.const_value.numpy()  # type: ignore[union-attr]
+    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = _channel_vector(node.inputs[2], len(scales))
+        if bias is None:
+            return "Gemm bias is not a constant channel vector"
+        _own_constant(graph, node.inputs[2], node, bias / scales)
+    _own_constant(graph, weight, node, array / scales[:, None] if trans_b else array / scales[None, :])
+    return None
+
+
+def _try_fold_biased_linear(graph: ir.Graph, add: ir.Node, scales: np.ndarray) -> str | None:
+    for index in (0, 1):
+        bias, other = add.inputs[index], add.inputs[1 - index]
+        if bias is None or other is None:
+            continue
+        vector = _channel_vector(bias, len(scales))
+        linear = other.producer()
+        if vector is None or linear is None or linear.op_type != "MatMul" or len(other.uses()) != 1:
+            continue
+        refusal = _try_fold_linear_columns(graph, linear, scales)
+        if refusal is None:
+            _own_constant(graph, bias, add, vector / scales)
+        return refusal
+    return "Add is not a constant bias after a weighted MatMul"
+
+
+def _insert_mul(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> None:
+    inverse = add_initializer(
+        graph, f"{group.activation.name}_smoothquant_inverse_scale", (1.0 / scales).astype(np.float32)
+    )
+    mul = ir.node("Mul", [group.activation, inverse], name=f"{group.activation.name}/SmoothQuant/Mul")
+    mul.outputs[0].name = f"{group.activation.name}_smoothed"
+    mul.outputs[0].type = group.activation.type
+    mul.outputs[0].shape = group.activation.shape
+    graph.insert_before(group.consumers[0], mul)
+    for consumer in group.consumers:
+        consumer.replace_input_with(0, mul.outputs[0])
