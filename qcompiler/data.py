@@ -157,9 +157,9 @@ def read_text_lines(path: str | pathlib.Path, limit: int | None = None) -> list[
 
 
 class TextSource:
-    """Tokenized lines of a text file, batched and padded to the longest line of each batch.
+    """Tokenized lines of a text file (or a list of strings), batched and padded per batch.
 
-    Model inputs are filled by name: ``input_ids``, ``attention_mask``, ``token_type_ids`` and
+    Each batch is padded to its longest line. Model inputs are filled by name: ``input_ids``, ``attention_mask``, ``token_type_ids`` and
     ``position_ids``; any other input is an error that names it.
     """
 
@@ -168,7 +168,7 @@ class TextSource:
 
     def __init__(
         self,
-        text: str | pathlib.Path,
+        text: str | pathlib.Path | list[str],
         tokenizer: str | pathlib.Path,
         specs: Sequence[InputSpec],
         *,
@@ -185,15 +185,18 @@ class TextSource:
                 f"{list(self.KNOWN_INPUTS)} (use --data with .npz files instead)"
             )
         self.specs = list(specs)
-        self.lines = read_text_lines(text, samples)
+        if isinstance(text, list):
+            self.lines = text[:samples] if samples else list(text)
+            origin = "a list"
+        else:
+            self.lines = read_text_lines(text, samples)
+            origin = pathlib.Path(text).name
         self.tokenizer = load_tokenizer(tokenizer)
         self.tokenizer.enable_truncation(max_length=seq_len)
         pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.tokenizer.enable_padding(pad_id=pad_id)
         self.batch_size = batch_size
-        self.description = (
-            f"{len(self.lines)} lines of {pathlib.Path(text).name}, seq_len <= {seq_len}, batch {batch_size}"
-        )
+        self.description = f"{len(self.lines)} lines of {origin}, seq_len <= {seq_len}, batch {batch_size}"
 
     def __len__(self) -> int:
         return -(-len(self.lines) // self.batch_size)

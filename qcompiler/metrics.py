@@ -7,6 +7,7 @@ CPU) so the same outputs can feed several metrics.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,42 @@ class Fidelity:
     def to_dict(self) -> dict[str, float]:
         """JSON-friendly view."""
         return dataclasses.asdict(self)
+
+
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])")
+
+
+def query_document_pairs(paragraphs: Sequence[str], min_words: int = 3) -> list[tuple[str, str]]:
+    """(first sentence, rest of the paragraph) for paragraphs with at least two sentences."""
+    pairs = []
+    for paragraph in paragraphs:
+        parts = SENTENCE_BREAK.split(paragraph.strip(), maxsplit=1)
+        if len(parts) == 2 and all(len(part.split()) >= min_words for part in parts):
+            pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+    """Each query ranks every document; the right one is the query's own paragraph."""
+
+    recall_at_1: float
+    mrr: float
+    queries: int
+
+    def to_dict(self) -> dict[str, float]:
+        """JSON-friendly view."""
+        return dataclasses.asdict(self)
+
+
+def retrieval(query_embeddings: np.ndarray, document_embeddings: np.ndarray) -> Retrieval:
+    """Recall@1 and mean reciprocal rank of document i for query i, by cosine similarity."""
+    queries = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True)
+    documents = document_embeddings / np.linalg.norm(document_embeddings, axis=1, keepdims=True)
+    similarity = queries @ documents.T
+    correct = np.diag(similarity)
+    ranks = 1 + np.sum(similarity > correct[:, None], axis=1)
+    return Retrieval(float(np.mean(ranks == 1)), float(np.mean(1.0 / ranks)), len(ranks))
 
 
 def run_outputs(

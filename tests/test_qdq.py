@@ -16,7 +16,7 @@ from tests.graphs import gemm_conv_model, mlp_with_attention_matmul, random_feed
 def _quantize(model, **options):
     NormalizePass()(model)
     reference = model.clone()
-    compile_options = CompileOptions(**options)
+    compile_options = CompileOptions(**options).resolved()
     plan = plan_quantizers(model, ORT_CPU, compile_options)
     feeds = random_feeds(model, batches=4)
     stats = calibration.collect(
@@ -114,3 +114,22 @@ def test_symmetric_int8_activations_option():
     # The pass was built with UINT8 in _quantize; symmetric uint8 puts the zero point at 128.
     q = next(node for node in model.graph if node.op_type == "QuantizeLinear")
     assert int(q.inputs[2].const_value.numpy()) == 128
+
+
+def test_range_search_records_the_chosen_candidate():
+    """RangeMethod.SEARCH picks one of the candidates per tensor and says which in the metadata."""
+    from qcompiler.options import RangeMethod
+
+    _, model, _, _, _ = _quantize(
+        mlp_with_attention_matmul(),
+        preset=Preset.TRANSFORMER,
+        activations=ActivationOptions(range_method=RangeMethod.SEARCH),
+    )
+    descriptions = [
+        node.metadata_props["qcompiler.quantizer"] for node in model.graph if node.op_type == "QuantizeLinear"
+    ]
+    assert len(descriptions) == 2
+    assert all(
+        any(f"range={name} " in text for name in ("minmax", "p99.99", "p99.9", "mse"))
+        for text in descriptions
+    )

@@ -50,3 +50,34 @@ def test_expected_error_is_zero_on_grid_points():
     histogram = Histogram(np.array([1.0, 0.0, 1.0]), -0.5, 2.5)  # centres 0, 1, 2
     error = ranges.expected_error(histogram, np.array([0.0]), np.array([255.0]), QuantType.UINT8, False)
     assert error[0] == pytest.approx(0.0)
+
+
+def test_search_range_uses_layer_error_when_weights_exist():
+    """With weights, the pick minimises the layer-output proxy; every candidate gets an error."""
+    from qcompiler.rewrites.layer_error import layer_output_error
+
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((512, 16)).astype(np.float32)
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    histogram = _histogram(rows.ravel())
+    candidates = ranges.candidate_ranges(
+        (float(rows.min()), float(rows.max())), histogram, QuantType.UINT8, symmetric=False
+    )
+    assert set(candidates) == {"minmax", "p99.99", "p99.9", "mse"}
+    name, chosen, errors = ranges.search_range(
+        candidates, histogram, rows, [weight], QuantType.UINT8, symmetric=False
+    )
+    assert set(errors) == set(candidates) and chosen == candidates[name]
+    assert errors[name] == min(errors.values())
+    assert errors[name] == pytest.approx(
+        layer_output_error(rows, [weight], *chosen, QuantType.UINT8, symmetric=False)
+    )
+
+
+def test_search_range_without_weights_falls_back_to_histogram_error():
+    """No weighted consumer: the tensor's own expected error decides."""
+    samples = np.random.default_rng(5).standard_normal(50_000)
+    histogram = _histogram(samples)
+    candidates = {"minmax": (histogram.lo, histogram.hi), "tiny": (-0.01, 0.01)}
+    name, _, errors = ranges.search_range(candidates, histogram, None, [], QuantType.UINT8, symmetric=False)
+    assert name == "minmax" and errors["tiny"] > errors["minmax"]
