@@ -18,7 +18,6 @@ import argparse
 import json
 import pathlib
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,15 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = {
-    "qcompiler": "qcompiler transformer preset, MinMax, U8 act / S8 per-channel weights",
+    "qcompiler": "qcompiler transformer preset: SmoothQuant (alpha searched per group), MinMax, U8 act / S8 per-channel weights",
+    "qcompiler-nosq": "qcompiler transformer preset without SmoothQuant",
     "ort-all": "onnxruntime quantize_static QDQ S8S8 MinMax, all ops",
     "ort-matmul": "onnxruntime quantize_static QDQ U8S8 MinMax, MatMul only, per-channel",
     "nncf": "NNCF quantize (ONNX) model_type=TRANSFORMER (SmoothQuant on)",
     "nncf-nosq": "NNCF quantize (ONNX) model_type=TRANSFORMER, SmoothQuant off",
+    "nncf-ov": "NNCF quantize (OpenVINO) model_type=TRANSFORMER (SmoothQuant on); runs in OpenVINO CPU",
 }
+SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.txt"
 
 
 def load_feeds(folder: pathlib.Path) -> list[dict[str, np.ndarray]]:
@@ -52,10 +54,14 @@ def compile_with(
     import onnx
 
     feeds = load_feeds(calibration)
-    if tool == "qcompiler":
+    if tool in ("qcompiler", "qcompiler-nosq"):
         import qcompiler
 
-        options = qcompiler.CompileOptions(preset=qcompiler.Preset.TRANSFORMER, count_fusion=False)
+        options = qcompiler.CompileOptions(
+            preset=qcompiler.Preset.TRANSFORMER,
+            count_fusion=False,
+            smooth_quant=qcompiler.SmoothQuantOptions(enabled=tool == "qcompiler"),
+        )
         result = qcompiler.compile(model_path, "ort-cpu", options, data=feeds, progress=False)
         qcompiler.save(result.model, output)
     elif tool in ("ort-all", "ort-matmul"):
@@ -88,6 +94,17 @@ def compile_with(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
             )
+    elif tool == "nncf-ov":
+        import nncf
+        import openvino as ov
+
+        quantized = nncf.quantize(
+            ov.convert_model(str(model_path)),
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+        )
+        ov.save_model(quantized, str(output), compress_to_fp16=False)
     elif tool in ("nncf", "nncf-nosq"):
         import nncf
 
@@ -113,20 +130,71 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     compile_with(args.worker, args.model, args.calibration, args.output)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from qcompiler.report import peak_rss_mb
+
+    peak = peak_rss_mb()  # VmHWM: ru_maxrss would include the parent's memory (kept across exec)
     print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}))
 
 
-def latency(path: pathlib.Path, batch: int, seq: int = 128) -> float:
-    from qcompiler.backends.onnxruntime.session import create_session, median_latency_ms, session_options
+class Runner:
+    """Runs an artifact in its runtime: onnxruntime for .onnx, OpenVINO CPU (f32) for .xml; 2 threads."""
 
-    rng = np.random.default_rng(0)
-    feed = {
-        "input_ids": rng.integers(1000, 20000, (batch, seq)),
-        "attention_mask": np.ones((batch, seq), np.int64),
-        "token_type_ids": np.zeros((batch, seq), np.int64),
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        if path.suffix == ".xml":
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(
+                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+            )
+            request = compiled.create_infer_request()
+            self.run = lambda feed, output: request.infer(feed)[compiled.output(output)]
+        else:
+            from qcompiler.backends.onnxruntime.session import create_session, session_options
+
+            session = create_session(path, session_options(threads=2))
+            self.run = lambda feed, output: session.run([output], feed)[0]
+
+    def outputs(self, feeds, output: str = "sentence_embedding") -> np.ndarray:
+        return np.concatenate([self.run(feed, output) for feed in feeds])
+
+    def latency_ms(self, batch: int, seq: int = 128, repeats: int = 20) -> float:
+        rng = np.random.default_rng(0)
+        feed = {
+            "input_ids": rng.integers(1000, 20000, (batch, seq)),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64),
+        }
+        for _ in range(3):
+            self.run(feed, "sentence_embedding")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.run(feed, "sentence_embedding")
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1000)
+
+
+def measure(path: pathlib.Path, evaluation, retrieval_feeds, reference, reference_retrieval) -> dict:
+    """Fidelity, retrieval, latency and size of one artifact, in its runtime."""
+    from qcompiler.metrics import fidelity, retrieval
+
+    runner = Runner(path)
+    score = fidelity(reference, runner.outputs(evaluation))
+    ranked = retrieval(runner.outputs(retrieval_feeds[0]), runner.outputs(retrieval_feeds[1]))
+    size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+    return {
+        "mean_cosine": round(score.mean_cosine, 4),
+        "min_cosine": round(score.min_cosine, 4),
+        "recall_at_1": round(ranked.recall_at_1, 4),
+        "mrr": round(ranked.mrr, 4),
+        "recall_at_1_delta": round(ranked.recall_at_1 - reference_retrieval.recall_at_1, 4),
+        "mrr_delta": round(ranked.mrr - reference_retrieval.mrr, 4),
+        "size_mb": round(size / 2**20, 1),
+        "1x128_ms": round(runner.latency_ms(1), 2),
+        "8x128_ms": round(runner.latency_ms(8), 2),
+        "runtime": "openvino" if path.suffix == ".xml" else "onnxruntime",
     }
-    return median_latency_ms(create_session(path, session_options(threads=2)), feed, repeats=20)
 
 
 def integer_kernels(path: pathlib.Path) -> dict[str, int]:
@@ -159,9 +227,11 @@ def main() -> None:
         worker(args)
         return
 
+    import openvino as ov
+
     import qcompiler
-    from qcompiler.data import TextSource, input_specs
-    from qcompiler.metrics import fidelity, run_outputs
+    from qcompiler.data import TextSource, input_specs, read_text_lines
+    from qcompiler.metrics import query_document_pairs, retrieval
     from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, minilm
     from qcompiler.report import versions
 
@@ -169,17 +239,33 @@ def main() -> None:
     specs = input_specs(qcompiler.load(model_path))
     tokenizer = minilm.tokenizer_path()
     evaluation = list(TextSource(EVALUATION_TEXT, tokenizer, specs, samples=600, batch_size=16))
-    reference = run_outputs(qcompiler.load(model_path), evaluation, "sentence_embedding")
-    fp32 = {"1x128_ms": latency(model_path, 1), "8x128_ms": latency(model_path, 8)}
-    rows = {
-        "fp32": {
-            "description": "FP32 reference",
-            "size_mb": round(model_path.stat().st_size / 2**20, 1),
-            **{k: round(v, 2) for k, v in fp32.items()},
-        }
-    }
+    retrieval_source = SHARED_TEST_SPLIT if SHARED_TEST_SPLIT.exists() else EVALUATION_TEXT
+    pairs = query_document_pairs(
+        [line for line in read_text_lines(retrieval_source) if len(line.split()) >= 8]
+    )
+    retrieval_feeds = tuple(
+        list(
+            TextSource(
+                [pair[i] for pair in pairs], tokenizer, specs, seq_len=256, samples=None, batch_size=16
+            )
+        )
+        for i in (0, 1)
+    )
+    reference_runner = Runner(model_path)
+    reference = reference_runner.outputs(evaluation)
+    reference_retrieval = retrieval(
+        reference_runner.outputs(retrieval_feeds[0]), reference_runner.outputs(retrieval_feeds[1])
+    )
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as folder:
         work = pathlib.Path(folder)
+        fp32_ov = work / "fp32.xml"
+        ov.save_model(ov.convert_model(str(model_path)), str(fp32_ov), compress_to_fp16=False)
+        rows = {}
+        for name, path in (("fp32", model_path), ("fp32-ov", fp32_ov)):
+            rows[name] = {
+                "description": f"FP32 reference in {'OpenVINO' if name == 'fp32-ov' else 'onnxruntime'}",
+                **measure(path, evaluation, retrieval_feeds, reference, reference_retrieval),
+            }
         calibration = work / "calibration"
         calibration.mkdir()
         for index, feed in enumerate(
@@ -187,7 +273,7 @@ def main() -> None:
         ):
             np.savez(calibration / f"{index}.npz", **feed)
         for tool in args.tools.split(","):
-            output = work / f"{tool}.onnx"
+            output = work / (f"{tool}.xml" if tool == "nncf-ov" else f"{tool}.onnx")
             command = [
                 sys.executable,
                 __file__,
@@ -209,27 +295,24 @@ def main() -> None:
                 print(f"{tool}: FAILED {rows[tool]['error']}", file=sys.stderr)
                 continue
             measured = json.loads(process.stdout.strip().splitlines()[-1])
-            got = run_outputs(qcompiler.load(output), evaluation, "sentence_embedding")
-            score = fidelity(reference, got)
             row = {
                 "description": TOOLS[tool],
                 **measured,
-                "mean_cosine": round(score.mean_cosine, 4),
-                "min_cosine": round(score.min_cosine, 4),
-                "size_mb": round(output.stat().st_size / 2**20, 1),
-                "1x128_ms": round(latency(output, 1), 2),
-                "8x128_ms": round(latency(output, 8), 2),
-                **integer_kernels(output),
+                **measure(output, evaluation, retrieval_feeds, reference, reference_retrieval),
             }
-            row["speedup_8x128"] = round(fp32["8x128_ms"] / row["8x128_ms"], 2)
+            if output.suffix == ".onnx":
+                row.update(integer_kernels(output))
+            baseline = rows["fp32-ov" if output.suffix == ".xml" else "fp32"]
+            row["speedup_8x128"] = round(baseline["8x128_ms"] / row["8x128_ms"], 2)
             rows[tool] = row
             print(tool, row, file=sys.stderr)
     result = {
         "model": "all-MiniLM-L6-v2",
-        "calibration": "300 paragraphs, python-docs train slice",
-        "evaluation": "600 paragraphs, python-docs test slice",
+        "calibration": "300 paragraphs, python-docs train slice (one per feed)",
+        "evaluation": "cosine on 600 paragraphs of the python-docs test slice; retrieval on "
+        f"{len(pairs)} first-sentence -> rest pairs of {retrieval_source.name}",
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-        "versions": versions(),
+        "versions": {**versions(), "nncf": _version("nncf"), "openvino": _version("openvino")},
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -237,33 +320,49 @@ def main() -> None:
     write_table(result, ROOT / "docs" / "benchmarks.md")
 
 
+def _version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def write_table(result: dict, path: pathlib.Path) -> None:
     """Replace the MiniLM W8A8 section of docs/benchmarks.md with this run's table."""
-    header = "| tool | mean / min cosine | compile s | peak RSS MB | size MB | 1x128 ms | 8x128 ms | speed-up 8x128 | int kernels / float weighted MatMuls |\n|---|---|---|---|---|---|---|---|---|\n"
+    header = (
+        "| tool | runtime | mean / min cosine | R@1 (delta) | MRR (delta) | compile s | peak RSS MB | size MB "
+        "| 1x128 ms | 8x128 ms | speed-up 8x128 | int kernels / float weighted MatMuls |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = []
     for name, row in result["rows"].items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error'][:80]} | | | | | | | |")
-        elif name == "fp32":
-            lines.append(
-                f"| FP32 | 1 / 1 | | | {row['size_mb']} | {row['1x128_ms']} | {row['8x128_ms']} | 1.00 | |"
-            )
-        else:
-            lines.append(
-                f"| {name} | {row['mean_cosine']:.4f} / {row['min_cosine']:.4f} | {row['seconds']} | {row['peak_rss_mb']:.0f} | {row['size_mb']} | "
-                f"{row['1x128_ms']} | {row['8x128_ms']} | {row['speedup_8x128']:.2f} | {row['integer_kernels']} / {row['float_weighted_matmuls']} |"
-            )
+            lines.append(f"| {name} | failed: {row['error'][:80]} |" + " |" * 10)
+            continue
+        kernels = (
+            f"{row['integer_kernels']} / {row['float_weighted_matmuls']}" if "integer_kernels" in row else ""
+        )
+        lines.append(
+            f"| {name} | {row['runtime']} | {row['mean_cosine']:.4f} / {row['min_cosine']:.4f} "
+            f"| {row['recall_at_1']:.3f} ({row['recall_at_1_delta']:+.3f}) | {row['mrr']:.3f} ({row['mrr_delta']:+.3f}) "
+            f"| {row.get('seconds', '')} | {row.get('peak_rss_mb', '')} | {row['size_mb']} | {row['1x128_ms']} "
+            f"| {row['8x128_ms']} | {row.get('speedup_8x128', 1.0):.2f} | {kernels} |"
+        )
     legend = "\n".join(f"- `{name}`: {row['description']}" for name, row in result["rows"].items())
     section = (
-        f"## MiniLM W8A8, ort-cpu\n\n{result['calibration']}; measured on {result['evaluation']}; {result['machine']}.\n"
-        f"Generated by `python benchmarks/minilm_w8a8.py`.\n\n{header}" + "\n".join(lines) + f"\n\n{legend}\n"
+        f"## MiniLM W8A8\n\nCalibration: {result['calibration']}. Evaluation: {result['evaluation']}. "
+        f"{result['machine']}. Speed-up is against FP32 in the same runtime.\n"
+        f"Generated by `python benchmarks/minilm_w8a8.py`; raw numbers in `benchmarks/results/minilm_w8a8.json`.\n\n"
+        f"{header}" + "\n".join(lines) + f"\n\n{legend}\n"
     )
     text = (
         path.read_text()
         if path.exists()
-        else "# Benchmarks\n\nAbsolute timings are noisy on shared machines: compare ratios within one run.\n\n"
+        else "# Benchmarks\n\nAbsolute timings are noisy here: compare ratios within one run.\n\n"
     )
-    start = text.find("## MiniLM W8A8, ort-cpu")
+    start = text.find("## MiniLM W8A8")
     if start >= 0:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")

@@ -29,7 +29,18 @@ def versions() -> dict[str, str]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in kB)."""
+    """Peak resident memory of this process so far, in MB.
+
+    Linux's VmHWM is read first: unlike ru_maxrss it is not inherited across exec, so a child
+    started by a large parent reports its own peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
