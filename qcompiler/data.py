@@ -215,6 +215,53 @@ class TextSource:
             yield {spec.name: columns[spec.name].astype(spec.dtype) for spec in self.specs}
 
 
+class TokenWindows:
+    """A text file tokenized as one stream and cut into non-overlapping windows (causal LMs).
+
+    Lines are joined with blank lines between them, as paragraphs. Each batch is `batch_size`
+    windows of exactly `seq_len` tokens; ``attention_mask`` is all ones and ``position_ids`` count
+    from 0. Used for LLM calibration and for perplexity.
+    """
+
+    synthetic = False
+
+    def __init__(
+        self,
+        text: str | pathlib.Path,
+        tokenizer: str | pathlib.Path,
+        specs: Sequence[InputSpec],
+        *,
+        seq_len: int = 512,
+        windows: int | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        unknown = [spec.name for spec in specs if spec.name not in TextSource.KNOWN_INPUTS]
+        if unknown:
+            raise DataError(f"--text cannot fill model input(s) {unknown}")
+        self.specs = list(specs)
+        ids = load_tokenizer(tokenizer).encode("\n\n".join(read_text_lines(text))).ids
+        count = len(ids) // seq_len if windows is None else min(windows, len(ids) // seq_len)
+        if count == 0:
+            raise DataError(f"--text {text}: fewer than {seq_len} tokens")
+        self.tokens = np.array(ids[: count * seq_len]).reshape(count, seq_len)
+        self.batch_size = batch_size
+        self.description = f"{count} windows of {seq_len} tokens from {pathlib.Path(text).name}"
+
+    def __len__(self) -> int:
+        return -(-len(self.tokens) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Feed]:
+        for start in range(0, len(self.tokens), self.batch_size):
+            ids = self.tokens[start : start + self.batch_size]
+            columns = {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "token_type_ids": np.zeros_like(ids),
+                "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape),
+            }
+            yield {spec.name: columns[spec.name].astype(spec.dtype) for spec in self.specs}
+
+
 class SyntheticSource:
     """Random inputs, only when the user passed ``--synthetic``; the report flags it."""
 

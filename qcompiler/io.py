@@ -146,6 +146,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(temporary, destination)
     except BaseException:
         pathlib.Path(temporary).unlink(missing_ok=True)

@@ -80,6 +80,35 @@ def retrieval(query_embeddings: np.ndarray, document_embeddings: np.ndarray) -> 
     return Retrieval(float(np.mean(ranks == 1)), float(np.mean(1.0 / ranks)), len(ranks))
 
 
+def next_token_nll(logits: np.ndarray, input_ids: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of tokens 1..T given their prefixes, and the token count."""
+    shifted = logits[:, :-1].astype(np.float64)
+    targets = input_ids[:, 1:]
+    peak = shifted.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(shifted - peak).sum(axis=-1)) + peak[..., 0]
+    chosen = np.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    return float(np.sum(log_norm - chosen)), int(targets.size)
+
+
+def perplexity(
+    model: ir.Model | str,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    output: str = "logits",
+    progress: bool = False,
+    threads: int | None = None,
+) -> float:
+    """exp(mean next-token NLL) over token windows (onnxruntime CPU)."""
+    from qcompiler.backends.onnxruntime import create_session, session_options
+
+    session = create_session(model, session_options(threads=threads))
+    total, count = 0.0, 0
+    for feed in tqdm(feeds, desc="perplexity", disable=not progress):
+        nll, tokens = next_token_nll(session.run([output], dict(feed))[0], np.asarray(feed["input_ids"]))
+        total, count = total + nll, count + tokens
+    return float(np.exp(total / max(count, 1)))
+
+
 def run_outputs(
     model: ir.Model,
     feeds: Iterable[Mapping[str, np.ndarray]],

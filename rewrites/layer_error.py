@@ -22,6 +22,18 @@ from qcompiler.numerics import activation_params, dequantize, quantize, symmetri
 from qcompiler.options import QuantType
 
 
+PROXY_COLUMNS = 2048
+
+
+def subsample_columns(weights: Sequence[np.ndarray], limit: int = PROXY_COLUMNS) -> list[np.ndarray]:
+    """Every k-th output column of wide weights (an lm_head has ~50k), keeping the proxy cheap.
+
+    Per-output-channel weight quantization treats columns independently, so the proxy on a column
+    subset is an unbiased estimate of the proxy on all of them.
+    """
+    return [w if w.shape[1] <= limit else w[:, :: -(-w.shape[1] // limit)] for w in weights]
+
+
 def fake_quantize_weight(weight: np.ndarray, qtype: QuantType = QuantType.INT8) -> np.ndarray:
     """W [C, N] after symmetric per-output-channel (axis 1) quantization and dequantization."""
     scales = symmetric_weight_scales(weight, axis=1, qtype=qtype)

@@ -15,7 +15,7 @@ import numpy as np
 from qcompiler.numerics import activation_params, type_range
 from qcompiler.options import QuantType, RangeMethod
 from qcompiler.reducers import Histogram
-from qcompiler.rewrites.layer_error import fake_quantize_weight, layer_output_error
+from qcompiler.rewrites.layer_error import fake_quantize_weight, layer_output_error, subsample_columns
 
 
 def percentile_range(histogram: Histogram, percentile: float) -> tuple[float, float]:
@@ -91,6 +91,7 @@ def search_range(
     """
     errors: dict[str, float] = {}
     if rows is not None and len(rows) and weights:
+        weights = subsample_columns(weights)
         quantized = [fake_quantize_weight(w) for w in weights]
         for name, (lo, hi) in candidates.items():
             errors[name] = layer_output_error(

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qcompiler.options import QuantType
-from qcompiler.rewrites.layer_error import fake_quantize_weight, layer_output_error
+from qcompiler.rewrites.layer_error import fake_quantize_weight, layer_output_error, subsample_columns
 
 SCALE_LIMITS = (1e-5, 1e5)
 
@@ -67,6 +67,7 @@ def choose_alpha(
         qtype: activation element type.
         symmetric: activation quantizer symmetry.
     """
+    weights = subsample_columns(weights)
     errors = {
         "none": layer_output_error(
             rows, weights, float(channel_lo.min()), float(channel_hi.max()), qtype, symmetric=symmetric

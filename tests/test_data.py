@@ -106,3 +106,19 @@ def test_synthetic_source_matches_specs():
     batches = list(source)
     assert source.synthetic and len(batches) == 2
     assert batches[0]["attention_mask"].min() == 1 and batches[0]["input_ids"].dtype == np.int64
+
+
+def test_token_windows_cut_one_stream(tmp_path, tokenizer_json):
+    """Windows are consecutive, exactly seq_len long, with ones as mask and 0..T-1 positions."""
+    from qcompiler.data import TokenWindows
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world the quick\nbrown fox jumps abc hello\n", encoding="utf-8")
+    specs = SPECS + [InputSpec("position_ids", np.dtype(np.int64), (None, None))]
+    source = TokenWindows(text, tokenizer_json, specs, seq_len=3, batch_size=2)
+    batches = list(source)
+    assert len(source) == 2 and batches[0]["input_ids"].shape == (2, 3)
+    assert batches[0]["attention_mask"].min() == 1
+    np.testing.assert_array_equal(batches[0]["position_ids"][1], [0, 1, 2])
+    with pytest.raises(DataError, match="fewer than 64 tokens"):
+        TokenWindows(text, tokenizer_json, SPECS, seq_len=64)

