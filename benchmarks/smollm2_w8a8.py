@@ -26,8 +26,39 @@ SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.tx
 TOOLS = {
     "qcompiler": "qcompiler transformer preset (SmoothQuant, alpha searched per group; MinMax)",
     "qcompiler-nosq": "qcompiler transformer preset without SmoothQuant",
-    "nncf": "NNCF quantize (ONNX) model_type=TRANSFORMER (SmoothQuant on by default)",
+    "nncf": "NNCF quantize (ONNX) model_type=TRANSFORMER (SmoothQuant on); lm_head ignored (its weight is "
+    "Transpose(embedding), which NNCF's ONNX SmoothQuant crashes on; qcompiler leaves it float too)",
+    "nncf-ov": "NNCF quantize (OpenVINO) model_type=TRANSFORMER (SmoothQuant on); runs in OpenVINO CPU f32",
 }
+
+
+def transposed_weight_matmuls(model) -> list[str]:
+    """MatMuls whose weight is computed by a Transpose (the tied lm_head of this export)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and node.input[1] in producers
+        and producers[node.input[1]].op_type == "Transpose"
+    ]
+
+
+def openvino_perplexity(path: pathlib.Path, feeds) -> float:
+    """Perplexity of an OpenVINO IR model (CPU, f32 inference, 2 threads)."""
+    import openvino as ov
+
+    from qcompiler.metrics import next_token_nll
+
+    compiled = ov.Core().compile_model(
+        str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+    )
+    request = compiled.create_infer_request()
+    total, count = 0.0, 0
+    for feed in feeds:
+        nll, tokens = next_token_nll(request.infer(feed)[compiled.output(0)], feed["input_ids"])
+        total, count = total + nll, count + tokens
+    return float(np.exp(total / count))
 
 
 def worker(tool: str, model: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path) -> None:
@@ -70,6 +101,9 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--windows", type=int, default=32, help="512-token test windows for perplexity")
     parser.add_argument("--calibration-windows", type=int, default=28)
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep rows of earlier runs for tools not run now"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -90,6 +124,13 @@ def main() -> None:
     test_text = SHARED_TEST_SPLIT if SHARED_TEST_SPLIT.exists() else EVALUATION_TEXT
     evaluation = list(TokenWindows(test_text, tokenizer, specs, seq_len=512, windows=args.windows))
     rows: dict[str, dict] = {}
+    previous = args.out / "smollm2_w8a8.json"
+    if args.reuse and previous.exists():
+        rows = {
+            k: v
+            for k, v in json.loads(previous.read_text())["rows"].items()
+            if k not in args.tools.split(",")
+        }
     start = time.perf_counter()
     rows["fp32"] = {
         "description": "FP32 reference",
@@ -107,7 +148,7 @@ def main() -> None:
         for index, feed in enumerate(source):
             np.savez(calibration / f"{index}.npz", **feed)
         for tool in args.tools.split(","):
-            output = work / f"{tool}.onnx"
+            output = work / (f"{tool}.xml" if tool == "nncf-ov" else f"{tool}.onnx")
             process = subprocess.run(
                 [sys.executable, __file__, "--worker", tool, str(model_path), str(calibration), str(output)],
                 capture_output=True,
@@ -123,10 +164,15 @@ def main() -> None:
                 continue
             row = {"description": TOOLS[tool], **json.loads(process.stdout.strip().splitlines()[-1])}
             begin = time.perf_counter()
-            row["perplexity"] = round(perplexity(output, evaluation, threads=2), 3)
+            if output.suffix == ".xml":
+                row["perplexity"] = round(openvino_perplexity(output, evaluation), 3)
+                row["runtime"] = "openvino"
+            else:
+                row["perplexity"] = round(perplexity(output, evaluation, threads=2), 3)
             row["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - begin), 1)
             row["perplexity_vs_fp32"] = f"{100 * (row['perplexity'] / rows['fp32']['perplexity'] - 1):+.1f} %"
-            row["size_mb"] = round(output.stat().st_size / 2**20, 1)
+            extra = output.with_suffix(".bin").stat().st_size if output.suffix == ".xml" else 0
+            row["size_mb"] = round((output.stat().st_size + extra) / 2**20, 1)
             rows[tool] = row
             print(tool, row, file=sys.stderr)
     result = {

@@ -21,7 +21,6 @@ import numpy as np
 from qcompiler.numerics import activation_params, dequantize, quantize, symmetric_weight_scales
 from qcompiler.options import QuantType
 
-
 PROXY_COLUMNS = 2048
 
 

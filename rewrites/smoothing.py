@@ -9,7 +9,7 @@ scale vector s (Q, K and V after one norm; gate and up projections). `ApplySmoot
 2. divides X by s by folding 1/s into X's producer, when X feeds nothing but the group:
    - LayerNormalization over the last axis: scale / s and bias / s;
    - Mul by a constant broadcast along the channels (the tail of an RMSNorm decomposition):
-     the constant / s;
+     the constant / s; Mul of two same-shaped tensors (SwiGLU): into an operand's producer;
    - MatMul with a constant weight [K, C] (optionally followed by Add of a constant bias):
      weight columns / s (and bias / s); Gemm likewise, honouring transB;
 3. otherwise inserts ``Mul(X, 1/s)`` in front of the group's consumers only, and records why the
@@ -136,27 +136,53 @@ def _try_fold_into_producer(graph: ir.Graph, group: SmoothGroup, scales: np.ndar
     others = [use.node for use in activation.uses() if id(use.node) not in members]
     if others:
         return f"it also feeds {others[0].op_type} '{others[0].name}' unscaled"
-    channels = len(scales)
+    return _try_fold_into(graph, activation, scales)
+
+
+def _try_fold_into(graph: ir.Graph, value: ir.Value, scales: np.ndarray) -> str | None:
+    """Make `value`'s producer emit value / s; None on success (nothing changes on a refusal)."""
+    producer = value.producer()
+    if producer is None:
+        return "the activation is a graph input"
     if producer.op_type == "LayerNormalization":
         return _try_fold_layer_norm(graph, producer, scales)
     if producer.op_type == "Mul":
-        for index in (0, 1):
-            vector = _channel_vector(producer.inputs[index], channels)  # type: ignore[arg-type]
-            if vector is not None:
-                constant = producer.inputs[index]
-                shape = (
-                    constant.const_value.numpy().shape
-                    if constant.const_value.numpy().size == channels
-                    else (channels,)
-                )  # type: ignore[union-attr]
-                _own_constant(graph, constant, producer, (vector / scales).reshape(shape))  # type: ignore[arg-type]
-                return None
-        return "Mul has no constant per-channel operand"
+        return _try_fold_mul(graph, producer, scales)
     if producer.op_type == "Add":
         return _try_fold_biased_linear(graph, producer, scales)
     if producer.op_type in ("MatMul", "Gemm"):
         return _try_fold_linear_columns(graph, producer, scales)
     return f"{producer.op_type} cannot absorb a per-channel scale"
+
+
+def _try_fold_mul(graph: ir.Graph, mul: ir.Node, scales: np.ndarray) -> str | None:
+    """Fold 1/s into a Mul.
+
+    Mul by a constant channel vector: scale the constant. Mul of two tensors (SwiGLU's
+    silu(gate) * up): (a / s) * b = (a * b) / s, so fold into an operand that only this Mul reads
+    and whose own producer can absorb it (up_proj's weight columns).
+    """
+    channels = len(scales)
+    for index in (0, 1):
+        constant = mul.inputs[index]
+        vector = _channel_vector(constant, channels) if constant is not None else None
+        if vector is not None:
+            assert constant is not None and constant.const_value is not None
+            shape = (
+                constant.const_value.numpy().shape
+                if constant.const_value.numpy().size == channels
+                else (channels,)
+            )
+            _own_constant(graph, constant, mul, (vector / scales).reshape(shape))
+            return None
+    for operand in mul.inputs:
+        if operand is None or operand.const_value is not None or operand.is_graph_output():
+            continue
+        if len(operand.uses()) != 1 or operand.shape is None or operand.shape != mul.outputs[0].shape:
+            continue
+        if _try_fold_into(graph, operand, scales) is None:
+            return None
+    return "Mul has no constant channel operand nor an operand whose producer absorbs the scale"
 
 
 def _try_fold_layer_norm(graph: ir.Graph, node: ir.Node, scales: np.ndarray) -> str | None:

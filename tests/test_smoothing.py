@@ -193,3 +193,29 @@ def test_alpha_search_helps_outlier_channels_and_leaves_flat_ones():
         flat, flat.min(0), flat.max(0), [weight], (0.9,), QuantType.UINT8, symmetric=False
     )
     assert flat_choice.alpha == 0.9  # a single alpha is forced, whatever its error
+
+
+def swiglu_model():
+    """down_proj(silu(gate(x)) * up(x)): 1/s folds into up_proj's weight columns."""
+    x = float_input("x", [5, 12])
+    graph = ir.Graph([x], [], nodes=[], name="swiglu")
+    gate = add(graph, "MatMul", [x, _weight(graph, "w_gate", (12, C), 6)], "gate_proj")
+    sig = add(graph, "Sigmoid", [gate], "sigmoid")
+    silu = add(graph, "Mul", [gate, sig], "silu")
+    up = add(graph, "MatMul", [x, _weight(graph, "w_up", (12, C), 7)], "up_proj")
+    h = add(graph, "Mul", [silu, up], "glu")
+    _two_consumers(graph, h)
+    return model_of(graph)
+
+
+def test_swiglu_product_folds_into_up_projection():
+    """The product's scale goes into up_proj (silu's operand is read twice, so it is skipped); exact."""
+    reference, model = _typed(swiglu_model()), _typed(swiglu_model())
+    feed = {"x": np.random.default_rng(3).standard_normal((5, 12)).astype(np.float32)}
+    before = run(reference, feed)
+    _, outcomes = _apply(model)
+    assert list(outcomes.values()) == ["folded into Mul 'glu'"]
+    w_up = next(node for node in model.graph if node.name == "up_proj").inputs[1].const_value.numpy()
+    assert not np.allclose(w_up, reference.graph.initializers["w_up"].const_value.numpy())
+    for a, b in zip(before, run(model, feed), strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

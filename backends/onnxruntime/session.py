@@ -11,6 +11,9 @@ import onnxruntime as ort
 from qcompiler.io import initializer_bytes, save
 
 PROTOBUF_LIMIT = 1_800_000_000
+IN_MEMORY_LIMIT = 256 * 2**20
+"""Above this many weight bytes a session is built from a temporary file with external data:
+serializing to bytes would hold the proto and its bytes in memory at once (2x the weights)."""
 
 
 def session_options(
@@ -40,7 +43,7 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if initializer_bytes(model) < PROTOBUF_LIMIT:
+    if initializer_bytes(model) < min(PROTOBUF_LIMIT, IN_MEMORY_LIMIT):
         if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
             # ORT resolves external data of an in-memory model against its own working folder,
             # so lazy tensors are read in (on a clone; the caller's model stays lazy).
