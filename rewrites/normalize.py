@@ -8,9 +8,49 @@ report and fusion counting refer to nodes by name) and inferred types on every t
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import optimize_ir
+
+from qcompiler.irutil import add_initializer
+
+
+class FoldWeightTransposePass(ir.passes.InPlacePass):
+    """Materialize ``Transpose(initializer)`` feeding MatMul/Gemm weights as a new initializer.
+
+    Exporters write tied LM heads as ``MatMul(h, Transpose(embedding))``. The constant folder
+    skips it (the output is over its size limit), which would leave the head without a constant
+    weight, invisible to quantization. The embedding keeps its own initializer for the Gather.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Fold every such Transpose; `modified` tells whether one was found."""
+        modified = False
+        for node in list(model.graph):
+            modified |= self._try_fold_transpose(model.graph, node)
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _try_fold_transpose(graph: ir.Graph, node: ir.Node) -> bool:
+        if node.op_type != "Transpose" or node.inputs[0] is None or node.inputs[0].const_value is None:
+            return False
+        output = node.outputs[0]
+        uses = list(output.uses())
+        if (
+            output.is_graph_output()
+            or not uses
+            or any(use.node.op_type not in ("MatMul", "Gemm") or use.idx != 1 for use in uses)
+        ):
+            return False
+        array = node.inputs[0].const_value.numpy()
+        perm = node.attributes.get_ints("perm", list(range(array.ndim))[::-1])
+        folded = add_initializer(
+            graph, f"{node.inputs[0].name}_transposed", np.ascontiguousarray(np.transpose(array, perm))
+        )
+        output.replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        return True
 
 
 class NormalizePass(ir.passes.InPlacePass):
@@ -21,13 +61,15 @@ class NormalizePass(ir.passes.InPlacePass):
        lifts every Constant to an initializer, removes unused nodes and eliminates common
        subexpressions).
     2. Initializers listed as graph inputs are removed from the inputs, so weights are constants.
-    3. Every node gets a unique name; shapes and types are inferred and the graph sorted.
+    3. Transposes of initializers that feed MatMul/Gemm weights (tied LM heads) are folded.
+    4. Every node gets a unique name; shapes and types are inferred and the graph sorted.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Normalize in place; reports `modified=True` (the passes do not all report changes)."""
         common.RemoveInitializersFromInputsPass()(model)
         optimize_ir(model)
+        FoldWeightTransposePass()(model)
         common.NameFixPass()(model)
         common.ShapeInferencePass()(model)
         common.TopologicalSortPass()(model)
