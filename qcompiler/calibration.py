@@ -96,6 +96,10 @@ class Statistics:
         """Histogram of `value`."""
         return self._results[(str(value.name), StatKind.HISTOGRAM, -1, 0)]  # type: ignore[return-value]
 
+    def with_results(self, extra: Mapping[StatKey, object]) -> Statistics:
+        """These results plus `extra` (e.g. statistics derived by an earlier step)."""
+        return Statistics({**extra, **self._results}, self.batches)
+
     def get(self, request: StatRequest) -> object | None:
         """The result of `request`, or None if it was not collected."""
         return self._results.get(request.key)

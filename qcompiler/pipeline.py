@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qcompiler import calibration, io
 from qcompiler.backends import backend_for
-from qcompiler.calibration import StatKind, StatRequest
+from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError
 from qcompiler.options import CompileOptions, QuantType
@@ -85,21 +85,29 @@ def compile(  # noqa: A001 - the public name the design promises
     with report.timed("normalize"):
         NormalizePass()(working)
     activation_type = options.activations.dtype or resolved.activation_type
+    known: dict[StatKey, object] = {}
+    batches = 0
     if options.smooth_quant.enabled:
         with report.timed("smooth_quant"):
-            report.smooth_quant = smooth_quant(working, data, options, activation_type, progress=progress)
+            report.smooth_quant, known, batches = smooth_quant(
+                working, data, options, activation_type, progress=progress
+            )
     plan = plan_quantizers(working, resolved, options)
     requests = plan.stat_requests(options.activations.range_method, options.activations.sample_rows)  # type: ignore[arg-type]
+    missing = [request for request in requests if request.key not in known]
     with report.timed("calibrate"):
-        statistics = calibration.collect(
-            working,
-            requests,
-            data,
-            histogram_bins=options.calibration.histogram_bins,
-            max_batches=options.calibration.max_batches,
-            progress=progress,
-        )
+        statistics = calibration.Statistics(known, batches)
+        if missing:  # a second run over the data only for what SmoothQuant's run did not give
+            statistics = calibration.collect(
+                working,
+                missing,
+                data,
+                histogram_bins=options.calibration.histogram_bins,
+                max_batches=options.calibration.max_batches,
+                progress=progress,
+            ).with_results(known)
     report.data["batches"] = statistics.batches
+    report.data["calibration_runs"] = int(bool(options.smooth_quant.enabled)) + int(bool(missing))
     insert = InsertQDQPass(plan, statistics, options.activations, activation_type, resolved.weight_type)
     with report.timed("quantize"):
         insert(working)
@@ -127,8 +135,13 @@ def compile(  # noqa: A001 - the public name the design promises
 
 def smooth_quant(
     model: ir.Model, data: DataArg, options: CompileOptions, activation_type: QuantType, *, progress: bool
-) -> dict[str, dict[str, object]]:
-    """Calibrate the smoothing groups (one run), search alpha per group, apply; report per group."""
+) -> tuple[dict[str, dict[str, object]], dict[StatKey, object], int]:
+    """Calibrate the smoothing groups (one run), search alpha per group, apply.
+
+    Returns the per-group report, and the per-tensor (min, max) of every tensor the group's
+    consumers now read (X / s, exact from the per-channel extremes since s > 0), so the quantizer
+    step needs no second run over the data for those tensors; and the number of batches read.
+    """
     groups = find_groups(model, options.ignored)
     settings = options.smooth_quant
     requests = []
@@ -147,6 +160,7 @@ def smooth_quant(
     )
     decisions = []
     summary: dict[str, dict[str, object]] = {}
+    ranges: dict[int, tuple[float, float]] = {}
     for group in tqdm(groups, desc="SmoothQuant alpha search", disable=not progress):
         lo, hi = statistics[StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1)]  # type: ignore[misc]
         rows = statistics[
@@ -167,13 +181,20 @@ def smooth_quant(
             "alpha": choice.alpha,
             "errors": {key: round(value, 6) for key, value in choice.errors.items()},
         }
+        scales = choice.scales if choice.scales is not None else 1.0
+        ranges[id(group)] = (float(np.min(lo / scales)), float(np.max(hi / scales)))
         if choice.alpha is not None and choice.scales is not None:
             decisions.append((group, choice.scales, f"alpha={choice.alpha:g}"))
     applied = ApplySmoothingPass(decisions)
     applied(model)
     for name, how in applied.outcomes.items():
         summary[name]["applied"] = how
-    return summary
+    derived: dict[StatKey, object] = {}
+    for group in groups:
+        read = group.consumers[0].inputs[0]  # X itself, or the inserted Mul's output
+        assert read is not None
+        derived[(str(read.name), StatKind.MINMAX, -1, 0)] = ranges[id(group)]
+    return summary, derived, statistics.batches
 
 
 def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:

@@ -219,3 +219,34 @@ def test_swiglu_product_folds_into_up_projection():
     assert not np.allclose(w_up, reference.graph.initializers["w_up"].const_value.numpy())
     for a, b in zip(before, run(model, feed), strict=True):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_pipeline_derives_quantizer_ranges_from_smoothquant_statistics():
+    """With SmoothQuant and MinMax, one calibration run serves both steps, and the derived
+    per-tensor range of X / s equals the range measured on the smoothed graph."""
+    import qcompiler
+    from qcompiler.calibration import StatKind, StatRequest, collect
+
+    model = _typed(layer_norm_model())
+    # One channel with outliers so SmoothQuant has something to do.
+    feeds = [
+        {
+            "x": (np.random.default_rng(i).standard_normal((5, C)) * np.r_[40.0, np.ones(C - 1)]).astype(
+                np.float32
+            )
+        }
+        for i in range(4)
+    ]
+    options = qcompiler.CompileOptions(
+        preset=qcompiler.Preset.TRANSFORMER, smooth_quant=qcompiler.SmoothQuantOptions(alpha=0.5)
+    )
+    result = qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False)
+    assert result.report.data["calibration_runs"] == 1
+    quantizer = result.report.activation_quantizers["ln_out"]
+    # The QuantizeLinear's float input is the smoothed LayerNorm output, exact in the compiled graph.
+    q = next(node for node in result.model.graph if node.op_type == "QuantizeLinear")
+    measured = collect(
+        result.model, [StatRequest(q.inputs[0], StatKind.MINMAX)], feeds, progress=False
+    ).minmax(q.inputs[0])
+    assert quantizer["observed_lo"] == pytest.approx(measured[0], rel=1e-5)
+    assert quantizer["observed_hi"] == pytest.approx(measured[1], rel=1e-5)
