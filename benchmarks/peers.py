@@ -1,0 +1,69 @@
+"""What the benchmark scripts share: calibration feeds on disk, the tools' compile calls, tables.
+
+Each benchmark compiles every tool in its own subprocess (so wall time and peak RSS are the tool's
+own) from the same calibration feeds, saved here as numbered ``.npz`` files.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+
+def save_feeds(feeds, folder: pathlib.Path) -> None:
+    """Write feeds as 0.npz, 1.npz, ... (read back in order by `load_feeds`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, feed in enumerate(feeds):
+        np.savez(folder / f"{index}.npz", **feed)
+
+
+def load_feeds(folder: pathlib.Path) -> list[dict[str, np.ndarray]]:
+    """The feeds `save_feeds` wrote, in order."""
+    feeds = []
+    for file in sorted(folder.glob("*.npz"), key=lambda p: int(p.stem)):
+        with np.load(file, allow_pickle=False) as archive:
+            feeds.append({key: archive[key] for key in archive.files})
+    return feeds
+
+
+def qcompiler_w8a8(model: pathlib.Path, feeds, output: pathlib.Path, *, smooth_quant: bool) -> None:
+    """qcompiler's transformer preset for ort-cpu, SmoothQuant on or off."""
+    import qcompiler
+
+    options = qcompiler.CompileOptions(
+        preset=qcompiler.Preset.TRANSFORMER,
+        count_fusion=False,
+        smooth_quant=qcompiler.SmoothQuantOptions(enabled=smooth_quant),
+    )
+    qcompiler.save(qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False).model, output)
+
+
+def nncf_openvino(model: pathlib.Path, feeds, output: pathlib.Path) -> None:
+    """NNCF quantize on the OpenVINO backend, TRANSFORMER model type (SmoothQuant on)."""
+    import nncf
+    import openvino as ov
+
+    quantized = nncf.quantize(
+        ov.convert_model(str(model)),
+        nncf.Dataset(feeds),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(feeds),
+    )
+    ov.save_model(quantized, str(output), compress_to_fp16=False)
+
+
+def replace_section(path: pathlib.Path, heading: str, section: str) -> None:
+    """Replace the ``## heading`` section of a Markdown file (or append it)."""
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nAbsolute timings are noisy here: compare ratios within one run.\n\n"
+    )
+    start = text.find(f"## {heading}")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
