@@ -15,6 +15,17 @@ VALIDATION_TEXT = DATA_DIR / "python-docs-valid.txt"
 EVALUATION_TEXT = DATA_DIR / "python-docs-eval.txt"
 
 
+def build_cli(build, description: str, argv: list[str] | None = None) -> None:
+    """The command line of a model builder: ``[FOLDER] [--force]``, prints the model's path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("folder", nargs="?", type=pathlib.Path, help="output folder (default: cache)")
+    parser.add_argument("--force", action="store_true", help="re-export even if cached")
+    args = parser.parse_args(argv)
+    print(build(args.folder, force=args.force))  # noqa: T201
+
+
 def cache_dir() -> pathlib.Path:
     """The folder built models are cached in (created on demand)."""
     folder = pathlib.Path(os.environ.get("QCOMPILER_CACHE") or pathlib.Path.home() / ".cache" / "qcompiler")

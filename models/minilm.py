@@ -10,14 +10,13 @@ Run ``python -m qcompiler.models.minilm [OUT]`` to build it; needs the ``models`
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
 
 import numpy as np
 
 from qcompiler.errors import QCompileError
-from qcompiler.models import cache_dir
+from qcompiler.models import build_cli, cache_dir
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("last_hidden_state", "sentence_embedding")
@@ -121,11 +120,7 @@ def build(folder: pathlib.Path | None = None, *, force: bool = False) -> pathlib
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the model and print its path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", nargs="?", type=pathlib.Path, help="output folder (default: cache)")
-    parser.add_argument("--force", action="store_true", help="re-export even if cached")
-    args = parser.parse_args(argv)
-    print(build(args.folder, force=args.force))  # noqa: T201
+    build_cli(build, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

