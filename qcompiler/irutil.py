@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | np.generic) -> ir.Value:
     """Register `array` as an initializer under `name`, or `name_1`, `name_2`... if taken."""
     unique = name
     suffix = 1

@@ -64,7 +64,7 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 def quantize(
     x: np.ndarray,
-    scale: np.ndarray | float,
+    scale: np.ndarray | np.floating | float,
     zero_point: np.ndarray | int,
     qtype: QuantType,
     axis: int | None = None,
@@ -78,7 +78,10 @@ def quantize(
 
 
 def dequantize(
-    q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, axis: int | None = None
+    q: np.ndarray,
+    scale: np.ndarray | np.floating | float,
+    zero_point: np.ndarray | int,
+    axis: int | None = None,
 ) -> np.ndarray:
     """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
     s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)

@@ -197,7 +197,9 @@ class CompileOptions:
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly view for the report."""
-        return _jsonable(dataclasses.asdict(self))
+        view = _jsonable(dataclasses.asdict(self))
+        assert isinstance(view, dict)
+        return view
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from typing import cast
 
 import numpy as np
 import onnx
@@ -162,10 +163,14 @@ def smooth_quant(
     summary: dict[str, dict[str, object]] = {}
     ranges: dict[int, tuple[float, float]] = {}
     for group in tqdm(groups, desc="SmoothQuant alpha search", disable=not progress):
-        lo, hi = statistics[StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1)]  # type: ignore[misc]
-        rows = statistics[
-            StatRequest(group.activation, StatKind.ROW_SAMPLE, axis=-1, size=settings.sample_rows)
-        ]
+        extremes = statistics[StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1)]
+        lo, hi = cast(tuple[np.ndarray, np.ndarray], extremes)
+        rows = cast(
+            np.ndarray,
+            statistics[
+                StatRequest(group.activation, StatKind.ROW_SAMPLE, axis=-1, size=settings.sample_rows)
+            ],
+        )
         choice = choose_alpha(
             rows,
             lo,

@@ -116,14 +116,14 @@ def linear_weight_rows(node: ir.Node) -> np.ndarray | None:
     None also when the node does not read its data from input 0 (Gemm with transA).
     """
     if node.op_type not in ("MatMul", "Gemm") or (
-        node.op_type == "Gemm" and node.attributes.get_int("transA", 0)
+        node.op_type == "Gemm" and node.attributes.get_int("transA", 0) != 0
     ):
         return None
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
         return None
     array = weight.const_value.numpy()
-    return array.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else array
+    return array.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0 else array
 
 
 def _is_float(value: ir.Value | None) -> bool:

@@ -106,7 +106,7 @@ def _scale_weight_rows(graph: ir.Graph, node: ir.Node, scales: np.ndarray) -> No
     weight = _linear_weight(node)
     assert weight is not None and weight.const_value is not None
     array = weight.const_value.numpy()
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0:
         _own_constant(graph, weight, node, array * scales[None, :])
     else:
         _own_constant(graph, weight, node, array * scales[:, None])
@@ -204,7 +204,7 @@ def _try_fold_linear_columns(graph: ir.Graph, node: ir.Node, scales: np.ndarray)
     if weight is None:
         return f"{node.op_type} '{node.name}' has no constant 2-D weight"
     array = weight.const_value.numpy()  # type: ignore[union-attr]
-    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = _channel_vector(node.inputs[2], len(scales))
         if bias is None:
