@@ -20,7 +20,7 @@ from qcompiler import calibration, io
 from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
-from qcompiler.errors import OptionError
+from qcompiler.errors import OptionError, UnsupportedModelError
 from qcompiler.options import CompileOptions, QuantType
 from qcompiler.report import Report, peak_rss_mb, versions
 from qcompiler.rewrites.normalize import NormalizePass
@@ -77,6 +77,7 @@ def compile(  # noqa: A001 - the public name the design promises
     if report.data["synthetic"]:
         report.warnings.append("calibrated on synthetic random inputs: accuracy is not representative")
 
+    _refuse_quantized(working)
     specs = input_specs(working)
     if isinstance(data, Iterator):  # later steps read the data again
         data = FeedIterable(list(data), getattr(data, "description", ""))
@@ -200,6 +201,31 @@ def smooth_quant(
         assert read is not None
         derived[(str(read.name), StatKind.MINMAX, -1, 0)] = ranges[id(group)]
     return summary, derived, statistics.batches
+
+
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulNBits",
+        "MatMulInteger",
+        "ConvInteger",
+        "QLinearMatMul",
+        "QLinearConv",
+        "QGemm",
+    }
+)
+
+
+def _refuse_quantized(model: ir.Model) -> None:
+    """A model that already holds quantized ops would be quantized twice: name the first one."""
+    for node in model.graph:
+        if node.op_type in QUANTIZED_OPS:
+            source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+            raise UnsupportedModelError(
+                f"{source}: already quantized (node {node.name!r} is {node.op_type}); pass the float model"
+            )
 
 
 def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:

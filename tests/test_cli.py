@@ -121,6 +121,10 @@ def test_cnn_through_the_cli(tmp_path):
             "--preset: 'cnn' is not one of",
         ),
         (["{model}", "--target", "ort-cpu", "--text", "{model}"], "--text needs --tokenizer"),
+        (
+            ["{quantized}", "--target", "ort-cpu", "--synthetic"],
+            r"quantized.onnx: already quantized \(node '.*' is QuantizeLinear\)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_culprit(workspace, capsys, arguments, message):
@@ -135,7 +139,23 @@ def test_bad_input_is_one_line_naming_the_culprit(workspace, capsys, arguments, 
     ):
         (folder / name).mkdir()
         np.savez(folder / name / "bad.npz", **array)
+    quantized = folder / "quantized.onnx"
+    main(
+        [
+            str(model),
+            "--target",
+            "ort-cpu",
+            "--synthetic",
+            "-q",
+            "-o",
+            str(quantized),
+            "--report",
+            str(folder / "q.json"),
+        ]
+    )
+    capsys.readouterr()
     paths = {
+        "quantized": quantized,
         "missing": folder / "missing.onnx",
         "garbage": folder / "garbage.onnx",
         "model": model,
