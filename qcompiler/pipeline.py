@@ -55,8 +55,9 @@ def compile(  # noqa: A001 - the public name the design promises
         model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified).
         target: a target name such as ``"ort-cpu"`` or a `Target`.
         options: compile options; defaults to ``CompileOptions()``.
-        data: calibration batches: a data source from `qcompiler.data` or any re-iterable of
-            feed dicts (input name -> array). One-shot iterators are validated as they stream.
+        data: calibration batches: a data source from `qcompiler.data` or any iterable of feed
+            dicts (input name -> array). A one-shot iterator (a generator) is read into a list
+            first, because calibration reads the data more than once.
         progress: show tqdm progress bars.
     """
     options = (options or CompileOptions()).resolved()
@@ -68,6 +69,8 @@ def compile(  # noqa: A001 - the public name the design promises
     working.meta.update(source.meta)
     report = Report(target=resolved.name, options=options.to_dict())
     report.size_bytes["before"] = io.initializer_bytes(source)
+    if isinstance(data, Iterator):  # later steps read the data again
+        data = list(data)
     if not hasattr(data, "synthetic"):
         data = FeedIterable(data)
     report.data = {
@@ -79,8 +82,6 @@ def compile(  # noqa: A001 - the public name the design promises
 
     _refuse_quantized(working)
     specs = input_specs(working)
-    if isinstance(data, Iterator):  # later steps read the data again
-        data = FeedIterable(list(data), getattr(data, "description", ""))
     with report.timed("validate_data"):
         peek_check(data, specs, "calibration data")
 

@@ -133,3 +133,15 @@ def test_range_search_records_the_chosen_candidate():
         any(f"range={name} " in text for name in ("minmax", "p99.99", "p99.9", "mse"))
         for text in descriptions
     )
+
+
+def test_compile_accepts_a_generator_of_feeds():
+    """A one-shot generator is read once into a list: every batch reaches calibration."""
+    import qcompiler
+
+    model = mlp_with_attention_matmul()
+    feeds = random_feeds(model, batches=5)
+    options = CompileOptions(preset=Preset.TRANSFORMER, count_fusion=False)
+    result = qcompiler.compile(model, "ort-cpu", options, data=(feed for feed in feeds), progress=False)
+    assert result.report.data["batches"] == 5
+    assert result.report.nodes["quantized"] == 3
