@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--seq-len", type=int, default=128, help="max tokens per sample (default 128)")
     text.add_argument("--samples", type=int, default=300, help="max lines used (default 300)")
     text.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+    text.add_argument(
+        "--text-windows",
+        action="store_true",
+        help="causal LMs: tokenize the file as one stream and cut --seq-len windows (--samples of them)",
+    )
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--preset", default="default", help="default | transformer")
     quant.add_argument(
@@ -163,7 +168,7 @@ def output_paths(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path]:
 
 def data_from_args(args: argparse.Namespace, model):  # -> a data source
     """The calibration data source the flags ask for (exactly one kind)."""
-    from qcompiler.data import NpzFolder, SyntheticSource, TextSource, input_specs
+    from qcompiler.data import NpzFolder, SyntheticSource, TextSource, TokenWindows, input_specs
 
     chosen = [
         flag
@@ -181,6 +186,10 @@ def data_from_args(args: argparse.Namespace, model):  # -> a data source
     if args.text:
         if not args.tokenizer:
             raise OptionError("--text needs --tokenizer PATH (tokenizer.json or its folder)")
+        if args.text_windows:
+            return TokenWindows(
+                args.text, args.tokenizer, specs, seq_len=args.seq_len, windows=args.samples, batch_size=1
+            )
         return TextSource(
             args.text,
             args.tokenizer,

@@ -227,3 +227,49 @@ def test_large_model_path_goes_through_external_files(tmp_path, monkeypatch):
         small["fusion"] == large["fusion"]
         and small["activation_quantizers"] == large["activation_quantizers"]
     )
+
+
+def _token_model():
+    """input_ids -> Gather(embedding) -> MatMul: the smallest graph text data can feed."""
+    import onnx_ir as ir
+
+    from tests.graphs import add, const, model_of
+
+    ids = ir.Value(
+        name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", "sequence"])
+    )
+    graph = ir.Graph([ids], [], nodes=[], name="tokens")
+    rng = np.random.default_rng(0)
+    h = add(
+        graph,
+        "Gather",
+        [const(graph, "embedding", rng.standard_normal((16, 8)).astype(np.float32)), ids],
+        "embed",
+    )
+    graph.outputs.append(
+        add(graph, "MatMul", [h, const(graph, "w", rng.standard_normal((8, 4)).astype(np.float32))], "head")
+    )
+    return model_of(graph)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_text_data_lines_or_windows(tmp_path, tokenizer_json, windows):
+    """--text feeds tokenized lines, or with --text-windows fixed-length windows of one stream."""
+    model = io.save(_token_model(), tmp_path / "tok.onnx")
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world the quick\nbrown fox jumps abc\nhello fox\n", encoding="utf-8")
+    arguments = [
+        str(model),
+        "--target",
+        "ort-cpu",
+        "--text",
+        str(text),
+        "--tokenizer",
+        str(tokenizer_json),
+        "-q",
+    ]
+    arguments += ["--text-windows", "--seq-len", "3"] if windows else []
+    assert main(arguments) == 0
+    report = json.loads((tmp_path / "tok.ort-cpu.report.json").read_text())
+    assert ("windows of 3 tokens" in report["data"]["description"]) == windows
+    assert report["nodes"]["quantized"] == 1 and report["fusion"]["fused"] == 1
