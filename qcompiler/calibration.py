@@ -143,7 +143,7 @@ def collect(
         progress: show a tqdm bar.
         description: label of the progress bar.
     """
-    from qcompiler.backends.onnxruntime.session import create_session
+    from qcompiler.backends.onnxruntime.session import create_session, session_options
 
     merged: dict[StatKey, StatRequest] = {}
     for request in requests:
@@ -165,7 +165,7 @@ def collect(
     fetch = sorted({key[0] for key in runtime_keys} - input_names)
     batches = 0
     if runtime_keys:
-        session = create_session(_with_outputs(model, fetch))
+        session = create_session(_with_outputs(model, fetch), session_options(lean=True))
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         if max_batches is not None and total is not None:
             total = min(total, max_batches)
