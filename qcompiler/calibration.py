@@ -59,6 +59,16 @@ class StatRequest:
     axis: int = -1
     size: int = 0
 
+    @classmethod
+    def channel_minmax(cls, value: ir.Value) -> StatRequest:
+        """(min, max) per channel along the last axis."""
+        return cls(value, StatKind.MINMAX_PER_CHANNEL, axis=-1)
+
+    @classmethod
+    def row_sample(cls, value: ir.Value, size: int) -> StatRequest:
+        """Up to `size` sampled rows (vectors along the last axis)."""
+        return cls(value, StatKind.ROW_SAMPLE, axis=-1, size=size)
+
     @property
     def key(self) -> StatKey:
         """Identity used to merge equal requests from different passes."""
@@ -90,11 +100,11 @@ class Statistics:
 
     def minmax(self, value: ir.Value) -> tuple[float, float]:
         """Min and max of `value`."""
-        return self._results[(str(value.name), StatKind.MINMAX, -1, 0)]  # type: ignore[return-value]
+        return self._results[StatRequest(value, StatKind.MINMAX).key]  # type: ignore[return-value]
 
     def histogram(self, value: ir.Value) -> Histogram:
         """Histogram of `value`."""
-        return self._results[(str(value.name), StatKind.HISTOGRAM, -1, 0)]  # type: ignore[return-value]
+        return self._results[StatRequest(value, StatKind.HISTOGRAM).key]  # type: ignore[return-value]
 
     def with_results(self, extra: Mapping[StatKey, object]) -> Statistics:
         """These results plus `extra` (e.g. statistics derived by an earlier step)."""

@@ -149,10 +149,8 @@ def smooth_quant(
     settings = options.smooth_quant
     requests = []
     for group in groups:
-        requests.append(StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1))
-        requests.append(
-            StatRequest(group.activation, StatKind.ROW_SAMPLE, axis=-1, size=settings.sample_rows)
-        )
+        requests.append(StatRequest.channel_minmax(group.activation))
+        requests.append(StatRequest.row_sample(group.activation, settings.sample_rows))
     statistics = calibration.collect(
         model,
         requests,
@@ -165,13 +163,11 @@ def smooth_quant(
     summary: dict[str, dict[str, object]] = {}
     ranges: dict[int, tuple[float, float]] = {}
     for group in tqdm(groups, desc="SmoothQuant alpha search", disable=not progress):
-        extremes = statistics[StatRequest(group.activation, StatKind.MINMAX_PER_CHANNEL, axis=-1)]
+        extremes = statistics[StatRequest.channel_minmax(group.activation)]
         lo, hi = cast(tuple[np.ndarray, np.ndarray], extremes)
         rows = cast(
             np.ndarray,
-            statistics[
-                StatRequest(group.activation, StatKind.ROW_SAMPLE, axis=-1, size=settings.sample_rows)
-            ],
+            statistics[StatRequest.row_sample(group.activation, settings.sample_rows)],
         )
         choice = choose_alpha(
             rows,
@@ -200,7 +196,7 @@ def smooth_quant(
     for group in groups:
         read = group.consumers[0].inputs[0]  # X itself, or the inserted Mul's output
         assert read is not None
-        derived[(str(read.name), StatKind.MINMAX, -1, 0)] = ranges[id(group)]
+        derived[StatRequest(read, StatKind.MINMAX).key] = ranges[id(group)]
     return summary, derived, statistics.batches
 
 

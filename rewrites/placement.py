@@ -96,7 +96,7 @@ class QuantPlan:
             if method is not RangeMethod.MINMAX:
                 requests.append(StatRequest(value, StatKind.HISTOGRAM))
             if method is RangeMethod.SEARCH:
-                requests.append(StatRequest(value, StatKind.ROW_SAMPLE, axis=-1, size=sample_rows))
+                requests.append(StatRequest.row_sample(value, sample_rows))
         return requests
 
     def consumer_weights(self, value: ir.Value) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibration import Statistics, StatKind, StatRequest
+from qcompiler.calibration import Statistics, StatRequest
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, quantize, symmetric_weight_scales
@@ -106,9 +106,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 candidates = candidate_ranges(
                     observed, histogram, self.activation_type, symmetric=options.symmetric
                 )
-                rows = self.statistics.get(
-                    StatRequest(value, StatKind.ROW_SAMPLE, axis=-1, size=options.sample_rows)
-                )
+                rows = self.statistics.get(StatRequest.row_sample(value, options.sample_rows))
                 chosen, (lo, hi), _ = search_range(
                     candidates,
                     histogram,
