@@ -81,6 +81,7 @@ def compile(  # noqa: A001 - the public name the design promises
         report.warnings.append("calibrated on synthetic random inputs: accuracy is not representative")
 
     _refuse_quantized(working)
+    _require_opset(working, resolved)
     specs = input_specs(working)
     with report.timed("validate_data"):
         peek_check(data, specs, "calibration data")
@@ -223,6 +224,17 @@ def _refuse_quantized(model: ir.Model) -> None:
             raise UnsupportedModelError(
                 f"{source}: already quantized (node {node.name!r} is {node.op_type}); pass the float model"
             )
+
+
+def _require_opset(model: ir.Model, target: Target) -> None:
+    """Fail before any work when the model's opset is below what the target's form needs."""
+    opset = model.opset_imports.get("", 0)
+    if opset < target.min_opset:
+        source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+        raise UnsupportedModelError(
+            f"{source}: opset {opset} < {target.min_opset}, the lowest {target.name} can quantize "
+            "(per-channel QuantizeLinear); re-export the model with a newer opset"
+        )
 
 
 def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:

@@ -273,3 +273,13 @@ def test_text_data_lines_or_windows(tmp_path, tokenizer_json, windows):
     report = json.loads((tmp_path / "tok.ort-cpu.report.json").read_text())
     assert ("windows of 3 tokens" in report["data"]["description"]) == windows
     assert report["nodes"]["quantized"] == 1 and report["fusion"]["fused"] == 1
+
+
+def test_old_opset_fails_before_calibration(tmp_path, capsys):
+    """An opset-11 model is refused up front, naming the file and both opsets."""
+    from tests.graphs import model_of
+
+    model = mlp_with_attention_matmul()
+    old = io.save(model_of(model.graph, opset=11), tmp_path / "old.onnx")
+    assert main([str(old), "--target", "ort-cpu", "--synthetic", "-q"]) == 2
+    assert "old.onnx: opset 11 < 13" in capsys.readouterr().err
