@@ -19,7 +19,10 @@ import onnx_ir as ir
 from qcompiler.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
 
 SOURCE_PATH_KEY = "qcompiler.source_path"
-"""`ir.Model.meta` key holding the file a model was loaded from (used to refuse overwriting it)."""
+"""`ir.Model.meta` key holding the file a model was loaded from (used to refuse overwriting it).
+
+`compile` carries it over to the compiled model, so saving a result onto its input is refused
+for API users as well as for the CLI."""
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Initializer bytes above which `save` writes external data by itself (protobuf's limit is 2 GB)."""

@@ -244,4 +244,3 @@ def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:
     model.metadata_props["qcompiler.preset"] = options.preset.value
     model.metadata_props["qcompiler.activation_range"] = options.activations.range_method.value  # type: ignore[union-attr]
     model.metadata_props["qcompiler.smooth_quant"] = str(bool(options.smooth_quant.enabled)).lower()
-    model.meta.pop(io.SOURCE_PATH_KEY, None)

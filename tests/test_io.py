@@ -83,3 +83,17 @@ def test_atomic_write_text(tmp_path):
     """Reports are written whole through a rename."""
     target = io.atomic_write_text(tmp_path / "r.json", "{}\n")
     assert target.read_text() == "{}\n" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_compiled_model_cannot_be_saved_over_its_input(tmp_path):
+    """The API's result remembers its source: qcompiler.save onto the input file is refused."""
+    import qcompiler
+    from tests.graphs import random_feeds
+
+    path = io.save(mlp_with_attention_matmul(), tmp_path / "m.onnx")
+    before = path.read_bytes()
+    result = qcompiler.compile(path, "ort-cpu", data=random_feeds(io.load(path)), progress=False)
+    with pytest.raises(ModelSaveError, match="refusing to overwrite the input model's file"):
+        io.save(result.model, path)
+    assert path.read_bytes() == before
+    assert io.save(result.model, tmp_path / "out.onnx").exists()
