@@ -45,12 +45,6 @@ class BlockQuantized:
             return (self.codes.astype(np.int16) + 8).astype(np.uint8)
         return self.codes
 
-    def unsigned_zero_points(self) -> np.ndarray:
-        """Zero points on the unsigned code scale (8 for symmetric)."""
-        if self.zero_points is None:
-            return np.full(self.scales.shape, 8, dtype=np.uint8)
-        return self.zero_points
-
 
 def _blocks(array: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
     """[K, N] -> [n_blocks, block_size, N] (zero-padded), and K."""

@@ -65,7 +65,11 @@ class FusionReport:
 
 
 def optimized_graph(model: ir.Model) -> ir.Model:
-    """The graph onnxruntime runs after its EXTENDED-level transformations (QDQ fusions included)."""
+    """The graph onnxruntime runs after its EXTENDED-level transformations (QDQ fusions included).
+
+    For reading structure (op types, names, which inputs are constants): weights written as
+    external data lived in a temporary folder and cannot be read after this returns.
+    """
     with tempfile.TemporaryDirectory(prefix="qcompile-ort-") as folder:
         path = pathlib.Path(folder) / "optimized.onnx"
         options = session_options(level="extended", optimized_path=str(path))
@@ -74,11 +78,7 @@ def optimized_graph(model: ir.Model) -> ir.Model:
                 "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
             )
         create_session(model, options)
-        optimized = ir.load(path)
-        for value in optimized.graph.initializers.values():  # detach from the temporary folder
-            if isinstance(value.const_value, ir.ExternalTensor):
-                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
-        return optimized
+        return ir.load(path)
 
 
 def count_fusion(model: ir.Model, quantized_nodes: Iterable[str]) -> FusionReport:
