@@ -24,16 +24,21 @@ def _two_consumers(graph, activation):
     graph.outputs.extend([q, k])
 
 
-def layer_norm_model():
-    x = float_input("x", [5, C])
-    graph = ir.Graph([x], [], nodes=[], name="ln")
-    h = add(
+def _layer_norm(graph, x):
+    """LayerNormalization 'ln' over the last axis with constant gamma and beta."""
+    return add(
         graph,
         "LayerNormalization",
         [x, _weight(graph, "gamma", (C,), 3), _weight(graph, "beta", (C,), 4)],
         "ln",
         axis=-1,
     )
+
+
+def layer_norm_model():
+    x = float_input("x", [5, C])
+    graph = ir.Graph([x], [], nodes=[], name="ln")
+    h = _layer_norm(graph, x)
     _two_consumers(graph, h)
     return model_of(graph)
 
@@ -74,13 +79,7 @@ def residual_model():
     """LayerNorm output feeds the consumers *and* a residual Add: cannot fold, Mul inserted."""
     x = float_input("x", [5, C])
     graph = ir.Graph([x], [], nodes=[], name="residual")
-    h = add(
-        graph,
-        "LayerNormalization",
-        [x, _weight(graph, "gamma", (C,), 3), _weight(graph, "beta", (C,), 4)],
-        "ln",
-        axis=-1,
-    )
+    h = _layer_norm(graph, x)
     _two_consumers(graph, h)
     graph.outputs.append(add(graph, "Add", [h, x], "residual"))
     return model_of(graph)
@@ -146,13 +145,7 @@ def test_shared_weight_outside_the_group_is_copied():
     """A weight also read by an unsmoothed node keeps its original values for that node."""
     x = float_input("x", [5, C])
     graph = ir.Graph([x], [], nodes=[], name="shared")
-    h = add(
-        graph,
-        "LayerNormalization",
-        [x, _weight(graph, "gamma", (C,), 3), _weight(graph, "beta", (C,), 4)],
-        "ln",
-        axis=-1,
-    )
+    h = _layer_norm(graph, x)
     w = _weight(graph, "w", (C, 8), 1)
     graph.outputs.append(add(graph, "MatMul", [h, w], "smoothed"))
     graph.outputs.append(add(graph, "MatMul", [x, w], "plain"))
