@@ -156,6 +156,31 @@ def read_text_lines(path: str | pathlib.Path, limit: int | None = None) -> list[
     return lines[:limit] if limit else lines
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+"""The model inputs text data can fill, by name."""
+
+
+def _require_text_inputs(specs: Sequence[InputSpec]) -> list[InputSpec]:
+    unknown = [spec.name for spec in specs if spec.name not in TEXT_INPUTS]
+    if unknown:
+        raise DataError(
+            f"--text cannot fill model input(s) {unknown}; text data fills only "
+            f"{list(TEXT_INPUTS)} (use --data with .npz files instead)"
+        )
+    return list(specs)
+
+
+def _token_feed(specs: Sequence[InputSpec], ids: np.ndarray, mask: np.ndarray, type_ids: np.ndarray) -> Feed:
+    """The feed for token batches: each model input by name, in the model's dtype."""
+    columns = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": type_ids,
+        "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
+    }
+    return {spec.name: columns[spec.name].astype(spec.dtype) for spec in specs}
+
+
 class TextSource:
     """Tokenized lines of a text file (or a list of strings), batched and padded per batch.
 
@@ -164,7 +189,6 @@ class TextSource:
     """
 
     synthetic = False
-    KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
     def __init__(
         self,
@@ -178,13 +202,7 @@ class TextSource:
     ) -> None:
         if seq_len < 2 or batch_size < 1:
             raise DataError(f"--seq-len must be >= 2 and --batch-size >= 1 ({seq_len}, {batch_size})")
-        unknown = [spec.name for spec in specs if spec.name not in self.KNOWN_INPUTS]
-        if unknown:
-            raise DataError(
-                f"--text cannot fill model input(s) {unknown}; text data fills only "
-                f"{list(self.KNOWN_INPUTS)} (use --data with .npz files instead)"
-            )
-        self.specs = list(specs)
+        self.specs = _require_text_inputs(specs)
         if isinstance(text, list):
             self.lines = text[:samples] if samples else list(text)
             origin = "a list"
@@ -206,13 +224,7 @@ class TextSource:
             encodings = self.tokenizer.encode_batch(self.lines[start : start + self.batch_size])
             ids = np.array([e.ids for e in encodings])
             mask = np.array([e.attention_mask for e in encodings])
-            columns = {
-                "input_ids": ids,
-                "attention_mask": mask,
-                "token_type_ids": np.array([e.type_ids for e in encodings]),
-                "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
-            }
-            yield {spec.name: columns[spec.name].astype(spec.dtype) for spec in self.specs}
+            yield _token_feed(self.specs, ids, mask, np.array([e.type_ids for e in encodings]))
 
 
 class TokenWindows:
@@ -235,10 +247,7 @@ class TokenWindows:
         windows: int | None = None,
         batch_size: int = 1,
     ) -> None:
-        unknown = [spec.name for spec in specs if spec.name not in TextSource.KNOWN_INPUTS]
-        if unknown:
-            raise DataError(f"--text cannot fill model input(s) {unknown}")
-        self.specs = list(specs)
+        self.specs = _require_text_inputs(specs)
         ids = load_tokenizer(tokenizer).encode("\n\n".join(read_text_lines(text))).ids
         count = len(ids) // seq_len if windows is None else min(windows, len(ids) // seq_len)
         if count == 0:
@@ -253,13 +262,7 @@ class TokenWindows:
     def __iter__(self) -> Iterator[Feed]:
         for start in range(0, len(self.tokens), self.batch_size):
             ids = self.tokens[start : start + self.batch_size]
-            columns = {
-                "input_ids": ids,
-                "attention_mask": np.ones_like(ids),
-                "token_type_ids": np.zeros_like(ids),
-                "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape),
-            }
-            yield {spec.name: columns[spec.name].astype(spec.dtype) for spec in self.specs}
+            yield _token_feed(self.specs, ids, np.ones_like(ids), np.zeros_like(ids))
 
 
 class SyntheticSource:
