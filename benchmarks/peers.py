@@ -67,3 +67,13 @@ def replace_section(path: pathlib.Path, heading: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text)
+
+
+def version_of(name: str) -> str:
+    """Installed version of a distribution, or "not installed"."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from qcompiler.data import input_specs, validated
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
+    GramReducer,
     Histogram,
     HistogramReducer,
     MinMaxPerChannelReducer,
@@ -44,6 +45,8 @@ class StatKind(enum.Enum):
     """(min, max) vectors per channel along `axis` (SmoothQuant: exact ranges after scaling)."""
     ROW_SAMPLE = "row_sample"
     """A uniform sample of up to `size` rows (vectors along `axis`), for layer-output error search."""
+    GRAM = "gram"
+    """XᵀX / rows over rows along the last axis (`Gram`): AWQ, scale estimation, GPTQ."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,11 @@ class StatRequest:
         """Up to `size` sampled rows (vectors along the last axis)."""
         return cls(value, StatKind.ROW_SAMPLE, axis=-1, size=size)
 
+    @classmethod
+    def gram(cls, value: ir.Value) -> StatRequest:
+        """The mean outer product of the rows (vectors along the last axis)."""
+        return cls(value, StatKind.GRAM, axis=-1)
+
     @property
     def key(self) -> StatKey:
         """Identity used to merge equal requests from different passes."""
@@ -85,6 +93,8 @@ def make_reducer(request: StatRequest, histogram_bins: int) -> Reducer:
         return AbsMaxPerChannelReducer(request.axis)
     if request.kind is StatKind.MINMAX_PER_CHANNEL:
         return MinMaxPerChannelReducer(request.axis)
+    if request.kind is StatKind.GRAM:
+        return GramReducer()
     return RowSampleReducer(request.axis, request.size)
 
 

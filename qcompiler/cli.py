@@ -22,11 +22,13 @@ from qcompiler.options import (
     ActivationOptions,
     CalibrationOptions,
     CompileOptions,
+    CompressionOptions,
     IgnoredScope,
     Preset,
     QuantType,
     RangeMethod,
     SmoothQuantOptions,
+    WeightFormat,
     WeightOptions,
     as_tuple,
     parse_enum,
@@ -119,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="one SmoothQuant alpha for every group instead of a per-group search",
     )
     quant.add_argument("--max-batches", type=int, help="stop calibration after this many batches")
+    weights = parser.add_argument_group("weight-only compression (activations stay float)")
+    weights.add_argument(
+        "--weights", metavar="FORMAT", help="compress weights only: int8 | int4 | nf4 | mxfp4 | nvfp4 | fp8"
+    )
+    weights.add_argument(
+        "--group-size", type=int, default=128, help="rows of K per scale, 0 = per channel (default 128)"
+    )
+    weights.add_argument("--symmetric", action="store_true", help="zero point 0 (int4 / int8)")
+    weights.add_argument("--awq", action="store_true", help="AWQ scale search, folded upstream (needs data)")
+    weights.add_argument(
+        "--scale-estimation", action="store_true", help="refit block scales on activations (needs data)"
+    )
+    weights.add_argument("--gptq", action="store_true", help="GPTQ error-feedback rounding (needs data)")
+    weights.add_argument(
+        "--ratio",
+        type=float,
+        default=1.0,
+        help="share of MatMul weights in FORMAT; the most sensitive rest goes INT8 (needs data)",
+    )
+    weights.add_argument(
+        "--all-layers",
+        action="store_true",
+        help="compress the embeddings and last MatMul in FORMAT too (default: INT8, as NNCF)",
+    )
     parser.add_argument(
         "--no-fusion-count", action="store_true", help="skip asking the runtime what it fused"
     )
@@ -151,6 +177,36 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         smooth_quant=SmoothQuantOptions(enabled=args.smooth_quant, alpha=args.smooth_alpha),
         calibration=CalibrationOptions(max_batches=args.max_batches),
         count_fusion=not args.no_fusion_count,
+        compression=compression_from_args(args),
+    )
+
+
+def compression_from_args(args: argparse.Namespace) -> CompressionOptions | None:
+    """Weight-only options when --weights is given; the algorithm flags without it are an error."""
+    if args.weights is None:
+        used = [
+            flag
+            for flag, on in (
+                ("--awq", args.awq),
+                ("--scale-estimation", args.scale_estimation),
+                ("--gptq", args.gptq),
+                ("--symmetric", args.symmetric),
+                ("--all-layers", args.all_layers),
+            )
+            if on
+        ]
+        if used:
+            raise OptionError(f"{used[0]} applies to weight-only compression: add --weights FORMAT")
+        return None
+    return CompressionOptions(
+        format=parse_enum(WeightFormat, args.weights, "--weights"),  # type: ignore[arg-type]
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        awq=args.awq,
+        scale_estimation=args.scale_estimation,
+        gptq=args.gptq,
+        ratio=args.ratio,
+        backup_layers=not args.all_layers,
     )
 
 
@@ -166,8 +222,8 @@ def output_paths(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path]:
     return output, report
 
 
-def data_from_args(args: argparse.Namespace, model):  # -> a data source
-    """The calibration data source the flags ask for (exactly one kind)."""
+def data_from_args(args: argparse.Namespace, model):  # -> a data source or None
+    """The calibration data source the flags ask for (exactly one kind; None for data-free RTN)."""
     from qcompiler.data import NpzFolder, SyntheticSource, TextSource, TokenWindows, input_specs
 
     chosen = [
@@ -175,10 +231,18 @@ def data_from_args(args: argparse.Namespace, model):  # -> a data source
         for flag, on in (("--data", args.data), ("--text", args.text), ("--synthetic", args.synthetic))
         if on
     ]
+    compression = compression_from_args(args)
+    if not chosen and compression is not None and not compression.needs_data:
+        return None
     if len(chosen) != 1:
         raise OptionError(
             "calibration data: pass exactly one of --data DIR, --text FILE --tokenizer PATH, --synthetic"
             + (f" (got {' and '.join(chosen)})" if chosen else "")
+            + (
+                "; data-free weight-only RTN needs none, but --awq/--scale-estimation/--gptq/--ratio do"
+                if compression and not chosen
+                else ""
+            )
         )
     specs = input_specs(model)
     if args.data:

@@ -45,6 +45,32 @@ class QuantType(enum.Enum):
     UINT8 = "uint8"
 
 
+class WeightFormat(enum.Enum):
+    """Weight-only formats (`--weights`)."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+    NF4 = "nf4"
+    MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
+    FP8 = "fp8"
+
+    @property
+    def bits(self) -> int:
+        """Bits per weight code."""
+        return {"int8": 8, "fp8": 8}.get(self.value, 4)
+
+    @property
+    def is_integer(self) -> bool:
+        """INT8 / INT4: integer codes with an optional zero point."""
+        return self in (WeightFormat.INT8, WeightFormat.INT4)
+
+    @property
+    def fixed_block(self) -> int | None:
+        """Block size the format defines (None: the user's group size; 0: per-channel)."""
+        return {"mxfp4": 32, "nvfp4": 16, "fp8": 0}.get(self.value)
+
+
 class NodeLike(Protocol):
     """What ignored-scope matching needs from a node."""
 
@@ -142,6 +168,50 @@ class WeightOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompressionOptions:
+    """Weight-only compression (`--weights`): activations stay float.
+
+    Attributes:
+        format: the low-bit format of the compressed MatMul weights.
+        group_size: rows of K per scale (0 = per output channel); MXFP4 / NVFP4 / FP8 fix their own.
+        symmetric: zero point 0 (INT4 / INT8); the other formats are symmetric by definition.
+        awq: per-channel scale search folded into the producer (AWQ), on calibration statistics.
+        scale_estimation: refit every block's scale against the activation-weighted error.
+        gptq: GPTQ's error-feedback rounding (Hessian from calibration data).
+        ratio: fraction of the compressible MatMul weights (by size) in `format`; the rest, the
+            most sensitive ones, in INT8.
+        backup_layers: keep the embeddings and the last MatMul in INT8 (NNCF's default policy).
+        damping: GPTQ's Hessian damping, relative to the mean diagonal.
+        accuracy_level: MatMulNBits' ``accuracy_level`` for ORT (4: int8 activations in the
+            kernel, fastest; 0: float).
+    """
+
+    format: WeightFormat = WeightFormat.INT4
+    group_size: int = 128
+    symmetric: bool = False
+    awq: bool = False
+    scale_estimation: bool = False
+    gptq: bool = False
+    ratio: float = 1.0
+    backup_layers: bool = True
+    damping: float = 0.01
+    accuracy_level: int = 4
+
+    def __post_init__(self) -> None:
+        if self.group_size < 0:
+            raise OptionError(f"--group-size must be 0 (per-channel) or positive, got {self.group_size}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise OptionError(f"--ratio must be in [0, 1], got {self.ratio}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OptionError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether any chosen algorithm reads calibration statistics."""
+        return self.awq or self.scale_estimation or self.gptq or self.ratio < 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class CalibrationOptions:
     """How much data calibration reads and how finely it records distributions.
 
@@ -173,6 +243,7 @@ class CompileOptions:
         smooth_quant: SmoothQuant settings.
         calibration: calibration settings.
         count_fusion: ask the runtime which quantized nodes it fused (costs one session build).
+        compression: weight-only compression; when set, activations are not quantized.
     """
 
     preset: Preset = Preset.DEFAULT
@@ -183,6 +254,7 @@ class CompileOptions:
     smooth_quant: SmoothQuantOptions = SmoothQuantOptions()
     calibration: CalibrationOptions = CalibrationOptions()
     count_fusion: bool = True
+    compression: CompressionOptions | None = None
 
     def resolved(self) -> CompileOptions:
         """These options with every "preset decides" (None) replaced by the preset's value."""

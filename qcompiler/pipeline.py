@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from types import ModuleType
 from typing import cast
 
 import numpy as np
@@ -21,8 +22,9 @@ from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError, UnsupportedModelError
-from qcompiler.options import CompileOptions, QuantType
+from qcompiler.options import CompileOptions, CompressionOptions, QuantType
 from qcompiler.report import Report, peak_rss_mb, versions
+from qcompiler.rewrites.compression import compress_weights, plan_compression, stat_requests
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
@@ -62,8 +64,12 @@ def compile(  # noqa: A001 - the public name the design promises
     """
     options = (options or CompileOptions()).resolved()
     resolved = get_target(target)
-    if data is None:
-        raise OptionError("calibration data is required: pass data= (CLI: --data, --text or --synthetic)")
+    needs_data = options.compression is None or options.compression.needs_data
+    if data is None and needs_data:
+        raise OptionError(
+            "calibration data is required: pass data= (CLI: --data, --text or --synthetic); "
+            "only weight-only RTN (--weights without --awq/--scale-estimation/--gptq/--ratio) runs without"
+        )
     source = io.load(model)
     working = source.clone()
     working.meta.update(source.meta)
@@ -71,7 +77,7 @@ def compile(  # noqa: A001 - the public name the design promises
     report.size_bytes["before"] = io.initializer_bytes(source)
     if isinstance(data, Iterator):  # later steps read the data again
         data = list(data)
-    if not hasattr(data, "synthetic"):
+    if data is not None and not hasattr(data, "synthetic"):
         data = FeedIterable(data)
     report.data = {
         "description": getattr(data, "description", ""),
@@ -82,12 +88,36 @@ def compile(  # noqa: A001 - the public name the design promises
 
     _refuse_quantized(working)
     _require_opset(working, resolved)
-    specs = input_specs(working)
-    with report.timed("validate_data"):
-        peek_check(data, specs, "calibration data")
+    if data is not None:
+        specs = input_specs(working)
+        with report.timed("validate_data"):
+            peek_check(data, specs, "calibration data")
 
     with report.timed("normalize"):
         NormalizePass()(working)
+    backend = backend_for(resolved.backend)
+    if options.compression is not None:
+        _compress_weights(working, data, options, options.compression, backend, report, progress=progress)
+    else:
+        assert data is not None
+        _quantize_static(working, data, options, resolved, backend, report, progress=progress)
+    _stamp(working, resolved, options)
+    report.size_bytes["after"] = io.initializer_bytes(working)
+    report.peak_rss_mb = round(peak_rss_mb(), 1)
+    return CompileResult(working, report)
+
+
+def _quantize_static(
+    working: ir.Model,
+    data: DataArg,
+    options: CompileOptions,
+    resolved: Target,
+    backend: ModuleType,
+    report: Report,
+    *,
+    progress: bool,
+) -> None:
+    """W8A8: SmoothQuant -> plan -> calibrate -> insert QDQ -> lower -> check (in place)."""
     activation_type = options.activations.dtype or resolved.activation_type
     known: dict[StatKey, object] = {}
     batches = 0
@@ -115,7 +145,6 @@ def compile(  # noqa: A001 - the public name the design promises
     insert = InsertQDQPass(plan, statistics, options.activations, activation_type, resolved.weight_type)
     with report.timed("quantize"):
         insert(working)
-    backend = backend_for(resolved.backend)
     with report.timed("lower"):
         backend.lower(working)
         backend.check(working)
@@ -131,10 +160,50 @@ def compile(  # noqa: A001 - the public name the design promises
     if options.count_fusion and quantized_names:
         with report.timed("count_fusion"):
             report.fusion = backend.count_fusion(working, quantized_names).to_dict()
-    _stamp(working, resolved, options)
-    report.size_bytes["after"] = io.initializer_bytes(working)
-    report.peak_rss_mb = round(peak_rss_mb(), 1)
-    return CompileResult(working, report)
+
+
+def _compress_weights(
+    working: ir.Model,
+    data: DataArg | None,
+    options: CompileOptions,
+    compression: CompressionOptions,
+    backend: ModuleType,
+    report: Report,
+    *,
+    progress: bool,
+) -> None:
+    """Weight-only compression in place.
+
+    plan -> Gram statistics (if an algorithm needs data) -> AWQ / scale estimation / GPTQ / RTN
+    -> canonical DQ form -> packed kernels -> check.
+    """
+    units, skipped = plan_compression(working, compression, options.ignored)
+    requests = stat_requests(units, compression)
+    statistics = None
+    if requests:
+        with report.timed("calibrate"):
+            statistics = calibration.collect(
+                working,
+                requests,
+                data,  # type: ignore[arg-type]
+                max_batches=options.calibration.max_batches,
+                progress=progress,
+                description="calibrating (weight compression)",
+            )
+        report.data["batches"] = statistics.batches
+    with report.timed("compress"):
+        report.compression = compress_weights(
+            working, units, statistics, compression, options.ignored, progress=progress
+        )
+    del statistics
+    with report.timed("lower"):
+        report.compression["kernels"] = backend.lower_weights(working, compression.accuracy_level)
+        backend.check(working)
+    report.nodes = {
+        "compressed": len(units),
+        "by_op_type": dict(collections.Counter(unit.node.op_type for unit in units)),
+        "skipped": skipped,
+    }
 
 
 def smooth_quant(
@@ -241,6 +310,13 @@ def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:
     """Record provenance in the model's metadata (visible in Netron's model properties)."""
     model.metadata_props["qcompiler.version"] = versions()["qcompiler"]
     model.metadata_props["qcompiler.target"] = target.name
+    if options.compression is not None:
+        compression = options.compression
+        algorithms = [name for name in ("awq", "scale_estimation", "gptq") if getattr(compression, name)]
+        model.metadata_props["qcompiler.weights"] = compression.format.value
+        model.metadata_props["qcompiler.weight_group_size"] = str(compression.group_size)
+        model.metadata_props["qcompiler.weight_algorithms"] = "+".join(algorithms) or "rtn"
+        return
     model.metadata_props["qcompiler.preset"] = options.preset.value
     model.metadata_props["qcompiler.activation_range"] = options.activations.range_method.value  # type: ignore[union-attr]
     model.metadata_props["qcompiler.smooth_quant"] = str(bool(options.smooth_quant.enabled)).lower()

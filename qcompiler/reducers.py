@@ -184,3 +184,63 @@ class RowSampleReducer:
         if self.rows is None:
             raise DataError("row sample requested but no data was seen")
         return self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Gram:
+    """Mean outer product of the rows of X: H = XᵀX / rows, [C, C], over `rows` rows.
+
+    H is the Hessian of a linear layer's mean squared output error, up to a factor of 2.
+    """
+
+    matrix: np.ndarray
+    rows: int
+
+    @property
+    def channel_rms(self) -> np.ndarray:
+        """sqrt(mean x_c²) per channel: AWQ's activation importance."""
+        return np.sqrt(np.maximum(np.diag(self.matrix), 0.0))
+
+
+class GramReducer:
+    """Running XᵀX over rows (vectors along the last axis).
+
+    Rows are buffered until there are as many as channels (at least `min_flush_rows`), so the
+    C x C accumulator is touched once per C rows rather than once per (possibly tiny) batch,
+    and the buffer never outgrows the accumulator. Products are float32 (BLAS), summed in float32.
+    """
+
+    def __init__(self, min_flush_rows: int = 256) -> None:
+        self.total: np.ndarray | None = None
+        self.rows = 0
+        self.min_flush_rows = min_flush_rows
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch; rows with a NaN or infinity are refused with the tensor's shape."""
+        rows = np.asarray(array, np.float32).reshape(-1, array.shape[-1])
+        if not np.isfinite(rows).all():
+            raise DataError(f"non-finite values in a calibration tensor of shape {array.shape}")
+        self._pending.append(rows)
+        self._pending_rows += rows.shape[0]
+        if self._pending_rows >= max(self.min_flush_rows, rows.shape[1]):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        if self.total is None:
+            self.total = rows.T @ rows
+        else:
+            self.total += rows.T @ rows
+        self.rows += rows.shape[0]
+        self._pending, self._pending_rows = [], 0
+
+    def result(self) -> Gram:
+        """The mean outer product (float32)."""
+        self._flush()
+        if self.total is None:
+            raise DataError("no calibration rows reached a tensor whose Gram matrix was requested")
+        return Gram((self.total / self.rows).astype(np.float32), self.rows)

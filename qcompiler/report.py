@@ -5,12 +5,14 @@ Written as JSON next to the output model, and summarised as a short table on the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
 import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 VERSIONED = ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
 
@@ -57,6 +59,7 @@ class Report:
     size_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     activation_quantizers: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
     smooth_quant: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    compression: dict[str, object] = dataclasses.field(default_factory=dict)
     peak_rss_mb: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -79,6 +82,19 @@ class Report:
     def to_json(self) -> str:
         """The report as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def _compression_rows(self) -> list[tuple[str, str]]:
+        layers = cast(dict[str, dict[str, object]], self.compression.get("layers", {}))
+        formats = collections.Counter(str(entry["how"]).split(";")[0] for entry in layers.values())
+        rows = [("compressed weights", f"{len(layers)} {dict(formats)}")]
+        awq = cast(dict[str, dict[str, object]], self.compression.get("awq", {}))
+        if awq:
+            folded = sum(str(group.get("applied", "")).startswith("folded") for group in awq.values())
+            rows.append(("AWQ", f"{folded} of {len(awq)} input groups scaled"))
+        kernels = cast(dict[str, str], self.compression.get("kernels", {}))
+        if kernels:
+            rows.append(("runtime kernels", str(dict(collections.Counter(kernels.values())))))
+        return rows
 
     def summary(self) -> str:
         """A short table for the terminal."""
@@ -104,6 +120,8 @@ class Report:
             for quantizer in self.activation_quantizers.values():
                 methods[str(quantizer["method"])] = methods.get(str(quantizer["method"]), 0) + 1
             rows.append(("activation ranges", str(methods)))
+        if self.compression:
+            rows.extend(self._compression_rows())
         if self.fusion is not None:
             rows.append(
                 (

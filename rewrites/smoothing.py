@@ -67,28 +67,41 @@ def find_groups(model: ir.Model, ignored: IgnoredScope | None = None) -> list[Sm
 class ApplySmoothingPass(ir.passes.InPlacePass):
     """Apply per-group scales: weights x s, activation / s (folded upstream, or a Mul)."""
 
-    def __init__(self, decisions: list[tuple[SmoothGroup, np.ndarray, str]]) -> None:
-        """`decisions`: (group, scales, label recorded in metadata, e.g. "alpha=0.5")."""
+    def __init__(
+        self, decisions: list[tuple[SmoothGroup, np.ndarray, str]], *, insert_mul: bool = True
+    ) -> None:
+        """`decisions`: (group, scales, label recorded in metadata, e.g. "alpha=0.5").
+
+        `insert_mul` False leaves a group alone when its producer cannot absorb 1/s (AWQ: a
+        runtime Mul would cost more than the scaling gains).
+        """
         super().__init__()
         self.decisions = decisions
+        self.insert_mul = insert_mul
         self.outcomes: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Apply every decision; `outcomes` maps activation name -> how 1/s was applied."""
+        modified = False
         for group, scales, label in self.decisions:
+            name = str(group.activation.name)
+            refusal = _try_fold_into_producer(model.graph, group, scales)
+            if refusal is not None and not self.insert_mul:
+                self.outcomes[name] = f"not applied ({refusal})"
+                continue
             for consumer in group.consumers:
                 _scale_weight_rows(model.graph, consumer, scales)
-            refusal = _try_fold_into_producer(model.graph, group, scales)
-            how = "folded into producer" if refusal is None else f"Mul inserted ({refusal})"
-            if refusal is not None:
-                _insert_mul(model.graph, group, scales)
             if refusal is None:
                 producer = group.activation.producer()
                 how = f"folded into {producer.op_type} '{producer.name}'"  # type: ignore[union-attr]
-            self.outcomes[str(group.activation.name)] = how
+            else:
+                _insert_mul(model.graph, group, scales)
+                how = f"Mul inserted ({refusal})"
+            self.outcomes[name] = how
+            modified = True
             for consumer in group.consumers:
                 consumer.metadata_props[SMOOTHQUANT_KEY] = f"{label}; 1/s {how}"
-        return ir.passes.PassResult(model, modified=bool(self.decisions))
+        return ir.passes.PassResult(model, modified=modified)
 
 
 def _own_constant(graph: ir.Graph, value: ir.Value, reader: ir.Node, array: np.ndarray) -> None:

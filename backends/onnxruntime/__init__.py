@@ -3,6 +3,15 @@
 from qcompiler.backends.onnxruntime.fusion import FusionReport, count_fusion
 from qcompiler.backends.onnxruntime.legality import check
 from qcompiler.backends.onnxruntime.lower import lower
+from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.backends.onnxruntime.session import create_session, session_options
 
-__all__ = ["FusionReport", "check", "count_fusion", "create_session", "lower", "session_options"]
+__all__ = [
+    "FusionReport",
+    "check",
+    "count_fusion",
+    "create_session",
+    "lower",
+    "lower_weights",
+    "session_options",
+]

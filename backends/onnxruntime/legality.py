@@ -60,11 +60,26 @@ def _opset(model: ir.Model) -> list[str]:
     return [] if opset >= 13 else [f"model: opset {opset} < 13 cannot express per-channel QDQ"]
 
 
+def _node_versions(model: ir.Model) -> list[str]:
+    opset = model.opset_imports.get("", 0)
+    problems = []
+    for node in model.graph:
+        if node.domain in ("", "ai.onnx") and node.version is not None and node.version > opset:
+            problems.append(
+                f"{node.name}: {node.op_type} needs opset {node.version} (model has {opset}); "
+                "onnxruntime has no kernel this form lowers to"
+            )
+        elif node.domain not in ("", "ai.onnx", "com.microsoft"):
+            problems.append(f"{node.name}: {node.domain}.{node.op_type} has no onnxruntime kernel")
+    return problems
+
+
 RULES: dict[str, Callable[[ir.Model], list[str]]] = {
     "dq-single-consumer": _dq_single_consumer,
     "quantize-types": _quantize_types,
     "constant-weight-types": _constant_weight_zero_points,
     "opset": _opset,
+    "node-versions": _node_versions,
 }
 
 

@@ -1,0 +1,186 @@
+"""Lowering compressed weights to onnxruntime's packed contrib kernels.
+
+The canonical form (rewrites/compression.py) is codes -> DequantizeLinear -> MatMul / Gather.
+onnxruntime runs blocked int4 DQ only at opset 21, and a DQ left beside its MatMul dequantizes
+the whole weight on every run, so each pattern becomes one kernel on packed weights:
+
+- INT4 / INT8 DQ -> MatMul: ``com.microsoft.MatMulNBits`` (bits 4 or 8, `accuracy_level` from
+  the options and recorded on the node);
+- NF4 (``qcompiler.DequantizeNF4``) -> MatMul: ``com.microsoft.MatMulBnb4`` (quant_type 1);
+- INT4 / INT8 DQ -> Gather (embeddings): ``com.microsoft.GatherBlockQuantized``.
+
+The model's opset is untouched (none of these needs opset 21). Anything else keeps its DQ; the
+legality checker names what onnxruntime cannot run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.backends.onnxruntime.packing import _pack_nibbles, pack_matmul_bnb4, pack_matmul_nbits
+from qcompiler.irutil import add_initializer, drop_if_unused
+from qcompiler.options import WeightFormat
+from qcompiler.rewrites.compression import COMPRESSION_KEY, NF4_DOMAIN
+from qcompiler.weight_formats import CompressedWeight
+
+MS_DOMAIN = "com.microsoft"
+_FORMATS = {
+    ir.DataType.INT4: WeightFormat.INT4,
+    ir.DataType.UINT4: WeightFormat.INT4,
+    ir.DataType.INT8: WeightFormat.INT8,
+    ir.DataType.UINT8: WeightFormat.INT8,
+}
+
+
+def _is_weight_dq(node: ir.Node) -> bool:
+    nf4 = node.domain == NF4_DOMAIN and node.op_type == "DequantizeNF4"
+    dq = node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear"
+    codes = node.inputs[0] if node.inputs else None
+    return (
+        (nf4 or dq)
+        and codes is not None
+        and codes.const_value is not None
+        and len(node.outputs[0].uses()) == 1
+    )
+
+
+def read_compressed(dq: ir.Node, *, transposed: bool) -> CompressedWeight | None:
+    """The CompressedWeight [K, N] behind a canonical DQ, or None if its format is not lowered here.
+
+    `transposed`: the DQ holds an embedding table [V, H] whose blocks run along H.
+    """
+    codes_value = dq.inputs[0]
+    assert codes_value is not None and codes_value.const_value is not None
+    nf4 = dq.op_type == "DequantizeNF4"
+    fmt = WeightFormat.NF4 if nf4 else _FORMATS.get(codes_value.dtype)  # type: ignore[arg-type]
+    if fmt is None:
+        return None
+    codes = codes_value.const_value.numpy()
+    signed = codes_value.dtype in (ir.DataType.INT4, ir.DataType.INT8)
+    codes = codes.astype(np.int8 if signed else np.uint8)
+    scales = dq.inputs[1].const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+    zero_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    zeros = None if zero_value is None else zero_value.const_value.numpy().astype(np.uint8)  # type: ignore[union-attr]
+    block_size = dq.attributes.get_int("block_size", 0)
+    if transposed:
+        codes = codes.T
+        scales = scales.T if scales.ndim == 2 else scales[None, :]
+        zeros = None if zeros is None else (zeros.T if zeros.ndim == 2 else zeros[None, :])
+    elif scales.ndim == 1:
+        scales = scales[None, :]
+        zeros = None if zeros is None else zeros[None, :]
+    rows = codes.shape[0]
+    return CompressedWeight(
+        fmt, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, block_size or rows
+    )
+
+
+class LowerCompressedWeightsPass(ir.passes.InPlacePass):
+    """Replace canonical compressed-weight patterns with onnxruntime's packed kernels."""
+
+    def __init__(self, accuracy_level: int = 4) -> None:
+        super().__init__()
+        self.accuracy_level = accuracy_level
+        self.lowered: dict[str, str] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Lower every pattern found; `lowered` maps consumer name -> kernel."""
+        for dq in list(model.graph):
+            if not _is_weight_dq(dq):
+                continue
+            use = next(iter(dq.outputs[0].uses()))
+            consumer = use.node
+            if consumer.op_type == "MatMul" and use.idx == 1:
+                self._lower_matmul(model, dq, consumer)
+            elif (
+                consumer.op_type == "Gather" and use.idx == 0 and consumer.attributes.get_int("axis", 0) == 0
+            ):
+                self._lower_gather(model, dq, consumer)
+        if self.lowered:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=bool(self.lowered))
+
+    def _replace(self, model: ir.Model, dq: ir.Node, consumer: ir.Node, kernel: ir.Node) -> None:
+        graph = model.graph
+        kernel.metadata_props.update(dq.metadata_props)
+        kernel.metadata_props.update(
+            {key: value for key, value in consumer.metadata_props.items() if key != COMPRESSION_KEY}
+        )
+        output = consumer.outputs[0]
+        graph.insert_before(consumer, kernel)
+        kernel.outputs[0].name, output.name = str(output.name), f"{output.name}_replaced"
+        kernel.outputs[0].type, kernel.outputs[0].shape = output.type, output.shape
+        output.replace_all_uses_with(kernel.outputs[0], replace_graph_outputs=True)
+        graph.remove([consumer, dq], safe=True)
+        for value in dq.inputs:
+            if value is not None:
+                drop_if_unused(graph, value)
+        self.lowered[str(consumer.name)] = kernel.op_type
+
+    def _lower_matmul(self, model: ir.Model, dq: ir.Node, matmul: ir.Node) -> None:
+        weight = read_compressed(dq, transposed=False)
+        if weight is None:
+            return
+        graph, base = model.graph, str(matmul.name)
+        if weight.format is WeightFormat.NF4:
+            bnb = pack_matmul_bnb4(weight)
+            inputs = [
+                matmul.inputs[0],
+                add_initializer(graph, f"{base}_nf4", bnb.packed),
+                add_initializer(graph, f"{base}_absmax", bnb.absmax),
+            ]
+            attributes = {"K": bnb.K, "N": bnb.N, "block_size": bnb.block_size, "quant_type": 1}
+            kernel = ir.node("MatMulBnb4", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_Bnb4")
+        else:
+            packed = pack_matmul_nbits(weight)
+            inputs = [
+                matmul.inputs[0],
+                add_initializer(graph, f"{base}_packed", packed.packed),
+                add_initializer(graph, f"{base}_scales", packed.scales),
+            ]
+            if packed.zero_points is not None:
+                inputs.append(add_initializer(graph, f"{base}_zero_points", packed.zero_points))
+            attributes = {
+                "K": packed.K,
+                "N": packed.N,
+                "bits": packed.bits,
+                "block_size": packed.block_size,
+                "accuracy_level": self.accuracy_level,
+            }
+            kernel = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_NBits")
+        self._replace(model, dq, matmul, kernel)
+
+    def _lower_gather(self, model: ir.Model, dq: ir.Node, gather: ir.Node) -> None:
+        weight = read_compressed(dq, transposed=True)
+        block = weight.block_size if weight is not None else 0
+        if weight is None or weight.format is WeightFormat.NF4 or block < 16 or block & (block - 1):
+            return  # GatherBlockQuantized needs power-of-two blocks >= 16 along the row
+        bits = weight.format.bits
+        codes = weight.codes.T  # [V, H]
+        if weight.symmetric:  # stored unsigned, offset by the kernel's default zero point
+            codes = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+        data = _pack_nibbles(codes) if bits == 4 else np.ascontiguousarray(codes, np.uint8)
+        graph, base = model.graph, str(gather.name)
+        inputs = [
+            add_initializer(graph, f"{base}_data", data),
+            gather.inputs[1],
+            add_initializer(graph, f"{base}_scales", np.ascontiguousarray(weight.scales.T)),
+        ]
+        if weight.zero_points is not None:
+            zeros = np.ascontiguousarray(weight.zero_points.T)
+            inputs.append(
+                add_initializer(graph, f"{base}_zero_points", _pack_nibbles(zeros) if bits == 4 else zeros)
+            )
+        attributes = {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
+        kernel = ir.node(
+            "GatherBlockQuantized", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_BlockQuantized"
+        )
+        self._replace(model, dq, gather, kernel)
+
+
+def lower_weights(model: ir.Model, accuracy_level: int = 4) -> dict[str, str]:
+    """Lower every compressed weight in place; returns consumer name -> kernel op type."""
+    lowering = LowerCompressedWeightsPass(accuracy_level)
+    lowering(model)
+    return lowering.lowered

@@ -1,0 +1,103 @@
+"""onnxruntime's packed weight layouts: ``com.microsoft.MatMulNBits`` and ``MatMulBnb4``.
+
+MatMulNBits (INT4 / INT8, blocks along K):
+- B: uint8 [N, n_blocks, block_size * bits / 8], codes along K, low bits first;
+- scales: [N * n_blocks], float;
+- zero_points: uint8 [N * ceil(n_blocks * bits / 8)], packed the same way per column (absent
+  means 2^(bits-1): symmetric codes are stored offset by it).
+`block_size` must be a power of two >= 16; a K that does not divide gets a zero-padded last
+block, and a per-channel weight one block of the next power of two.
+
+MatMulBnb4 (NF4): B transposed to [N, K], flattened, two codes per byte; absmax [N * K / block].
+
+Tests check both against the runtime's kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from qcompiler.errors import UnsupportedModelError
+from qcompiler.weight_formats import CompressedWeight, WeightFormat, to_blocks
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Pack uint8 values 0..15 along the last axis, two per byte, first value in the low nibble."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), dtype=codes.dtype)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def nbits_block_size(weight: CompressedWeight) -> int:
+    """MatMulNBits' block size for `weight`: its own, or one power-of-two block if per-channel."""
+    rows = weight.shape[0]
+    size = weight.block_size
+    if size >= rows:  # per-channel: one block, padded
+        return max(16, 1 << (rows - 1).bit_length())
+    if size < 16 or size & (size - 1):
+        raise UnsupportedModelError(
+            f"MatMulNBits needs a power-of-two block size >= 16, got group size {size}"
+        )
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulNBitsWeights:
+    """The constant inputs and attributes of one ``com.microsoft.MatMulNBits`` node."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    K: int  # noqa: N815 - the attribute's name
+    N: int  # noqa: N815
+    block_size: int
+    bits: int
+
+
+def pack_matmul_nbits(weight: CompressedWeight) -> MatMulNBitsWeights:
+    """MatMulNBits' layout of an INT4 / INT8 weight [K, N] (zero points omitted if symmetric)."""
+    if not weight.format.is_integer:
+        raise ValueError(f"MatMulNBits holds integer weights, not {weight.format.value}")
+    bits = weight.format.bits
+    rows, columns = weight.shape
+    block_size = nbits_block_size(weight)
+    codes = weight.codes
+    if weight.symmetric:
+        codes = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    blocks = np.transpose(to_blocks(codes, block_size), (2, 0, 1))  # [N, n_blocks, B]
+    packed = _pack_nibbles(blocks) if bits == 4 else np.ascontiguousarray(blocks, dtype=np.uint8)
+    scales = np.ascontiguousarray(weight.scales.T).reshape(-1)
+    zero_points = None
+    if weight.zero_points is not None:
+        zero_columns = np.ascontiguousarray(weight.zero_points.T)
+        zero_points = (_pack_nibbles(zero_columns) if bits == 4 else zero_columns).reshape(-1)
+    return MatMulNBitsWeights(packed, scales, zero_points, rows, columns, block_size, bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulBnb4Weights:
+    """The constant inputs and attributes of one ``com.microsoft.MatMulBnb4`` node (NF4)."""
+
+    packed: np.ndarray
+    absmax: np.ndarray
+    K: int  # noqa: N815
+    N: int  # noqa: N815
+    block_size: int
+
+
+def pack_matmul_bnb4(weight: CompressedWeight) -> MatMulBnb4Weights:
+    """MatMulBnb4's layout of an NF4 weight whose blocks tile K exactly (power of two >= 16)."""
+    rows, columns = weight.shape
+    size = weight.block_size
+    if weight.format is not WeightFormat.NF4:
+        raise ValueError(f"MatMulBnb4 holds NF4 weights here, not {weight.format.value}")
+    if rows % size or size < 16 or size & (size - 1):
+        raise UnsupportedModelError(
+            f"MatMulBnb4 needs a power-of-two block size >= 16 dividing K={rows}, got {size}"
+        )
+    flat = np.ascontiguousarray(weight.codes.T).reshape(-1)
+    packed = ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)
+    absmax = np.ascontiguousarray(weight.scales.T).reshape(-1)
+    return MatMulBnb4Weights(packed, absmax, rows, columns, size)

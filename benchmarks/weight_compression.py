@@ -1,0 +1,325 @@
+"""Weight-only INT4 on SmolLM2-135M and MiniLM: qcompiler's ablation beside NNCF compress_weights
+and onnxruntime's MatMulNBitsQuantizer, in one run.
+
+Every tool gets the same calibration feeds and is measured the same way in this process:
+SmolLM2 perplexity on non-overlapping 512-token windows of the python-docs test split, MiniLM
+sentence-embedding cosine vs FP32 on 600 test paragraphs. Each tool compiles in its own
+subprocess (wall time, peak RSS from VmHWM). NNCF runs on its OpenVINO backend and is measured
+in OpenVINO CPU (f32 inference); everything else in onnxruntime CPU, 2 threads.
+
+    python benchmarks/weight_compression.py smollm2 [--tools ...] [--windows 32]
+    python benchmarks/weight_compression.py minilm [--tools ...]
+
+Writes ``results/weight_compression_<model>.json`` and a table in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import peers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.txt"
+
+# name -> (description, qcompiler algorithm flags or None for a peer)
+QCOMPILER_TOOLS = {
+    "qc-rtn": (),
+    "qc-awq": ("awq",),
+    "qc-se": ("scale_estimation",),
+    "qc-gptq": ("gptq",),
+    "qc-awq-se": ("awq", "scale_estimation"),
+    "qc-se-gptq": ("scale_estimation", "gptq"),
+    "qc-awq-se-gptq": ("awq", "scale_estimation", "gptq"),
+}
+PEERS = {
+    "nncf-rtn": "NNCF compress_weights (OpenVINO), data-free",
+    "nncf-awq-se": "NNCF compress_weights (OpenVINO), awq=True, scale_estimation=True",
+    "nncf-se": "NNCF compress_weights (OpenVINO), scale_estimation=True",
+    "nncf-gptq": "NNCF compress_weights (OpenVINO), gptq=True",
+    "ort-rtn": "onnxruntime MatMulNBitsQuantizer, RTN",
+    "ort-hqq": "onnxruntime MatMulNBitsQuantizer, HQQ",
+}
+MODELS = {
+    # model: (format, symmetric, group size, default tools)
+    "smollm2": (
+        "int4",
+        True,
+        64,
+        "qc-rtn,qc-awq,qc-se,qc-gptq,qc-awq-se,qc-awq-se-gptq,nncf-awq-se,ort-rtn",
+    ),
+    "minilm": (
+        "int4",
+        False,
+        128,
+        "qc-rtn,qc-se,qc-gptq,qc-se-gptq,nncf-rtn,nncf-se,nncf-gptq,ort-rtn,ort-hqq",
+    ),
+}
+
+
+def describe(tool: str, model: str) -> str:
+    """One line saying what `tool` ran."""
+    fmt, symmetric, group = MODELS[model][:3]
+    mode = f"{fmt} {'sym' if symmetric else 'asym'} group {group}"
+    if tool in QCOMPILER_TOOLS:
+        algorithms = "+".join(QCOMPILER_TOOLS[tool]) or "rtn"
+        return f"qcompiler --weights {mode}, {algorithms}; embeddings and last MatMul INT8 (NNCF's policy)"
+    return f"{PEERS[tool]}, {mode}" + ("; embeddings and last layer INT8 (default)" if "nncf" in tool else "")
+
+
+def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output: pathlib.Path) -> None:
+    """Run one tool; writes `output` (.onnx, or .xml for NNCF)."""
+    fmt, symmetric, group = MODELS[model_name][:3]
+    if tool in QCOMPILER_TOOLS:
+        import qcompiler
+
+        flags = {name: True for name in QCOMPILER_TOOLS[tool]}
+        compression = qcompiler.CompressionOptions(
+            format=qcompiler.WeightFormat(fmt), group_size=group, symmetric=symmetric, **flags
+        )
+        result = qcompiler.compile(
+            model, "ort-cpu", qcompiler.CompileOptions(compression=compression), data=feeds, progress=False
+        )
+        qcompiler.save(result.model, output)
+    elif tool.startswith("nncf"):
+        import nncf
+        import openvino as ov
+
+        mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
+        data_aware = tool != "nncf-rtn"
+        compressed = nncf.compress_weights(
+            ov.convert_model(str(model)),
+            mode=mode,
+            group_size=group,
+            ratio=1.0,
+            dataset=nncf.Dataset(feeds) if data_aware else None,
+            subset_size=len(feeds),
+            awq="awq" in tool,
+            scale_estimation="se" in tool,
+            gptq="gptq" in tool,
+        )
+        ov.save_model(compressed, str(output), compress_to_fp16=False)
+    elif tool.startswith("ort"):
+        import onnx
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        config = (
+            nbits.HQQWeightOnlyQuantConfig(block_size=group, bits=4)
+            if tool == "ort-hqq"
+            else nbits.DefaultWeightOnlyQuantConfig(
+                block_size=group, is_symmetric=symmetric, accuracy_level=4
+            )
+        )
+        quantizer = nbits.MatMulNBitsQuantizer(
+            onnx.load(model), block_size=group, is_symmetric=symmetric, accuracy_level=4, algo_config=config
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
+    else:
+        raise SystemExit(f"unknown tool {tool}")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Child process: compile, print wall time and own peak RSS."""
+    from qcompiler.report import peak_rss_mb
+
+    feeds = peers.load_feeds(args.calibration)
+    start = time.perf_counter()
+    compile_with(args.worker, args.model_name, args.model, feeds, args.output)
+    print(
+        json.dumps({"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    )
+
+
+class Evaluator:
+    """The model's metric on the same held-out data for every artifact."""
+
+    def __init__(self, model_name: str, windows: int) -> None:
+        import qcompiler
+        from qcompiler.data import TextSource, TokenWindows, input_specs
+        from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, minilm, smollm2
+
+        self.model_name = model_name
+        module = smollm2 if model_name == "smollm2" else minilm
+        self.model_path = module.build()
+        tokenizer = module.tokenizer_path()
+        specs = input_specs(qcompiler.load(self.model_path))
+        if model_name == "smollm2":
+            test_text = SHARED_TEST_SPLIT if SHARED_TEST_SPLIT.exists() else EVALUATION_TEXT
+            self.evaluation = list(TokenWindows(test_text, tokenizer, specs, seq_len=512, windows=windows))
+            self.calibration = TokenWindows(CALIBRATION_TEXT, tokenizer, specs, seq_len=512, windows=28)
+            self.description = (
+                f"perplexity on {len(self.evaluation)} windows of 512 tokens of {test_text.name}"
+            )
+            self.calibration_description = "28 windows of 512 tokens, python-docs train slice"
+        else:
+            self.evaluation = list(TextSource(EVALUATION_TEXT, tokenizer, specs, samples=600, batch_size=16))
+            self.calibration = TextSource(CALIBRATION_TEXT, tokenizer, specs, samples=300, batch_size=1)
+            self.description = (
+                "sentence-embedding cosine vs FP32 on 600 paragraphs of the python-docs test slice"
+            )
+            self.calibration_description = "300 paragraphs, python-docs train slice, one per feed"
+            self.reference = self._embeddings(self.model_path)
+
+    def _run(self, path: pathlib.Path):
+        """A function feed -> first output, in the artifact's runtime."""
+        if path.suffix == ".xml":
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(
+                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+            )
+            request = compiled.create_infer_request()
+            output = (
+                compiled.output(0) if self.model_name == "smollm2" else compiled.output("sentence_embedding")
+            )
+            return lambda feed: request.infer(feed)[output]
+        from qcompiler.backends.onnxruntime.session import create_session, session_options
+
+        session = create_session(path, session_options(threads=2))
+        name = "logits" if self.model_name == "smollm2" else "sentence_embedding"
+        return lambda feed: session.run([name], feed)[0]
+
+    def _embeddings(self, path: pathlib.Path) -> np.ndarray:
+        run = self._run(path)
+        return np.concatenate([run(feed) for feed in self.evaluation])
+
+    def measure(self, path: pathlib.Path) -> dict[str, object]:
+        """The metric, evaluation speed and size of one artifact."""
+        from qcompiler.metrics import fidelity, next_token_nll
+
+        start = time.perf_counter()
+        extra = path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
+        row: dict[str, object] = {
+            "runtime": "openvino" if path.suffix == ".xml" else "onnxruntime",
+            "size_mb": round((path.stat().st_size + extra) / 2**20, 1),
+        }
+        if self.model_name == "smollm2":
+            run = self._run(path)
+            total, count = 0.0, 0
+            for feed in self.evaluation:
+                nll, tokens = next_token_nll(run(feed), feed["input_ids"])
+                total, count = total + nll, count + tokens
+            row["perplexity"] = round(float(np.exp(total / count)), 3)
+            row["tokens_per_s"] = round(count / (time.perf_counter() - start), 1)
+        else:
+            score = fidelity(self.reference, self._embeddings(path))
+            row["mean_cosine"], row["min_cosine"] = round(score.mean_cosine, 4), round(score.min_cosine, 4)
+        return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_name", choices=sorted(MODELS))
+    parser.add_argument("--tools", help="comma-separated: " + ", ".join([*QCOMPILER_TOOLS, *PEERS]))
+    parser.add_argument("--windows", type=int, default=32, help="SmolLM2: 512-token test windows")
+    parser.add_argument("--reuse", action="store_true", help="keep earlier rows of tools not run now")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=pathlib.Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    from qcompiler.report import versions
+
+    tools = (args.tools or MODELS[args.model_name][3]).split(",")
+    evaluator = Evaluator(args.model_name, args.windows)
+    results_path = args.out / f"weight_compression_{args.model_name}.json"
+    rows: dict[str, dict] = {}
+    if args.reuse and results_path.exists():
+        rows = {k: v for k, v in json.loads(results_path.read_text())["rows"].items() if k not in tools}
+    rows["fp32"] = {"description": "FP32 reference", **evaluator.measure(evaluator.model_path)}
+    print("fp32", rows["fp32"], file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as folder:
+        work = pathlib.Path(folder)
+        calibration = work / "calibration"
+        peers.save_feeds(evaluator.calibration, calibration)
+        for tool in tools:
+            output = work / (f"{tool}.xml" if tool.startswith("nncf") else f"{tool}.onnx")
+            command = [
+                sys.executable,
+                __file__,
+                args.model_name,
+                "--worker",
+                tool,
+                "--model",
+                str(evaluator.model_path),
+            ]
+            command += ["--calibration", str(calibration), "--output", str(output)]
+            process = subprocess.run(command, capture_output=True, text=True, check=False)
+            if process.returncode != 0:
+                rows[tool] = {
+                    "description": describe(tool, args.model_name),
+                    "error": process.stderr.strip().splitlines()[-1][:300],
+                }
+                print(tool, rows[tool], file=sys.stderr, flush=True)
+                continue
+            measured = json.loads(process.stdout.strip().splitlines()[-1])
+            rows[tool] = {
+                "description": describe(tool, args.model_name),
+                **measured,
+                **evaluator.measure(output),
+            }
+            if "perplexity" in rows[tool]:
+                change = 100 * (rows[tool]["perplexity"] / rows["fp32"]["perplexity"] - 1)
+                rows[tool]["perplexity_vs_fp32"] = f"{change:+.1f} %"
+            print(tool, rows[tool], file=sys.stderr, flush=True)
+    result = {
+        "model": args.model_name,
+        "calibration": evaluator.calibration_description,
+        "evaluation": evaluator.description,
+        "versions": {
+            **versions(),
+            "nncf": peers.version_of("nncf"),
+            "openvino": peers.version_of("openvino"),
+        },
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_table(result, ROOT / "docs" / "benchmarks.md")
+
+
+def write_table(result: dict, path: pathlib.Path) -> None:
+    """Replace this model's weight-compression section of docs/benchmarks.md."""
+    smollm = result["model"] == "smollm2"
+    metric = "perplexity | vs FP32" if smollm else "mean / min cosine | "
+    lines = [
+        f"| tool | runtime | {metric} | compile s | peak RSS MB | size MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | | failed: {row['error'][:100]} | | | | |")
+            continue
+        value = (
+            f"{row['perplexity']} | {row.get('perplexity_vs_fp32', '')}"
+            if smollm
+            else f"{row['mean_cosine']:.4f} / {row['min_cosine']:.4f} | "
+        )
+        lines.append(
+            f"| {name} | {row['runtime']} | {value} | {row.get('seconds', '')} | {row.get('peak_rss_mb', '')} | {row['size_mb']} |"
+        )
+    legend = "\n".join(f"- `{name}`: {row['description']}" for name, row in result["rows"].items())
+    heading = f"Weight-only INT4, {'SmolLM2-135M' if smollm else 'MiniLM'}"
+    section = (
+        f"## {heading}\n\nCalibration: {result['calibration']}. Evaluation: {result['evaluation']}.\n"
+        f"Generated by `python benchmarks/weight_compression.py {result['model']}`.\n\n"
+        + "\n".join(lines)
+        + f"\n\n{legend}\n"
+    )
+    peers.replace_section(path, heading, section)
+
+
+if __name__ == "__main__":
+    main()

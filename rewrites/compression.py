@@ -1,0 +1,379 @@
+"""Weight-only compression: plan formats, run the algorithms, write the canonical form.
+
+The canonical form is a constant low-bit initializer -> DequantizeLinear -> MatMul / Gather.
+
+Planning (`plan_compression`) reads the graph and the options: every MatMul with a constant 2-D
+float weight is a unit; with the default policy (NNCF's) the embeddings (Gather on a constant
+table) and the last MatMul (the LM head) stay in INT8 asymmetric per channel, and `--ratio`
+moves the most sensitive MatMuls to INT8 (`assign_mixed_precision`).
+
+`compress_weights` then, for the units in the main format, searches AWQ scales per input group
+and folds them upstream (fold-only: a group whose producer cannot absorb 1/s is left alone), and
+compresses every unit with RTN, scale estimation and/or GPTQ on the Gram matrices of their
+inputs, replacing each float initializer as it goes so only one layer is expanded at a time.
+
+Canonical form: blocked ``DequantizeLinear`` (``axis=0, block_size``; opset 21 semantics, the
+node's own version) or per-axis (``axis=1``) for MatMul weights [K, N]; for an embedding table
+[V, H], blocks along H (``axis=1``). NF4 has no ONNX element type: its DQ is
+``qcompiler.DequantizeNF4`` (uint4 table indices, block scales), lowered per backend. The
+algorithm and parameters are in each DQ node's ``qcompiler.compression`` metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from qcompiler.calibration import Statistics, StatRequest
+from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
+from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
+from qcompiler.reducers import Gram
+from qcompiler.rewrites.awq import awq_scales
+from qcompiler.rewrites.gptq import gptq
+from qcompiler.rewrites.scale_estimation import estimate_scales, weighted_error
+from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
+from qcompiler.weight_formats import CompressedWeight, quantize, resolve_block_size
+
+COMPRESSION_KEY = "qcompiler.compression"
+NF4_DOMAIN = "qcompiler"
+BACKUP_FORMAT = WeightFormat.INT8
+MIN_DQ_OPSET = {
+    WeightFormat.INT8: 13,
+    WeightFormat.INT4: 21,
+    WeightFormat.FP8: 19,
+    WeightFormat.MXFP4: 23,
+    WeightFormat.NVFP4: 23,
+    WeightFormat.NF4: 0,
+}
+"""The DequantizeLinear version that first accepts each format's element type (blocks: 21)."""
+
+
+@dataclasses.dataclass
+class WeightUnit:
+    """One weight to compress and how.
+
+    Attributes:
+        node: the MatMul (weight = input 1, [K, N]) or Gather (table = input 0, [V, H]).
+        role: "matmul", "head" (the last MatMul) or "embedding".
+        format, symmetric, group_size: the format chosen for this weight.
+    """
+
+    node: ir.Node
+    role: str
+    format: WeightFormat
+    symmetric: bool
+    group_size: int
+
+    @property
+    def weight(self) -> ir.Value:
+        """The constant weight (MatMul's B or the Gather's table)."""
+        value = self.node.inputs[0 if self.role == "embedding" else 1]
+        assert value is not None
+        return value
+
+    @property
+    def activation(self) -> ir.Value | None:
+        """The input whose statistics the algorithms use (None for an embedding)."""
+        return None if self.role == "embedding" else self.node.inputs[0]
+
+    def matrix(self) -> np.ndarray:
+        """The weight as [input channels, outputs]: MatMul's B, or the transposed table.
+
+        A table's rows are quantized along H, one scale per block of a row.
+        """
+        array = self.weight.const_value.numpy()  # type: ignore[union-attr]
+        return np.asarray(array.T if self.role == "embedding" else array, np.float32)
+
+    @property
+    def size(self) -> int:
+        """Number of weight values."""
+        return int(np.prod(self.weight.shape.numpy()))  # type: ignore[union-attr]
+
+
+def _const_float_2d(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.dtype == ir.DataType.FLOAT
+        and len(value.const_value.shape) == 2
+    )
+
+
+def plan_compression(
+    model: ir.Model, options: CompressionOptions, ignored: IgnoredScope
+) -> tuple[list[WeightUnit], dict[str, str]]:
+    """The weights to compress, with their formats, and the skipped nodes with the reason."""
+    units: list[WeightUnit] = []
+    skipped: dict[str, str] = {}
+    main = (options.format, options.symmetric, options.group_size)
+    backup = (BACKUP_FORMAT, False, 0) if options.backup_layers else main
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gather", "Gemm"):
+            continue
+        name = str(node.name)
+        if ignored.matches(node):
+            skipped[name] = "ignored scope"
+        elif node.op_type == "Gemm":
+            if _const_float_2d(node.inputs[1]):
+                skipped[name] = "Gemm weights are not compressed yet (MatMul only)"
+        elif node.op_type == "MatMul" and _const_float_2d(node.inputs[1]):
+            units.append(WeightUnit(node, "matmul", *main))
+        elif (
+            node.op_type == "Gather"
+            and node.attributes.get_int("axis", 0) == 0
+            and _const_float_2d(node.inputs[0])
+        ):
+            fmt, symmetric, group = backup
+            hidden = node.inputs[0].const_value.shape[1]  # type: ignore[union-attr]
+            units.append(WeightUnit(node, "embedding", fmt, symmetric, group or embedding_block(hidden)))
+    matmuls = [unit for unit in units if unit.role == "matmul"]
+    if matmuls and options.backup_layers:
+        matmuls[-1].role = "head"
+        matmuls[-1].format, matmuls[-1].symmetric, matmuls[-1].group_size = backup
+    return units, skipped
+
+
+def embedding_block(hidden: int) -> int:
+    """Block size along an embedding row: the largest power of two <= 128 dividing it, else 0.
+
+    Gathering kernels want power-of-two blocks; 0 means the whole row.
+    """
+    for size in (128, 64, 32, 16):
+        if hidden % size == 0:
+            return size
+    return 0
+
+
+def stat_requests(units: list[WeightUnit], options: CompressionOptions) -> list[StatRequest]:
+    """Gram matrices of the MatMul inputs, when an algorithm needs them."""
+    if not options.needs_data:
+        return []
+    seen: dict[str, StatRequest] = {}
+    for unit in units:
+        activation = unit.activation
+        if activation is not None and activation.const_value is None:
+            seen.setdefault(str(activation.name), StatRequest.gram(activation))
+    return list(seen.values())
+
+
+def _gram_of(unit: WeightUnit, grams: Mapping[str, Gram]) -> Gram | None:
+    activation = unit.activation
+    return None if activation is None else grams.get(str(activation.name))
+
+
+def assign_mixed_precision(
+    units: list[WeightUnit], grams: Mapping[str, Gram], options: CompressionOptions
+) -> dict[str, float]:
+    """Move the most sensitive MatMuls to INT8 until `ratio` of their size is left in the format.
+
+    Sensitivity: the RTN error in the main format weighted by the input's Gram matrix (plain
+    squared error without data), per parameter. Returns the sensitivities by node name.
+    """
+    candidates = [unit for unit in units if unit.role == "matmul"]
+    if options.ratio >= 1.0 or not candidates:
+        return {}
+    sensitivity: dict[str, float] = {}
+    for unit in tqdm(candidates, desc="sensitivity", leave=False):
+        weight = unit.matrix()
+        block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
+        error = quantize(weight, unit.format, block, symmetric=unit.symmetric).dequantize() - weight
+        gram = _gram_of(unit, grams)
+        value = weighted_error(error, gram.matrix) if gram is not None else float(np.sum(error * error))
+        sensitivity[str(unit.node.name)] = value / unit.size
+    total = sum(unit.size for unit in candidates)
+    budget = (1.0 - options.ratio) * total
+    moved = 0
+    for unit in sorted(candidates, key=lambda u: -sensitivity[str(u.node.name)]):
+        if moved >= budget:
+            break
+        unit.format, unit.symmetric, unit.group_size = BACKUP_FORMAT, False, 0
+        moved += unit.size
+    return sensitivity
+
+
+def apply_awq(
+    model: ir.Model, units: list[WeightUnit], grams: dict[str, Gram], ignored: IgnoredScope, progress: bool
+) -> dict[str, dict[str, object]]:
+    """Search and fold AWQ scales for every input group of main-format MatMuls.
+
+    Updates `grams` (X becomes X / s, so H becomes H / s sᵀ). Returns the per-group report.
+    """
+    main = {id(unit.node): unit for unit in units if unit.role == "matmul"}
+    groups = [
+        group
+        for group in find_groups(model, ignored)
+        if all(id(node) in main for node in group.consumers) and str(group.activation.name) in grams
+    ]
+    decisions = []
+    summary: dict[str, dict[str, object]] = {}
+    for group in tqdm(groups, desc="AWQ scale search", disable=not progress):
+        unit = main[id(group.consumers[0])]
+        gram = grams[str(group.activation.name)]
+        weights = [main[id(node)].matrix() for node in group.consumers]
+        block = resolve_block_size(unit.format, unit.group_size, weights[0].shape[0])
+        choice = awq_scales(weights, gram, unit.format, block, symmetric=unit.symmetric)
+        summary[str(group.activation.name)] = {"alpha": choice.alpha}
+        if choice.scales is not None:
+            decisions.append((group, choice.scales, f"awq alpha={choice.alpha:g}"))
+    applied = ApplySmoothingPass(decisions, insert_mul=False)
+    applied(model)
+    for group, scales, _ in decisions:
+        name = str(group.activation.name)
+        summary[name]["applied"] = applied.outcomes[name]
+        if applied.outcomes[name].startswith("folded"):
+            matrix = grams[name].matrix / np.outer(scales, scales)
+            grams[name] = Gram(matrix.astype(np.float32), grams[name].rows)
+    return summary
+
+
+def compress_unit(
+    unit: WeightUnit, gram: Gram | None, options: CompressionOptions
+) -> tuple[CompressedWeight, str]:
+    """Compress one weight with the requested algorithms (those needing data skip without it)."""
+    weight = unit.matrix()
+    block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
+    steps = []
+    main = unit.role == "matmul" and gram is not None
+    if main and options.scale_estimation:
+        compressed = estimate_scales(weight, gram, unit.format, block, symmetric=unit.symmetric)  # type: ignore[arg-type]
+        steps.append("scale_estimation")
+    else:
+        compressed = quantize(weight, unit.format, block, symmetric=unit.symmetric)
+        steps.append("rtn")
+    if main and options.gptq:
+        compressed = gptq(weight, gram, compressed, damping=options.damping)  # type: ignore[arg-type]
+        steps.append("gptq")
+    symmetry = "sym" if compressed.symmetric else "asym"
+    group = "per-channel" if block >= weight.shape[0] else f"group {block}"
+    return compressed, f"{unit.format.value} {symmetry} {group}; {'+'.join(steps)}"
+
+
+def compress_weights(
+    model: ir.Model,
+    units: list[WeightUnit],
+    statistics: Statistics | None,
+    options: CompressionOptions,
+    ignored: IgnoredScope,
+    *,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Run the algorithms and write the canonical form in place; returns the report section."""
+    grams: dict[str, Gram] = {}
+    if statistics is not None:
+        for request in stat_requests(units, options):
+            result = statistics.get(request)
+            if isinstance(result, Gram):
+                grams[str(request.value.name)] = result
+    sensitivity = assign_mixed_precision(units, grams, options)
+    awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
+    layers: dict[str, dict[str, object]] = {}
+    for unit in tqdm(units, desc="compressing weights", unit="weight", disable=not progress):
+        gram = _gram_of(unit, grams)
+        compressed, how = compress_unit(unit, gram, options)
+        entry: dict[str, object] = {"role": unit.role, "how": how}
+        if gram is not None:
+            weight = unit.matrix()
+            entry["relative_error"] = round(
+                weighted_error(compressed.dequantize() - weight, gram.matrix)
+                / max(weighted_error(weight, gram.matrix), 1e-30),
+                8,
+            )
+        if str(unit.node.name) in sensitivity:
+            entry["sensitivity"] = sensitivity[str(unit.node.name)]
+        layers[str(unit.node.name)] = entry
+        write_canonical(model.graph, unit, compressed, how)
+    return {"layers": layers, "awq": awq_report}
+
+
+_CODE_TYPES = {
+    (WeightFormat.INT4, True): ir.DataType.INT4,
+    (WeightFormat.INT4, False): ir.DataType.UINT4,
+    (WeightFormat.INT8, True): ir.DataType.INT8,
+    (WeightFormat.INT8, False): ir.DataType.UINT8,
+    (WeightFormat.FP8, True): ir.DataType.FLOAT8E4M3FN,
+    (WeightFormat.MXFP4, True): ir.DataType.FLOAT4E2M1,
+    (WeightFormat.NVFP4, True): ir.DataType.FLOAT4E2M1,
+    (WeightFormat.NF4, True): ir.DataType.UINT4,
+}
+
+
+def _add_tensor(
+    graph: ir.Graph, name: str, codes: np.ndarray, fmt: WeightFormat, symmetric: bool
+) -> ir.Value:
+    """Register codes as an initializer of the format's ONNX element type."""
+    dtype = _CODE_TYPES[(fmt, symmetric)]
+    if dtype == ir.DataType.FLOAT8E4M3FN:
+        codes = codes.view(ml_dtypes.float8_e4m3fn)
+    elif dtype == ir.DataType.FLOAT4E2M1:
+        codes = codes.view(ml_dtypes.float4_e2m1fn)
+    name = _unique(graph, name)
+    value = ir.Value(
+        name=name,
+        const_value=ir.tensor(np.ascontiguousarray(codes), dtype=dtype, name=name),
+        type=ir.TensorType(dtype),
+        shape=ir.Shape(codes.shape),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWeight, how: str) -> ir.Node:
+    """Replace the unit's float weight by codes -> DequantizeLinear (see the module docstring)."""
+    weight = unit.weight
+    base = str(weight.name)
+    embedding = unit.role == "embedding"
+    rows = compressed.shape[0]
+    blocked = compressed.block_size < rows
+    codes = compressed.codes.T if embedding else compressed.codes
+    scales = compressed.scales.T if embedding else compressed.scales
+    zeros = compressed.zero_points
+    if zeros is not None and embedding:
+        zeros = zeros.T
+    if not blocked:  # one scale per output channel: a vector
+        scales = scales.reshape(-1)
+        zeros = None if zeros is None else zeros.reshape(-1)
+    inputs: list[ir.Value | None] = [
+        _add_tensor(graph, f"{base}_codes", codes, compressed.format, compressed.symmetric),
+        add_initializer(graph, f"{base}_scales", scales.astype(np.float32)),
+    ]
+    if zeros is not None:
+        inputs.append(_add_tensor(graph, f"{base}_zero_points", zeros, compressed.format, False))
+    axis = int(embedding == blocked)  # the axis the scales run along (blocks: the blocked axis)
+    attributes: dict[str, int] = {"axis": axis}
+    if blocked:
+        attributes["block_size"] = compressed.block_size
+    metadata = {COMPRESSION_KEY: how}
+    if compressed.global_scale is not None:
+        metadata[COMPRESSION_KEY] += f"; global scale {compressed.global_scale:.9g} folded into block scales"
+    index = 0 if embedding else 1
+    dq = insert_dequantize(
+        graph,
+        unit.node,
+        index,
+        inputs,
+        name=f"{base}/DequantizeLinear",
+        like=weight,
+        attributes=attributes,
+        metadata=metadata,
+    )
+    if compressed.format is WeightFormat.NF4:
+        dq.domain, dq.op_type = NF4_DOMAIN, "DequantizeNF4"
+    elif blocked or compressed.format is not WeightFormat.INT8:
+        dq.version = (
+            MIN_DQ_OPSET[compressed.format] if not blocked else max(21, MIN_DQ_OPSET[compressed.format])
+        )
+    drop_if_unused(graph, weight)
+    return dq
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    unique, suffix = name, 1
+    while unique in graph.initializers:
+        unique = f"{name}_{suffix}"
+        suffix += 1
+    return unique

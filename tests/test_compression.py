@@ -1,0 +1,213 @@
+"""Weight-only compression: planning, the canonical form, AWQ folding and ORT lowering, on a small
+decoder-shaped graph built here (embedding -> LayerNorm -> q/k -> ... -> LM head)."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompiler
+from qcompiler.backends.onnxruntime.lower_weights import lower_weights, read_compressed
+from qcompiler.calibration import collect
+from qcompiler.cli import main
+from qcompiler.irutil import drop_if_unused
+from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
+from qcompiler.rewrites.compression import apply_awq, compress_weights, plan_compression, stat_requests
+from qcompiler.rewrites.normalize import NormalizePass
+from tests.graphs import add, const, model_of, run
+
+VOCAB, HIDDEN, INNER = 40, 64, 32
+
+
+def tiny_decoder() -> ir.Model:
+    """ids -> Gather(embedding) -> LayerNorm -> {q, k} MatMuls -> Add -> Relu -> out MatMul -> head."""
+    rng = np.random.default_rng(7)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", 12]))
+    graph = ir.Graph([ids], [], nodes=[], name="decoder")
+    embedded = add(
+        graph,
+        "Gather",
+        [const(graph, "embedding", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)), ids],
+        "embed",
+    )
+    outliers = np.ones(HIDDEN, np.float32)
+    outliers[::9] = 8.0  # channels with large activations: what AWQ is for
+    normed = add(
+        graph,
+        "LayerNormalization",
+        [embedded, const(graph, "ln_scale", outliers), const(graph, "ln_bias", np.zeros(HIDDEN, np.float32))],
+        "norm",
+        axis=-1,
+    )
+    q = add(
+        graph,
+        "MatMul",
+        [normed, const(graph, "wq", (rng.standard_normal((HIDDEN, INNER)) * 0.1).astype(np.float32))],
+        "q_proj",
+    )
+    k = add(
+        graph,
+        "MatMul",
+        [normed, const(graph, "wk", (rng.standard_normal((HIDDEN, INNER)) * 0.1).astype(np.float32))],
+        "k_proj",
+    )
+    mixed = add(graph, "Relu", [add(graph, "Add", [q, k], "mix")], "relu")
+    out = add(
+        graph,
+        "MatMul",
+        [mixed, const(graph, "wo", (rng.standard_normal((INNER, HIDDEN)) * 0.1).astype(np.float32))],
+        "o_proj",
+    )
+    logits = add(
+        graph,
+        "MatMul",
+        [out, const(graph, "head", (rng.standard_normal((HIDDEN, VOCAB)) * 0.1).astype(np.float32))],
+        "lm_head",
+    )
+    logits.name = "logits"
+    graph.outputs.append(logits)
+    return model_of(graph)
+
+
+def _feeds(count=4):
+    rng = np.random.default_rng(1)
+    return [{"ids": rng.integers(0, VOCAB, (2, 12))} for _ in range(count)]
+
+
+def test_plan_follows_nncf_policy_and_all_layers():
+    units, skipped = plan_compression(tiny_decoder(), CompressionOptions(group_size=32), IgnoredScope())
+    roles = {str(u.node.name): (u.role, u.format, u.group_size) for u in units}
+    assert roles["embed"] == ("embedding", WeightFormat.INT8, 64)  # blocks along the row
+    assert roles["lm_head"] == ("head", WeightFormat.INT8, 0)
+    assert roles["q_proj"] == ("matmul", WeightFormat.INT4, 32) and roles["o_proj"][1] is WeightFormat.INT4
+    units, _ = plan_compression(
+        tiny_decoder(), CompressionOptions(backup_layers=False), IgnoredScope(names=("o_proj",))
+    )
+    assert {u.format for u in units} == {WeightFormat.INT4} and "o_proj" not in {
+        str(u.node.name) for u in units
+    }
+
+
+def _dequantized_twin(model: ir.Model) -> ir.Model:
+    """A float copy of a canonical compressed model: every weight DQ replaced by its values."""
+    twin = model.clone()
+    for node in list(twin.graph):
+        if node.op_type in ("DequantizeLinear", "DequantizeNF4"):
+            consumer = next(iter(node.outputs[0].uses())).node
+            weight = read_compressed(node, transposed=consumer.op_type == "Gather").dequantize()
+            values = weight.T if consumer.op_type == "Gather" else weight
+            replacement = const(twin.graph, f"{node.name}_values", values)
+            node.outputs[0].replace_all_uses_with(replacement)
+            inputs = [value for value in node.inputs if value is not None]
+            twin.graph.remove(node, safe=True)
+            for value in inputs:
+                drop_if_unused(twin.graph, value)
+    return twin
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        CompressionOptions(format=WeightFormat.INT4, group_size=32, symmetric=True, accuracy_level=0),
+        CompressionOptions(format=WeightFormat.INT4, group_size=16, symmetric=False, accuracy_level=0),
+        CompressionOptions(format=WeightFormat.INT8, group_size=0, accuracy_level=0),
+        CompressionOptions(format=WeightFormat.NF4, group_size=32, accuracy_level=0),
+        CompressionOptions(format=WeightFormat.INT4, group_size=0, backup_layers=False, accuracy_level=0),
+    ],
+    ids=["int4-sym-g32", "int4-asym-g16", "int8-per-channel", "nf4", "int4-per-channel-all"],
+)
+def test_lowered_kernels_compute_the_canonical_form(options):
+    """ORT's packed kernels (MatMulNBits, MatMulBnb4, GatherBlockQuantized) on our lowering give
+    the outputs of the float model holding the dequantized weights (accuracy_level 0)."""
+    model = tiny_decoder()
+    units, _ = plan_compression(model, options, IgnoredScope())
+    report = compress_weights(model, units, None, options, IgnoredScope(), progress=False)
+    assert all(node.op_type != "MatMul" or node.inputs[1].const_value is None for node in model.graph)
+    expected = run(_dequantized_twin(model), _feeds(1)[0])[0]
+    kernels = lower_weights(model, options.accuracy_level)
+    matmul_kernel = "MatMulBnb4" if options.format is WeightFormat.NF4 else "MatMulNBits"
+    assert sorted(kernels.values()) == sorted(
+        [matmul_kernel] * 3
+        + ["MatMulNBits" if options.backup_layers else matmul_kernel, "GatherBlockQuantized"]
+    )
+    assert "DequantizeLinear" not in [node.op_type for node in model.graph]
+    np.testing.assert_allclose(run(model, _feeds(1)[0])[0], expected, rtol=1e-4, atol=1e-4)
+    assert set(report["layers"]) == {"embed", "q_proj", "k_proj", "o_proj", "lm_head"}
+    kernel = next(node for node in model.graph if node.op_type == matmul_kernel)
+    assert options.format.value in kernel.metadata_props["qcompiler.compression"]
+
+
+def test_awq_folds_into_the_layernorm_exactly():
+    """AWQ's scaling leaves the float model's outputs unchanged and shrinks the LayerNorm scale."""
+    model = tiny_decoder()
+    NormalizePass()(model)  # types every value, as compile does
+    reference = run(model, _feeds(1)[0])[0]
+    options = CompressionOptions(group_size=32, symmetric=True, awq=True)
+    units, _ = plan_compression(model, options, IgnoredScope())
+    statistics = collect(model, stat_requests(units, options), _feeds(), progress=False)
+    grams = {str(r.value.name): statistics[r] for r in stat_requests(units, options)}
+    report = apply_awq(model, units, grams, IgnoredScope(), progress=False)
+    folded = report[str(units[1].activation.name)]
+    assert folded["alpha"] > 0 and folded["applied"].startswith("folded into LayerNormalization")
+    assert "not applied" in report["relu_out"]["applied"]  # Relu cannot absorb 1/s: left alone
+    np.testing.assert_allclose(run(model, _feeds(1)[0])[0], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_data_aware_beats_rtn_on_outputs():
+    """AWQ + scale estimation + GPTQ give logits closer to FP32 than RTN (same format)."""
+    model = tiny_decoder()
+    feeds = _feeds(8)
+    reference = np.concatenate([run(model, feed)[0] for feed in feeds])
+    errors = {}
+    for name, flags in {"rtn": {}, "all": {"awq": True, "scale_estimation": True, "gptq": True}}.items():
+        options = qcompiler.CompileOptions(
+            compression=CompressionOptions(group_size=16, symmetric=True, **flags)
+        )
+        result = qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False)
+        got = np.concatenate([run(result.model, feed)[0] for feed in feeds])
+        errors[name] = float(np.mean((got - reference) ** 2))
+        assert result.report.nodes["compressed"] == 5
+    assert errors["all"] < 0.8 * errors["rtn"], errors
+
+
+def test_ratio_moves_the_most_sensitive_weights_to_int8():
+    model = tiny_decoder()
+    options = qcompiler.CompileOptions(compression=CompressionOptions(group_size=16, ratio=0.5))
+    result = qcompiler.compile(model, "ort-cpu", options, data=_feeds(), progress=False)
+    layers = result.report.compression["layers"]
+    int8 = [
+        name
+        for name, entry in layers.items()
+        if entry["role"] == "matmul" and entry["how"].startswith("int8")
+    ]
+    assert len(int8) >= 1 and all("sensitivity" in layers[n] for n in ("q_proj", "k_proj", "o_proj"))
+    most = max(("q_proj", "k_proj", "o_proj"), key=lambda n: layers[n]["sensitivity"])
+    assert most in int8
+
+
+def test_cli_weight_only_without_data_and_errors(tmp_path, capsys):
+    path = qcompiler.save(tiny_decoder(), tmp_path / "decoder.onnx")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (
+        main(
+            [str(path), "--target", "ort-cpu", "--weights", "int4", "--group-size", "32", "--symmetric", "-q"]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "decoder.ort-cpu.report.json").read_text())
+    assert sorted(report["compression"]["kernels"].values()).count("MatMulNBits") == 4
+    compressed = qcompiler.load(tmp_path / "decoder.ort-cpu.onnx")
+    assert compressed.metadata_props["qcompiler.weights"] == "int4"
+    for arguments, message in (
+        (["--awq"], "--awq applies to weight-only compression: add --weights FORMAT"),
+        (["--weights", "int5"], "--weights: 'int5' is not one of"),
+        (["--weights", "int4", "--gptq"], "but --awq/--scale-estimation/--gptq/--ratio do"),
+        (["--weights", "int4", "--group-size", "48"], "power-of-two block size"),
+        (["--weights", "int4", "--ratio", "2"], "--ratio must be in [0, 1]"),
+    ):
+        capsys.readouterr()
+        assert main([str(path), "--target", "ort-cpu", "-o", str(tmp_path / "out.onnx"), *arguments]) == 2
+        assert message in capsys.readouterr().err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

@@ -1,0 +1,105 @@
+"""AWQ, scale estimation, GPTQ and the Gram reducer against closed forms and RTN."""
+
+import numpy as np
+import pytest
+
+from qcompiler.options import WeightFormat
+from qcompiler.reducers import Gram, GramReducer
+from qcompiler.rewrites.awq import awq_scales
+from qcompiler.rewrites.gptq import gptq
+from qcompiler.rewrites.scale_estimation import diagonal_blocks, estimate_scales, weighted_error
+from qcompiler.weight_formats import quantize
+
+
+def _problem(rows=128, columns=48, seed=0):
+    """Correlated activations with a few outlier channels, and a weight."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2048, rows)).astype(np.float32) * (1 + 6 * (rng.random(rows) < 0.05))
+    x = x @ (np.eye(rows) + 0.2 * rng.standard_normal((rows, rows))).astype(np.float32)
+    weight = (rng.standard_normal((rows, columns)) * 0.05).astype(np.float32)
+    return x, Gram((x.T @ x / len(x)).astype(np.float32), len(x)), weight
+
+
+def test_gram_reducer_matches_numpy_across_uneven_batches():
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1, n, 8)).astype(np.float32) for n in (3, 300, 17)]
+    reducer = GramReducer(min_flush_rows=16)
+    for batch in batches:
+        reducer.update(batch)
+    rows = np.concatenate([b.reshape(-1, 8) for b in batches])
+    result = reducer.result()
+    assert result.rows == 320
+    np.testing.assert_allclose(result.matrix, rows.T @ rows / 320, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.channel_rms, np.sqrt((rows**2).mean(axis=0)), rtol=1e-5)
+
+
+def test_weighted_error_is_the_layer_output_error():
+    x, gram, weight = _problem()
+    error = quantize(weight, WeightFormat.INT4, 32).dequantize() - weight
+    direct = float(np.sum((x @ error) ** 2) / len(x))
+    assert weighted_error(error, gram.matrix) == pytest.approx(direct, rel=1e-3)
+
+
+def test_diagonal_blocks_pad_the_ragged_block():
+    matrix = np.arange(25, dtype=np.float32).reshape(5, 5)
+    blocks = diagonal_blocks(matrix, 2)
+    assert blocks.shape == (3, 2, 2)
+    np.testing.assert_array_equal(blocks[2], [[24, 0], [0, 0]])
+
+
+@pytest.mark.parametrize(
+    "fmt, symmetric",
+    [
+        (WeightFormat.INT4, True),
+        (WeightFormat.INT4, False),
+        (WeightFormat.NF4, True),
+        (WeightFormat.NVFP4, True),
+    ],
+)
+def test_scale_estimation_beats_rtn_per_block(fmt, symmetric):
+    """Every (block, column) is at least as good as RTN (the search includes it), and in total
+    clearly better on activations with outlier channels."""
+    _, gram, weight = _problem()
+    block = 16 if fmt is WeightFormat.NVFP4 else 32
+    rtn = quantize(weight, fmt, block, symmetric=symmetric)
+    estimated = estimate_scales(weight, gram, fmt, block, symmetric=symmetric)
+    rtn_error = weighted_error(rtn.dequantize() - weight, gram.matrix)
+    assert weighted_error(estimated.dequantize() - weight, gram.matrix) < 0.9 * rtn_error
+
+
+def test_scale_estimation_closed_form_scale_for_fixed_codes():
+    """With H = I and one block, the refitted scale is the least-squares s = <u, w> / <u, u>."""
+    weight = np.array([[1.0], [0.52], [-0.26], [0.1]], np.float32)
+    estimated = estimate_scales(
+        weight, Gram(np.eye(4, dtype=np.float32), 1), WeightFormat.INT4, 4, symmetric=True
+    )
+    units = estimated.codes[:, 0].astype(np.float64)
+    expected = units @ weight[:, 0] / (units @ units)
+    assert estimated.scales[0, 0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gptq_with_uncorrelated_inputs_is_rtn():
+    """A diagonal Hessian carries no error to other rows: GPTQ's codes are RTN's."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((64, 16)).astype(np.float32)
+    gram = Gram(np.diag(rng.random(64).astype(np.float32) + 0.5), 100)
+    rtn = quantize(weight, WeightFormat.INT4, 32, symmetric=False)
+    np.testing.assert_array_equal(gptq(weight, gram, rtn).codes, rtn.codes)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_reduces_output_error(act_order):
+    _, gram, weight = _problem()
+    rtn = quantize(weight, WeightFormat.INT4, 32, symmetric=True)
+    result = gptq(weight, gram, rtn, act_order=act_order)
+    assert result.scales is rtn.scales
+    rtn_error = weighted_error(rtn.dequantize() - weight, gram.matrix)
+    assert weighted_error(result.dequantize() - weight, gram.matrix) < 0.7 * rtn_error
+
+
+def test_awq_never_worse_than_rtn_and_scales_centered():
+    _, gram, weight = _problem()
+    choice = awq_scales([weight[:, :24], weight[:, 24:]], gram, WeightFormat.INT4, 32, symmetric=True)
+    assert choice.errors[f"{choice.alpha:g}"] <= choice.errors["0"]
+    assert choice.alpha > 0 and choice.scales is not None
+    assert np.sqrt(choice.scales.max() * choice.scales.min()) == pytest.approx(1.0, rel=1e-4)
