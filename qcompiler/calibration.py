@@ -73,9 +73,11 @@ class StatRequest:
         return cls(value, StatKind.ROW_SAMPLE, axis=-1, size=size)
 
     @classmethod
-    def gram(cls, value: ir.Value) -> StatRequest:
-        """The mean outer product of the rows (vectors along the last axis)."""
-        return cls(value, StatKind.GRAM, axis=-1)
+    def gram(cls, value: ir.Value, block_size: int = 0) -> StatRequest:
+        """The mean outer product of the rows (vectors along the last axis); with `block_size`,
+        only its diagonal blocks of that many channels.
+        """
+        return cls(value, StatKind.GRAM, axis=-1, size=block_size)
 
     @property
     def key(self) -> StatKey:
@@ -94,7 +96,7 @@ def make_reducer(request: StatRequest, histogram_bins: int) -> Reducer:
     if request.kind is StatKind.MINMAX_PER_CHANNEL:
         return MinMaxPerChannelReducer(request.axis)
     if request.kind is StatKind.GRAM:
-        return GramReducer()
+        return GramReducer(request.size)
     return RowSampleReducer(request.axis, request.size)
 
 
@@ -129,16 +131,18 @@ class Statistics:
 
 
 def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    """A clone of `model` whose outputs also include the named intermediate tensors."""
+    """A clone of `model` whose outputs are exactly the named tensors.
+
+    The model's own outputs are dropped unless requested, so the runtime prunes what only they
+    needed (an LM head and its logits are most of a small decoder's cost).
+    """
     clone = model.clone()
     values: dict[str, ir.Value] = {}
     for node in clone.graph:
         for output in node.outputs:
             values[str(output.name)] = output
-    present = {str(v.name) for v in clone.graph.outputs}
-    for name in names:
-        if name not in present:
-            clone.graph.outputs.append(values[name])
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(values[name] for name in names)
     return clone
 
 

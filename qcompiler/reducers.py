@@ -188,30 +188,96 @@ class RowSampleReducer:
 
 @dataclasses.dataclass(frozen=True)
 class Gram:
-    """Mean outer product of the rows of X: H = XᵀX / rows, [C, C], over `rows` rows.
+    """Mean outer product of the rows of X, H = XᵀX / rows, or its diagonal blocks.
 
-    H is the Hessian of a linear layer's mean squared output error, up to a factor of 2.
+    H is the Hessian of a linear layer's mean squared output error (up to a factor of 2), which
+    is what AWQ, scale estimation and GPTQ weigh weight errors by. `blocks` [n, B, B] holds the
+    diagonal blocks of B channels (the last zero-padded); a full Gram is one block of all
+    channels. Blocks cost rows x C x B to collect instead of rows x C².
     """
 
-    matrix: np.ndarray
+    blocks: np.ndarray
+    channels: int
     rows: int
+
+    @classmethod
+    def full(cls, matrix: np.ndarray, rows: int) -> Gram:
+        """A full C x C Gram matrix."""
+        return cls(np.asarray(matrix, np.float32)[None], matrix.shape[0], rows)
+
+    @property
+    def is_full(self) -> bool:
+        """Whether cross-block terms are known (GPTQ needs them)."""
+        return self.blocks.shape[0] == 1 and self.blocks.shape[1] == self.channels
+
+    @property
+    def block_size(self) -> int:
+        """Channels per diagonal block."""
+        return int(self.blocks.shape[1])
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The full matrix (only for a full Gram)."""
+        if not self.is_full:
+            raise ValueError("this Gram holds diagonal blocks only; request a full one (block size 0)")
+        return self.blocks[0]
 
     @property
     def channel_rms(self) -> np.ndarray:
         """sqrt(mean x_c²) per channel: AWQ's activation importance."""
-        return np.sqrt(np.maximum(np.diag(self.matrix), 0.0))
+        diagonal = np.diagonal(self.blocks, axis1=1, axis2=2).reshape(-1)[: self.channels]
+        return np.sqrt(np.maximum(diagonal, 0.0))
+
+    def diagonal_blocks(self, size: int) -> np.ndarray:
+        """[ceil(C / size), size, size] diagonal blocks (zero-padded); from a full Gram any size."""
+        if not self.is_full:
+            if size != self.block_size:
+                raise ValueError(f"Gram collected in blocks of {self.block_size}, asked for {size}")
+            return self.blocks
+        matrix, count = self.blocks[0], -(-self.channels // size)
+        blocks = np.zeros((count, size, size), np.float32)
+        for index in range(count):
+            start, stop = index * size, min((index + 1) * size, self.channels)
+            blocks[index, : stop - start, : stop - start] = matrix[start:stop, start:stop]
+        return blocks
+
+    def weighted_error(self, error: np.ndarray) -> float:
+        """tr(Eᵀ H E) for a weight error E [C, N]: the mean squared layer-output error it causes
+        (cross-block terms omitted for a blocked Gram).
+        """
+        blocked = _channel_blocks(np.asarray(error, np.float32), self.block_size)
+        return float(np.sum(np.matmul(self.blocks, blocked) * blocked))
+
+    def scaled(self, scales: np.ndarray) -> Gram:
+        """The Gram of X / s (after AWQ folds s): H / s sᵀ."""
+        padded = np.ones(self.blocks.shape[0] * self.block_size, np.float32)
+        padded[: self.channels] = scales
+        per_block = padded.reshape(self.blocks.shape[0], self.block_size)
+        blocks = self.blocks / (per_block[:, :, None] * per_block[:, None, :])
+        return Gram(blocks.astype(np.float32), self.channels, self.rows)
+
+
+def _channel_blocks(array: np.ndarray, size: int) -> np.ndarray:
+    """[C, N] -> [ceil(C / size), size, N], zero-padded."""
+    channels, columns = array.shape
+    count = -(-channels // size)
+    if count * size != channels:
+        array = np.concatenate([array, np.zeros((count * size - channels, columns), array.dtype)])
+    return array.reshape(count, size, columns)
 
 
 class GramReducer:
-    """Running XᵀX over rows (vectors along the last axis).
+    """Running XᵀX over rows (vectors along the last axis): full, or its diagonal blocks.
 
     Rows are buffered until there are as many as channels (at least `min_flush_rows`), so the
-    C x C accumulator is touched once per C rows rather than once per (possibly tiny) batch,
-    and the buffer never outgrows the accumulator. Products are float32 (BLAS), summed in float32.
+    accumulator is touched once per C rows rather than once per (possibly tiny) batch and the
+    buffer never outgrows it. Products are float32 (BLAS), summed in float32.
     """
 
-    def __init__(self, min_flush_rows: int = 256) -> None:
+    def __init__(self, block_size: int = 0, min_flush_rows: int = 256) -> None:
+        self.block_size = block_size
         self.total: np.ndarray | None = None
+        self.channels = 0
         self.rows = 0
         self.min_flush_rows = min_flush_rows
         self._pending: list[np.ndarray] = []
@@ -231,10 +297,18 @@ class GramReducer:
         if not self._pending:
             return
         rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
-        if self.total is None:
-            self.total = rows.T @ rows
+        self.channels = rows.shape[1]
+        size = self.block_size if 0 < self.block_size < self.channels else self.channels
+        if size == self.channels:
+            product = (rows.T @ rows)[None]  # numpy runs XᵀX as a symmetric rank-k update (syrk)
         else:
-            self.total += rows.T @ rows
+            padded = _channel_blocks(rows.T, size).transpose(0, 2, 1) if self.channels % size else None
+            view = padded if padded is not None else rows.reshape(len(rows), -1, size).transpose(1, 0, 2)
+            product = np.matmul(view.transpose(0, 2, 1), view)  # [n_blocks, B, B], no copy of X
+        if self.total is None:
+            self.total = product
+        else:
+            self.total += product
         self.rows += rows.shape[0]
         self._pending, self._pending_rows = [], 0
 
@@ -243,4 +317,4 @@ class GramReducer:
         self._flush()
         if self.total is None:
             raise DataError("no calibration rows reached a tensor whose Gram matrix was requested")
-        return Gram((self.total / self.rows).astype(np.float32), self.rows)
+        return Gram((self.total / self.rows).astype(np.float32), self.channels, self.rows)

@@ -57,7 +57,7 @@ def awq_scales(
         scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
         scaled = stacked * scales[:, None]
         rounded = quantize(scaled, fmt, block_size, symmetric=symmetric).dequantize() / scales[:, None]
-        error = weighted_error(rounded - stacked, gram.matrix)
+        error = weighted_error(rounded - stacked, gram)
         errors[f"{alpha:g}"] = error
         if error < best[0]:
             best = (error, alpha, scales if alpha > 0 else None)

@@ -33,21 +33,16 @@ from qcompiler.weight_formats import (
 SHRINK_GRID = tuple(float(m) for m in np.round(np.linspace(0.5, 1.0, 11), 3))
 
 
-def diagonal_blocks(matrix: np.ndarray, block_size: int) -> np.ndarray:
-    """The [n_blocks, B, B] diagonal blocks of a [K, K] matrix (the ragged last one zero-padded)."""
-    rows = matrix.shape[0]
-    n_blocks = -(-rows // block_size)
-    blocks = np.zeros((n_blocks, block_size, block_size), np.float32)
-    for index in range(n_blocks):
-        start = index * block_size
-        stop = min(start + block_size, rows)
-        blocks[index, : stop - start, : stop - start] = matrix[start:stop, start:stop]
-    return blocks
-
-
-def weighted_error(error: np.ndarray, gram: np.ndarray) -> float:
+def weighted_error(error: np.ndarray, gram: Gram) -> float:
     """tr(Eᵀ H E): the mean squared layer-output error caused by a weight error E [K, N]."""
-    return float(np.sum((gram @ error) * error))
+    return gram.weighted_error(error)
+
+
+def _sum_blocks(terms: np.ndarray, ratio: int) -> np.ndarray:
+    """Sum consecutive groups of `ratio` statistic blocks into quantization blocks (axis 0)."""
+    if ratio == 1:
+        return terms
+    return np.add.reduceat(terms, np.arange(0, terms.shape[0], ratio), axis=0)
 
 
 def estimate_scales(
@@ -61,24 +56,34 @@ def estimate_scales(
 ) -> CompressedWeight:
     """Codes and scales of W [K, N] minimising the Gram-weighted error per (block, column)."""
     weight = np.asarray(weight, np.float32)
+    rows = weight.shape[0]
     symmetric = symmetric or not fmt.is_integer
     global_scale = nvfp4_global_scale(weight) if fmt is WeightFormat.NVFP4 else None
+    # Statistics blocks: the quantization blocks themselves from a full Gram, else the Gram's
+    # own blocks, which must tile each quantization block.
+    stat_size = block_size if gram.is_full else gram.block_size
+    if block_size < rows and block_size % stat_size:
+        raise ValueError(
+            f"quantization blocks of {block_size} rows are not tiled by Gram blocks of {stat_size}"
+        )
+    ratio = block_size // stat_size if block_size < rows else -(-rows // stat_size)
+    h_blocks = gram.diagonal_blocks(stat_size)
     blocks = to_blocks(weight, block_size)
-    h_blocks = diagonal_blocks(gram.matrix, block_size)
+    sub = to_blocks(weight, stat_size)
     base, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)
-    ones = np.ones_like(base)
-    constant = np.sum(np.matmul(h_blocks, blocks) * blocks, axis=1)  # wᵀ H_b w per (block, column)
+    ones = np.ones((sub.shape[0], sub.shape[2]), np.float32)
+    sub_zeros = None if zero_points is None else np.repeat(zero_points, ratio, axis=0)[: sub.shape[0]]
+    constant = _sum_blocks(np.sum(np.matmul(h_blocks, sub) * sub, axis=1), ratio)  # wᵀ H_b w
     best_error = np.full(base.shape, np.inf, np.float64)
     best_scales = base.copy()
-    best_codes: np.ndarray | None = None
+    best_rounding = base.copy()  # the scale the winning codes were rounded with
     for factor in shrink:
         scales = snap_scales(base * factor, fmt, global_scale)
         codes = encode(blocks, scales, zero_points, fmt)
-        best_codes = codes if best_codes is None else best_codes
-        units = decode(codes, ones, zero_points, fmt)
+        units = decode(to_blocks(from_blocks(codes, rows), stat_size), ones, sub_zeros, fmt)
         h_units = np.matmul(h_blocks, units)
-        cross = np.sum(h_units * blocks, axis=1)
-        energy = np.sum(h_units * units, axis=1)
+        cross = _sum_blocks(np.sum(h_units * sub, axis=1), ratio)
+        energy = _sum_blocks(np.sum(h_units * units, axis=1), ratio)
         with np.errstate(divide="ignore", invalid="ignore"):
             fitted = np.where((energy > 0) & (cross > 0), cross / energy, scales)
         fitted = snap_scales(fitted, fmt, global_scale)
@@ -87,7 +92,6 @@ def estimate_scales(
             better = error < best_error
             best_error = np.where(better, error, best_error)
             best_scales = np.where(better, candidate, best_scales)
-            best_codes = np.where(better[:, None, :], codes, best_codes)
-    assert best_codes is not None
-    codes = from_blocks(best_codes, weight.shape[0])
+            best_rounding = np.where(better, scales, best_rounding)
+    codes = from_blocks(encode(blocks, best_rounding, zero_points, fmt), rows)
     return CompressedWeight(fmt, codes, best_scales.astype(np.float32), zero_points, block_size, global_scale)

@@ -137,6 +137,30 @@ def _channel_vector(value: ir.Value, channels: int) -> np.ndarray | None:
     return None
 
 
+FOLDING_OPS = frozenset({"LayerNormalization", "Mul", "Add", "MatMul", "Gemm"})
+
+
+def fold_precheck(group: SmoothGroup) -> str | None:
+    """Why 1/s certainly cannot be folded into the group's producer, or None if it may be.
+
+    Structural checks only, nothing changes: lets a search skip groups whose scales would be
+    thrown away (AWQ does not insert a Mul).
+    """
+    activation = group.activation
+    producer = activation.producer()
+    if producer is None:
+        return "the activation is a graph input"
+    if activation.is_graph_output():
+        return "the activation is also a graph output"
+    members = {id(node) for node in group.consumers}
+    others = [use.node for use in activation.uses() if id(use.node) not in members]
+    if others:
+        return f"it also feeds {others[0].op_type} '{others[0].name}' unscaled"
+    if producer.op_type not in FOLDING_OPS:
+        return f"{producer.op_type} cannot absorb a per-channel scale"
+    return None
+
+
 def _try_fold_into_producer(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> str | None:
     """Fold 1/s into the activation's producer; None on success, else the reason it cannot."""
     activation = group.activation

@@ -31,8 +31,11 @@ def _run_contrib(op: str, a: np.ndarray, constants: dict[str, np.ndarray], attri
         (WeightFormat.INT4, False, 80, 32),  # ragged last block
         (WeightFormat.INT4, True, 80, 32),
         (WeightFormat.INT4, True, 72, 0),  # per-channel: one padded block of 128
+        (WeightFormat.INT4, False, 96, 0),  # per-channel: 3 blocks of 32 repeating the scale
         (WeightFormat.INT8, True, 96, 32),
         (WeightFormat.INT8, False, 72, 0),
+        (WeightFormat.INT8, False, 96, 32),
+        (WeightFormat.INT8, False, 576, 0),
     ],
 )
 def test_matmul_nbits_packing_matches_onnxruntime(fmt, symmetric, rows, group):
@@ -69,4 +72,5 @@ def test_block_size_rules():
     w = np.ones((96, 4), np.float32)
     with pytest.raises(UnsupportedModelError, match="group size 48"):
         packing.pack_matmul_nbits(quantize(w, WeightFormat.INT4, 48))
-    assert packing.nbits_block_size(quantize(w, WeightFormat.INT4, 96)) == 128
+    assert packing.nbits_block_size(quantize(w, WeightFormat.INT4, 96)) == 32
+    assert packing.nbits_block_size(quantize(np.ones((72, 4), np.float32), WeightFormat.INT4, 72)) == 128

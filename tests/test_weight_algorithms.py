@@ -7,7 +7,7 @@ from qcompiler.options import WeightFormat
 from qcompiler.reducers import Gram, GramReducer
 from qcompiler.rewrites.awq import awq_scales
 from qcompiler.rewrites.gptq import gptq
-from qcompiler.rewrites.scale_estimation import diagonal_blocks, estimate_scales, weighted_error
+from qcompiler.rewrites.scale_estimation import estimate_scales, weighted_error
 from qcompiler.weight_formats import quantize
 
 
@@ -17,7 +17,7 @@ def _problem(rows=128, columns=48, seed=0):
     x = rng.standard_normal((2048, rows)).astype(np.float32) * (1 + 6 * (rng.random(rows) < 0.05))
     x = x @ (np.eye(rows) + 0.2 * rng.standard_normal((rows, rows))).astype(np.float32)
     weight = (rng.standard_normal((rows, columns)) * 0.05).astype(np.float32)
-    return x, Gram((x.T @ x / len(x)).astype(np.float32), len(x)), weight
+    return x, Gram.full((x.T @ x / len(x)).astype(np.float32), len(x)), weight
 
 
 def test_gram_reducer_matches_numpy_across_uneven_batches():
@@ -29,6 +29,7 @@ def test_gram_reducer_matches_numpy_across_uneven_batches():
     rows = np.concatenate([b.reshape(-1, 8) for b in batches])
     result = reducer.result()
     assert result.rows == 320
+    assert result.is_full
     np.testing.assert_allclose(result.matrix, rows.T @ rows / 320, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.channel_rms, np.sqrt((rows**2).mean(axis=0)), rtol=1e-5)
 
@@ -37,14 +38,35 @@ def test_weighted_error_is_the_layer_output_error():
     x, gram, weight = _problem()
     error = quantize(weight, WeightFormat.INT4, 32).dequantize() - weight
     direct = float(np.sum((x @ error) ** 2) / len(x))
-    assert weighted_error(error, gram.matrix) == pytest.approx(direct, rel=1e-3)
+    assert weighted_error(error, gram) == pytest.approx(direct, rel=1e-3)
 
 
 def test_diagonal_blocks_pad_the_ragged_block():
     matrix = np.arange(25, dtype=np.float32).reshape(5, 5)
-    blocks = diagonal_blocks(matrix, 2)
+    blocks = Gram.full(matrix, 1).diagonal_blocks(2)
     assert blocks.shape == (3, 2, 2)
     np.testing.assert_array_equal(blocks[2], [[24, 0], [0, 0]])
+
+
+def test_blocked_gram_reducer_keeps_the_diagonal_blocks():
+    """Blocks of 16 over 40 channels: the full matrix's diagonal blocks (last one padded)."""
+    rows = np.random.default_rng(4).standard_normal((300, 40)).astype(np.float32)
+    reducer = GramReducer(block_size=16)
+    reducer.update(rows[:100])
+    reducer.update(rows[100:])
+    blocked = reducer.result()
+    full = Gram.full(rows.T @ rows / 300, 300)
+    assert not blocked.is_full and blocked.block_size == 16 and blocked.channels == 40
+    np.testing.assert_allclose(blocked.blocks, full.diagonal_blocks(16), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(blocked.channel_rms, full.channel_rms, rtol=1e-5)
+    error = np.random.default_rng(5).standard_normal((40, 3)).astype(np.float32)
+    expected = sum(
+        float(np.sum(error[i : i + 16].T @ full.matrix[i : i + 16, i : i + 16] * error[i : i + 16].T))
+        for i in range(0, 40, 16)
+    )
+    assert blocked.weighted_error(error) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="request a full one"):
+        _ = blocked.matrix
 
 
 @pytest.mark.parametrize(
@@ -63,15 +85,29 @@ def test_scale_estimation_beats_rtn_per_block(fmt, symmetric):
     block = 16 if fmt is WeightFormat.NVFP4 else 32
     rtn = quantize(weight, fmt, block, symmetric=symmetric)
     estimated = estimate_scales(weight, gram, fmt, block, symmetric=symmetric)
-    rtn_error = weighted_error(rtn.dequantize() - weight, gram.matrix)
-    assert weighted_error(estimated.dequantize() - weight, gram.matrix) < 0.9 * rtn_error
+    rtn_error = weighted_error(rtn.dequantize() - weight, gram)
+    assert weighted_error(estimated.dequantize() - weight, gram) < 0.9 * rtn_error
+
+
+@pytest.mark.parametrize("block", [64, 128])  # 128 = per-channel for 128 rows
+def test_scale_estimation_on_gram_blocks_tiling_the_quantization_blocks(block):
+    """Statistics in blocks of 32 serve quantization blocks of 64 and per-channel scales."""
+    x, gram, weight = _problem()
+    reducer = GramReducer(block_size=32)
+    reducer.update(x)
+    rtn = quantize(weight, WeightFormat.INT4, block, symmetric=True)
+    estimated = estimate_scales(weight, reducer.result(), WeightFormat.INT4, block, symmetric=True)
+    assert estimated.scales.shape == rtn.scales.shape
+    assert weighted_error(estimated.dequantize() - weight, gram) < 0.95 * weighted_error(
+        rtn.dequantize() - weight, gram
+    )
 
 
 def test_scale_estimation_closed_form_scale_for_fixed_codes():
     """With H = I and one block, the refitted scale is the least-squares s = <u, w> / <u, u>."""
     weight = np.array([[1.0], [0.52], [-0.26], [0.1]], np.float32)
     estimated = estimate_scales(
-        weight, Gram(np.eye(4, dtype=np.float32), 1), WeightFormat.INT4, 4, symmetric=True
+        weight, Gram.full(np.eye(4, dtype=np.float32), 1), WeightFormat.INT4, 4, symmetric=True
     )
     units = estimated.codes[:, 0].astype(np.float64)
     expected = units @ weight[:, 0] / (units @ units)
@@ -82,7 +118,7 @@ def test_gptq_with_uncorrelated_inputs_is_rtn():
     """A diagonal Hessian carries no error to other rows: GPTQ's codes are RTN's."""
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((64, 16)).astype(np.float32)
-    gram = Gram(np.diag(rng.random(64).astype(np.float32) + 0.5), 100)
+    gram = Gram.full(np.diag(rng.random(64).astype(np.float32) + 0.5), 100)
     rtn = quantize(weight, WeightFormat.INT4, 32, symmetric=False)
     np.testing.assert_array_equal(gptq(weight, gram, rtn).codes, rtn.codes)
 
@@ -93,8 +129,8 @@ def test_gptq_reduces_output_error(act_order):
     rtn = quantize(weight, WeightFormat.INT4, 32, symmetric=True)
     result = gptq(weight, gram, rtn, act_order=act_order)
     assert result.scales is rtn.scales
-    rtn_error = weighted_error(rtn.dequantize() - weight, gram.matrix)
-    assert weighted_error(result.dequantize() - weight, gram.matrix) < 0.7 * rtn_error
+    rtn_error = weighted_error(rtn.dequantize() - weight, gram)
+    assert weighted_error(result.dequantize() - weight, gram) < 0.7 * rtn_error
 
 
 def test_awq_never_worse_than_rtn_and_scales_centered():

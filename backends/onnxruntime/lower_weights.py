@@ -112,10 +112,10 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         kernel.outputs[0].name, output.name = str(output.name), f"{output.name}_replaced"
         kernel.outputs[0].type, kernel.outputs[0].shape = output.type, output.shape
         output.replace_all_uses_with(kernel.outputs[0], replace_graph_outputs=True)
+        constants = [value for value in dq.inputs if value is not None]
         graph.remove([consumer, dq], safe=True)
-        for value in dq.inputs:
-            if value is not None:
-                drop_if_unused(graph, value)
+        for value in constants:
+            drop_if_unused(graph, value)
         self.lowered[str(consumer.name)] = kernel.op_type
 
     def _lower_matmul(self, model: ir.Model, dq: ir.Node, matmul: ir.Node) -> None:

@@ -6,7 +6,7 @@ MatMulNBits (INT4 / INT8, blocks along K):
 - zero_points: uint8 [N * ceil(n_blocks * bits / 8)], packed the same way per column (absent
   means 2^(bits-1): symmetric codes are stored offset by it).
 `block_size` must be a power of two >= 16; a K that does not divide gets a zero-padded last
-block, and a per-channel weight one block of the next power of two.
+block; a per-channel weight is tiled by equal-scale blocks (see `nbits_block_size`).
 
 MatMulBnb4 (NF4): B transposed to [N, K], flattened, two codes per byte; absmax [N * K / block].
 
@@ -31,10 +31,18 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 
 def nbits_block_size(weight: CompressedWeight) -> int:
-    """MatMulNBits' block size for `weight`: its own, or one power-of-two block if per-channel."""
+    """MatMulNBits' block size for `weight`.
+
+    Its own block size; for a per-channel weight, the largest power-of-two block (16..256) that
+    tiles K, each block repeating the column's scale (same values, no padding), else one padded
+    power-of-two block.
+    """
     rows = weight.shape[0]
     size = weight.block_size
-    if size >= rows:  # per-channel: one block, padded
+    if size >= rows:
+        for candidate in (256, 128, 64, 32, 16):
+            if rows % candidate == 0:
+                return candidate
         return max(16, 1 << (rows - 1).bit_length())
     if size < 16 or size & (size - 1):
         raise UnsupportedModelError(
@@ -68,10 +76,11 @@ def pack_matmul_nbits(weight: CompressedWeight) -> MatMulNBitsWeights:
         codes = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
     blocks = np.transpose(to_blocks(codes, block_size), (2, 0, 1))  # [N, n_blocks, B]
     packed = _pack_nibbles(blocks) if bits == 4 else np.ascontiguousarray(blocks, dtype=np.uint8)
-    scales = np.ascontiguousarray(weight.scales.T).reshape(-1)
+    repeat = blocks.shape[1] // weight.scales.shape[0]  # > 1 when a per-channel scale is tiled
+    scales = np.ascontiguousarray(np.repeat(weight.scales, repeat, axis=0).T).reshape(-1)
     zero_points = None
     if weight.zero_points is not None:
-        zero_columns = np.ascontiguousarray(weight.zero_points.T)
+        zero_columns = np.ascontiguousarray(np.repeat(weight.zero_points, repeat, axis=0).T)
         zero_points = (_pack_nibbles(zero_columns) if bits == 4 else zero_columns).reshape(-1)
     return MatMulNBitsWeights(packed, scales, zero_points, rows, columns, block_size, bits)
 
