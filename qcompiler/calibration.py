@@ -74,8 +74,9 @@ class StatRequest:
 
     @classmethod
     def gram(cls, value: ir.Value, block_size: int = 0) -> StatRequest:
-        """The mean outer product of the rows (vectors along the last axis); with `block_size`,
-        only its diagonal blocks of that many channels.
+        """The mean outer product of the rows (vectors along the last axis).
+
+        With `block_size`, only its diagonal blocks of that many channels.
         """
         return cls(value, StatKind.GRAM, axis=-1, size=block_size)
 

@@ -242,8 +242,9 @@ class Gram:
         return blocks
 
     def weighted_error(self, error: np.ndarray) -> float:
-        """tr(Eᵀ H E) for a weight error E [C, N]: the mean squared layer-output error it causes
-        (cross-block terms omitted for a blocked Gram).
+        """tr(Eᵀ H E): the mean squared layer-output error a weight error E [C, N] causes.
+
+        Cross-block terms are omitted for a blocked Gram.
         """
         blocked = _channel_blocks(np.asarray(error, np.float32), self.block_size)
         return float(np.sum(np.matmul(self.blocks, blocked) * blocked))
