@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qcompiler.data import input_specs, validated
+from qcompiler.options import CalibrationRuntime
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
     GramReducer,
@@ -147,6 +148,21 @@ def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return clone
 
 
+def _runner(
+    model: ir.Model, runtime: CalibrationRuntime
+) -> Callable[[list[str], Mapping[str, np.ndarray]], list]:
+    """A function (output names, feed) -> outputs running `model` in the chosen runtime."""
+    if runtime is CalibrationRuntime.ONNXRUNTIME:
+        from qcompiler.backends.onnxruntime.session import create_session, session_options
+
+        session = create_session(model, session_options(lean=True))
+        return lambda names, feed: session.run(names, dict(feed))
+    from qcompiler.backends.openvino import OpenVINORunner, bf16_available
+
+    precision = "bf16" if runtime is CalibrationRuntime.OPENVINO_FAST and bf16_available() else "f32"
+    return OpenVINORunner(model, precision=precision).run
+
+
 def collect(
     model: ir.Model,
     requests: Iterable[StatRequest],
@@ -156,8 +172,9 @@ def collect(
     max_batches: int | None = None,
     progress: bool = True,
     description: str = "calibrating",
+    runtime: CalibrationRuntime = CalibrationRuntime.ONNXRUNTIME,
 ) -> Statistics:
-    """Run `data` once through `model` in onnxruntime and reduce every requested statistic.
+    """Run `data` once through `model` and reduce every requested statistic.
 
     Args:
         model: the float model (not modified).
@@ -167,9 +184,8 @@ def collect(
         max_batches: stop after this many batches.
         progress: show a tqdm bar.
         description: label of the progress bar.
+        runtime: where the model runs (`CalibrationRuntime`).
     """
-    from qcompiler.backends.onnxruntime.session import create_session, session_options
-
     merged: dict[StatKey, StatRequest] = {}
     for request in requests:
         merged.setdefault(request.key, request)
@@ -190,13 +206,13 @@ def collect(
     fetch = sorted({key[0] for key in runtime_keys} - input_names)
     batches = 0
     if runtime_keys:
-        session = create_session(_with_outputs(model, fetch), session_options(lean=True))
+        run = _runner(_with_outputs(model, fetch), runtime)
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         if max_batches is not None and total is not None:
             total = min(total, max_batches)
         stream = validated(data, specs, "calibration data", limit=max_batches)
         for feed in tqdm(stream, total=total, desc=description, unit="batch", disable=not progress):
-            outputs = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
+            outputs = dict(zip(fetch, run(fetch, feed), strict=True)) if fetch else {}
             outputs.update({name: feed[name] for name in input_names})
             for key in runtime_keys:
                 reducers[key].update(outputs[key[0]])

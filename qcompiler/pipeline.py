@@ -22,7 +22,7 @@ from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError, UnsupportedModelError
-from qcompiler.options import CompileOptions, CompressionOptions, QuantType
+from qcompiler.options import CalibrationRuntime, CompileOptions, CompressionOptions, QuantType
 from qcompiler.report import Report, peak_rss_mb, versions
 from qcompiler.rewrites.compression import compress_weights, plan_compression, stat_requests
 from qcompiler.rewrites.normalize import NormalizePass
@@ -139,6 +139,7 @@ def _quantize_static(
                 histogram_bins=options.calibration.histogram_bins,
                 max_batches=options.calibration.max_batches,
                 progress=progress,
+                runtime=options.calibration.runtime or CalibrationRuntime.ONNXRUNTIME,
             ).with_results(known)
     report.data["batches"] = statistics.batches
     report.data["calibration_runs"] = int(bool(options.smooth_quant.enabled)) + int(bool(missing))
@@ -189,6 +190,7 @@ def _compress_weights(
                 max_batches=options.calibration.max_batches,
                 progress=progress,
                 description="calibrating (weight compression)",
+                runtime=options.calibration.runtime or CalibrationRuntime.OPENVINO_FAST,
             )
         report.data["batches"] = statistics.batches
     with report.timed("compress"):
@@ -228,6 +230,7 @@ def smooth_quant(
         max_batches=options.calibration.max_batches,
         progress=progress,
         description="calibrating (SmoothQuant)",
+        runtime=options.calibration.runtime or CalibrationRuntime.ONNXRUNTIME,
     )
     decisions = []
     summary: dict[str, dict[str, object]] = {}

@@ -216,11 +216,35 @@ def decode(
     return (values * scales[:, None, :]).astype(np.float32)
 
 
+def code_units(
+    blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: WeightFormat
+) -> np.ndarray:
+    """The rounded values in units of the scale (code - zero point, or the table value), float32.
+
+    decode(encode(...)) / scale, computed in place for integers: the algorithms' inner loop.
+    """
+    if not fmt.is_integer:
+        ones = np.ones_like(scales)
+        return decode(encode(blocks, scales, zero_points, fmt), ones, zero_points, fmt)
+    symmetric = zero_points is None
+    qmin, qmax = _int_range(fmt.bits, symmetric)
+    units = blocks / scales[:, None, :]
+    if symmetric:
+        np.rint(units, out=units)
+        return np.minimum(np.maximum(units, qmin, out=units), qmax, out=units)
+    zero = zero_points[:, None, :].astype(np.float32)  # type: ignore[index]
+    units += zero
+    np.rint(units, out=units)
+    np.minimum(np.maximum(units, qmin, out=units), qmax, out=units)
+    units -= zero
+    return units
+
+
 def fake_quantize(
     blocks: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, fmt: WeightFormat
 ) -> np.ndarray:
     """decode(encode(...)): what the runtime will compute with, blocked."""
-    return decode(encode(blocks, scales, zero_points, fmt), scales, zero_points, fmt)
+    return code_units(blocks, scales, zero_points, fmt) * scales[:, None, :]
 
 
 def quantize(
@@ -246,3 +270,14 @@ def quantize(
         scales, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)
     codes = from_blocks(encode(blocks, scales, zero_points, fmt), weight.shape[0])
     return CompressedWeight(fmt, codes, scales, zero_points, block_size, global_scale)
+
+
+def fake_quantize_matrix(
+    weight: np.ndarray, fmt: WeightFormat, block_size: int, *, symmetric: bool = True
+) -> np.ndarray:
+    """W [K, N] rounded to the format with RTN scales, as float32 [K, N]."""
+    symmetric = symmetric or not fmt.is_integer
+    global_scale = nvfp4_global_scale(weight) if fmt is WeightFormat.NVFP4 else None
+    blocks = to_blocks(np.asarray(weight, np.float32), block_size)
+    scales, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)
+    return from_blocks(fake_quantize(blocks, scales, zero_points, fmt), weight.shape[0])

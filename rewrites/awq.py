@@ -19,10 +19,10 @@ import numpy as np
 
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.scale_estimation import weighted_error
-from qcompiler.weight_formats import WeightFormat, quantize
+from qcompiler.weight_formats import WeightFormat, fake_quantize_matrix
 
-ALPHA_GRID = tuple(round(i / 20, 2) for i in range(20))
-MAX_SEARCH_COLUMNS = 768
+ALPHA_GRID = tuple(round(i / 10, 1) for i in range(10))
+MAX_SEARCH_COLUMNS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def awq_scales(
         scales = importance**alpha
         scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
         scaled = stacked * scales[:, None]
-        rounded = quantize(scaled, fmt, block_size, symmetric=symmetric).dequantize() / scales[:, None]
+        rounded = fake_quantize_matrix(scaled, fmt, block_size, symmetric=symmetric) / scales[:, None]
         error = weighted_error(rounded - stacked, gram)
         errors[f"{alpha:g}"] = error
         if error < best[0]:

@@ -21,7 +21,7 @@ from qcompiler.reducers import Gram
 from qcompiler.weight_formats import (
     CompressedWeight,
     WeightFormat,
-    decode,
+    code_units,
     encode,
     from_blocks,
     nvfp4_global_scale,
@@ -71,16 +71,15 @@ def estimate_scales(
     blocks = to_blocks(weight, block_size)
     sub = to_blocks(weight, stat_size)
     base, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)
-    ones = np.ones((sub.shape[0], sub.shape[2]), np.float32)
-    sub_zeros = None if zero_points is None else np.repeat(zero_points, ratio, axis=0)[: sub.shape[0]]
     constant = _sum_blocks(np.sum(np.matmul(h_blocks, sub) * sub, axis=1), ratio)  # wᵀ H_b w
     best_error = np.full(base.shape, np.inf, np.float64)
     best_scales = base.copy()
     best_rounding = base.copy()  # the scale the winning codes were rounded with
     for factor in shrink:
         scales = snap_scales(base * factor, fmt, global_scale)
-        codes = encode(blocks, scales, zero_points, fmt)
-        units = decode(to_blocks(from_blocks(codes, rows), stat_size), ones, sub_zeros, fmt)
+        units = code_units(blocks, scales, zero_points, fmt)
+        if stat_size != block_size:
+            units = to_blocks(from_blocks(units, rows), stat_size)
         h_units = np.matmul(h_blocks, units)
         cross = _sum_blocks(np.sum(h_units * sub, axis=1), ratio)
         energy = _sum_blocks(np.sum(h_units * units, axis=1), ratio)

@@ -9,6 +9,7 @@ from qcompiler.weight_formats import (
     FP4_TABLE,
     NF4_TABLE,
     WeightFormat,
+    fake_quantize_matrix,
     quantize,
     resolve_block_size,
 )
@@ -112,3 +113,15 @@ def test_fp8_matches_onnxruntime_dequantize_linear():
     got = _dequantize_linear(codes, compressed.scales[0], None, {"axis": 1}, 19)
     np.testing.assert_array_equal(got, compressed.dequantize())
     assert np.abs(got - w).max() <= np.abs(w).max() / 16
+
+
+@pytest.mark.parametrize("fmt", list(WeightFormat))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fast_fake_quantize_equals_encode_then_decode(fmt, symmetric):
+    """The algorithms' in-place rounding (`fake_quantize_matrix`) is exactly quantize + dequantize."""
+    w = np.random.default_rng(4).standard_normal((96, 10)).astype(np.float32)
+    block = resolve_block_size(fmt, 32, 96)
+    np.testing.assert_array_equal(
+        fake_quantize_matrix(w, fmt, block, symmetric=symmetric),
+        quantize(w, fmt, block, symmetric=symmetric).dequantize(),
+    )

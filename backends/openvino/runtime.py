@@ -1,0 +1,52 @@
+"""Running an in-memory ONNX model in OpenVINO CPU (the one place that imports openvino here).
+
+Calibration runs a model over many batches; on CPUs with AMX / AVX512-BF16, OpenVINO's bf16
+inference is 3-4x faster than onnxruntime's fp32 for transformer blocks (SmolLM2-135M, 512
+tokens: 0.20 s vs 0.81 s per window here), and its f32 mode is still faster. Statistics of
+weight compression (Gram matrices) tolerate bf16's 8-bit mantissa; activation ranges for static
+quantization keep onnxruntime's fp32 by default.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.io import save
+
+
+def bf16_available() -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 inference on this machine."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVINORunner:
+    """Compiles an ONNX model (read through a temporary file) for OpenVINO CPU and runs feeds.
+
+    `precision` is "f32" or "bf16" (the CPU plugin's inference precision hint).
+    """
+
+    def __init__(self, model: ir.Model, *, precision: str = "f32", threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        with tempfile.TemporaryDirectory(prefix="qcompile-openvino-") as folder:
+            path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
+            config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._outputs = {name: output for output in self._compiled.outputs for name in output.get_names()}
+        self.precision = precision
+
+    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The named outputs for one feed (float32 whatever the inference precision)."""
+        results = self._request.infer(dict(feed))
+        return [np.asarray(results[self._outputs[name]]) for name in names]
