@@ -94,7 +94,8 @@ def compile(  # noqa: A001 - the public name the design promises
             peek_check(data, specs, "calibration data")
 
     with report.timed("normalize"):
-        NormalizePass()(working)
+        # Weight-only compression matches no activation patterns: skip the rewrite rules.
+        NormalizePass(rewrite=options.compression is None)(working)
     backend = backend_for(resolved.backend)
     if options.compression is not None:
         _compress_weights(working, data, options, options.compression, backend, report, progress=progress)
@@ -199,7 +200,8 @@ def _compress_weights(
         )
     del statistics
     with report.timed("lower"):
-        report.compression["kernels"] = backend.lower_weights(working, compression.accuracy_level)
+        report.compression["accuracy_level"] = compression.kernel_accuracy_level
+        report.compression["kernels"] = backend.lower_weights(working, compression.kernel_accuracy_level)
         backend.check(working)
     report.nodes = {
         "compressed": len(units),

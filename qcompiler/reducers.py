@@ -247,7 +247,7 @@ class Gram:
         Cross-block terms are omitted for a blocked Gram.
         """
         blocked = _channel_blocks(np.asarray(error, np.float32), self.block_size)
-        return float(np.sum(np.matmul(self.blocks, blocked) * blocked))
+        return float(np.einsum("kbn,kbn->", np.matmul(self.blocks, blocked), blocked))
 
     def scaled(self, scales: np.ndarray) -> Gram:
         """The Gram of X / s (after AWQ folds s): H / s sᵀ."""
@@ -293,6 +293,18 @@ class GramReducer:
         self._pending_rows += rows.shape[0]
         if self._pending_rows >= max(self.min_flush_rows, rows.shape[1]):
             self._flush()
+
+    def add_product(self, product: np.ndarray, rows: int) -> None:
+        """Fold in a batch's XᵀX blocks [n_blocks, B, B] computed elsewhere (in the graph)."""
+        product = np.asarray(product, np.float32)
+        if not np.isfinite(product).all():
+            raise DataError("non-finite values reached a calibration tensor's Gram matrix")
+        self.channels = product.shape[0] * product.shape[1]
+        if self.total is None:
+            self.total = product.copy()
+        else:
+            self.total += product
+        self.rows += rows
 
     def _flush(self) -> None:
         if not self._pending:

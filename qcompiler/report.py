@@ -93,7 +93,10 @@ class Report:
             rows.append(("AWQ", f"{folded} of {len(awq)} input groups scaled"))
         kernels = cast(dict[str, str], self.compression.get("kernels", {}))
         if kernels:
-            rows.append(("runtime kernels", str(dict(collections.Counter(kernels.values())))))
+            level = self.compression.get("accuracy_level")
+            rows.append(
+                ("runtime kernels", f"{dict(collections.Counter(kernels.values()))}, accuracy_level {level}")
+            )
         return rows
 
     def summary(self) -> str:
@@ -103,9 +106,12 @@ class Report:
         rows = [
             ("target", self.target),
             ("data", str(self.data.get("description", ""))),
-            ("quantized nodes", f"{self.nodes.get('quantized', 0)} ({self.nodes.get('by_op_type', {})})"),
-            ("left in float", str(len(self.nodes.get("skipped", {})))),  # type: ignore[arg-type]
         ]
+        if not self.compression:
+            rows.append(
+                ("quantized nodes", f"{self.nodes.get('quantized', 0)} ({self.nodes.get('by_op_type', {})})")
+            )
+        rows.append(("left in float", str(len(self.nodes.get("skipped", {})))))  # type: ignore[arg-type]
         if self.smooth_quant:
             smoothed = [g for g in self.smooth_quant.values() if g.get("alpha") is not None]
             inserted = sum("Mul inserted" in str(g.get("applied", "")) for g in smoothed)

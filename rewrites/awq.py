@@ -22,7 +22,7 @@ from qcompiler.rewrites.scale_estimation import weighted_error
 from qcompiler.weight_formats import WeightFormat, fake_quantize_matrix
 
 ALPHA_GRID = tuple(round(i / 10, 1) for i in range(10))
-MAX_SEARCH_COLUMNS = 512
+MAX_SEARCH_COLUMNS = 256
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,12 @@ class WeightUnit:
         return np.asarray(array.T if self.role == "embedding" else array, np.float32)
 
     @property
+    def rows(self) -> int:
+        """Input channels of `matrix()`: MatMul's K, or an embedding's hidden size."""
+        dims = self.weight.const_value.shape  # type: ignore[union-attr]
+        return int(dims[1] if self.role == "embedding" else dims[0])  # type: ignore[arg-type]
+
+    @property
     def size(self) -> int:
         """Number of weight values."""
         return int(np.prod(self.weight.shape.numpy()))  # type: ignore[union-attr]
@@ -129,16 +135,15 @@ def plan_compression(
             and node.attributes.get_int("axis", 0) == 0
             and _const_float_2d(node.inputs[0])
         ):
-            fmt, symmetric, group = backup
-            hidden = node.inputs[0].const_value.shape[1]  # type: ignore[union-attr]
-            units.append(WeightUnit(node, "embedding", fmt, symmetric, group or backup_block(hidden)))
+            embedding = WeightUnit(node, "embedding", *backup)
+            embedding.group_size = embedding.group_size or backup_block(embedding.rows)
+            units.append(embedding)
     matmuls = [unit for unit in units if unit.role == "matmul"]
     if matmuls and options.backup_layers:
         matmuls[-1].role = "head"
         head = matmuls[-1]
-        rows = head.weight.const_value.shape[0]  # type: ignore[union-attr]
         head.format, head.symmetric, head.group_size = backup
-        head.group_size = head.group_size or backup_block(rows)
+        head.group_size = head.group_size or backup_block(head.rows)
     return units, skipped
 
 
@@ -168,8 +173,7 @@ def stat_requests(units: list[WeightUnit], options: CompressionOptions) -> list[
         activation = unit.activation
         if unit.role == "embedding" or activation is None or activation.const_value is not None:
             continue
-        rows = unit.weight.const_value.shape[0]  # type: ignore[union-attr]
-        size = math.gcd(resolve_block_size(unit.format, unit.group_size, rows), rows)
+        size = math.gcd(resolve_block_size(unit.format, unit.group_size, unit.rows), unit.rows)
         name = str(activation.name)
         blocks[name] = (activation, math.gcd(blocks[name][1], size) if name in blocks else size)
     return [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.optimizer import optimize_ir
+from onnxscript.optimizer import fold_constants, optimize_ir
 
 from qcompiler.irutil import add_initializer
 
@@ -65,12 +65,41 @@ class NormalizePass(ir.passes.InPlacePass):
     4. Every node gets a unique name; shapes and types are inferred and the graph sorted.
     """
 
+    def __init__(self, *, rewrite: bool = True) -> None:
+        """`rewrite` False skips onnxscript's pattern rewrite rules.
+
+        Those (cast/reshape/no-op cleanups) cost seconds on an LLM export and matter only where a
+        pass matches activation patterns; constant folding, lifting and CSE always run.
+        """
+        super().__init__()
+        self.rewrite = rewrite
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Normalize in place; reports `modified=True` (the passes do not all report changes)."""
         common.RemoveInitializersFromInputsPass()(model)
-        optimize_ir(model)
+        if self.rewrite:
+            optimize_ir(model)
+        else:
+            _fold_without_rewrites(model)
         FoldWeightTransposePass()(model)
         common.NameFixPass()(model)
         common.ShapeInferencePass()(model)
         common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=True)
+
+
+def _fold_without_rewrites(model: ir.Model) -> None:
+    """optimize_ir's sequence without its RewritePass: inline, fold, clean up, lift, dedupe, CSE."""
+    common.InlinePass()(model)
+    fold_constants(model)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedFunctionsPass(),
+        common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)

@@ -30,12 +30,17 @@ from qcompiler.weight_formats import (
     to_blocks,
 )
 
-SHRINK_GRID = tuple(float(m) for m in np.round(np.linspace(0.5, 1.0, 11), 3))
+SHRINK_GRID = tuple(float(m) for m in np.round(np.linspace(0.6, 1.0, 9), 3))
 
 
 def weighted_error(error: np.ndarray, gram: Gram) -> float:
     """tr(Eᵀ H E): the mean squared layer-output error caused by a weight error E [K, N]."""
     return gram.weighted_error(error)
+
+
+def _column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per (block, column) dot products over the rows of two blocked arrays [n, B, N] -> [n, N]."""
+    return np.einsum("kbn,kbn->kn", a, b)
 
 
 def _sum_blocks(terms: np.ndarray, ratio: int) -> np.ndarray:
@@ -71,7 +76,7 @@ def estimate_scales(
     blocks = to_blocks(weight, block_size)
     sub = to_blocks(weight, stat_size)
     base, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)
-    constant = _sum_blocks(np.sum(np.matmul(h_blocks, sub) * sub, axis=1), ratio)  # wᵀ H_b w
+    constant = _sum_blocks(_column_dot(np.matmul(h_blocks, sub), sub), ratio)  # wᵀ H_b w
     best_error = np.full(base.shape, np.inf, np.float64)
     best_scales = base.copy()
     best_rounding = base.copy()  # the scale the winning codes were rounded with
@@ -81,8 +86,8 @@ def estimate_scales(
         if stat_size != block_size:
             units = to_blocks(from_blocks(units, rows), stat_size)
         h_units = np.matmul(h_blocks, units)
-        cross = _sum_blocks(np.sum(h_units * sub, axis=1), ratio)
-        energy = _sum_blocks(np.sum(h_units * units, axis=1), ratio)
+        cross = _sum_blocks(_column_dot(h_units, sub), ratio)
+        energy = _sum_blocks(_column_dot(h_units, units), ratio)
         with np.errstate(divide="ignore", invalid="ignore"):
             fitted = np.where((energy > 0) & (cross > 0), cross / energy, scales)
         fitted = snap_scales(fitted, fmt, global_scale)

@@ -139,3 +139,31 @@ def test_awq_never_worse_than_rtn_and_scales_centered():
     assert choice.errors[f"{choice.alpha:g}"] <= choice.errors["0"]
     assert choice.alpha > 0 and choice.scales is not None
     assert np.sqrt(choice.scales.max() * choice.scales.min()) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("block", [0, 4])
+def test_gram_computed_in_the_graph_matches_numpy(runtime, block):
+    """The calibration engine appends XᵀX (per block) to the graph; the runtime's result equals
+    numpy's over all batches (onnxruntime and OpenVINO fp32)."""
+    import onnx_ir as ir
+
+    from qcompiler.calibration import StatRequest, collect
+    from qcompiler.options import CalibrationRuntime
+    from tests.graphs import add, const, float_input, model_of
+
+    x = float_input("x", ["batch", 5, 8])
+    graph = ir.Graph([x], [], nodes=[], name="g")
+    hidden = add(graph, "MatMul", [x, const(graph, "w", np.eye(8, dtype=np.float32) * 2)], "fc")
+    hidden.shape = ir.Shape(["batch", 5, 8])
+    hidden.type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(add(graph, "Relu", [hidden], "relu"))
+    model = model_of(graph)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 5, 8)).astype(np.float32)} for _ in range(3)]
+    request = StatRequest.gram(hidden, block)
+    result = collect(model, [request], feeds, progress=False, runtime=CalibrationRuntime(runtime))[request]
+    rows = np.concatenate([2 * f["x"].reshape(-1, 8) for f in feeds])
+    expected = Gram.full(rows.T @ rows / len(rows), len(rows))
+    assert result.rows == 30 and result.channels == 8
+    np.testing.assert_allclose(result.blocks, expected.diagonal_blocks(block or 8), rtol=1e-5, atol=1e-5)
