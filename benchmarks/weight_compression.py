@@ -29,8 +29,9 @@ import peers
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.txt"
 
-# name -> (description, qcompiler algorithm flags or None for a peer)
+# qcompiler tool -> algorithm flags; "-int8" tools compress to INT8 per channel instead
 QCOMPILER_TOOLS = {
+    "qc-int8": (),
     "qc-rtn": (),
     "qc-awq": ("awq",),
     "qc-se": ("scale_estimation",),
@@ -38,8 +39,15 @@ QCOMPILER_TOOLS = {
     "qc-awq-se": ("awq", "scale_estimation"),
     "qc-se-gptq": ("scale_estimation", "gptq"),
     "qc-awq-se-gptq": ("awq", "scale_estimation", "gptq"),
+    "qc-nf4-awq-se": ("awq", "scale_estimation"),
+    "qc-mxfp4-awq-se": ("awq", "scale_estimation"),
+    "qc-nvfp4-awq-se": ("awq", "scale_estimation"),
 }
+EMULATED = ("mxfp4", "nvfp4")
+"""Formats onnxruntime has no kernel for yet: their tools store the dequantized weights in an FP32
+model (same rounding, no speed), so the table still compares their accuracy."""
 PEERS = {
+    "nncf-int8": "NNCF compress_weights (OpenVINO) INT8_ASYM per channel, data-free",
     "nncf-rtn": "NNCF compress_weights (OpenVINO), data-free",
     "nncf-awq-se": "NNCF compress_weights (OpenVINO), awq=True, scale_estimation=True",
     "nncf-se": "NNCF compress_weights (OpenVINO), scale_estimation=True",
@@ -59,24 +67,40 @@ MODELS = {
         "int4",
         False,
         128,
-        "qc-rtn,qc-se,qc-gptq,qc-se-gptq,nncf-rtn,nncf-se,nncf-gptq,ort-rtn,ort-hqq",
+        "qc-int8,nncf-int8,qc-rtn,qc-awq,qc-se,qc-gptq,qc-se-gptq,qc-awq-se-gptq,nncf-rtn,nncf-se,nncf-gptq,ort-rtn,ort-hqq",
     ),
 }
 
 
+def _mode(tool: str, model: str) -> tuple[str, bool, int]:
+    """(format, symmetric, group size) a tool runs with: the model's INT4 mode, or INT8 per channel."""
+    if tool.endswith("int8"):
+        return "int8", False, 0
+    for fmt in ("nf4", *EMULATED):
+        if tool.startswith(f"qc-{fmt}"):
+            return fmt, True, int(MODELS[model][2])  # type: ignore[call-overload]
+    fmt, symmetric, group = MODELS[model][:3]
+    return str(fmt), bool(symmetric), int(group)  # type: ignore[call-overload]
+
+
 def describe(tool: str, model: str) -> str:
     """One line saying what `tool` ran."""
-    fmt, symmetric, group = MODELS[model][:3]
-    mode = f"{fmt} {'sym' if symmetric else 'asym'} group {group}"
+    fmt, symmetric, group = _mode(tool, model)
+    mode = f"{fmt} {'sym' if symmetric else 'asym'} " + (f"group {group}" if group else "per channel")
     if tool in QCOMPILER_TOOLS:
         algorithms = "+".join(QCOMPILER_TOOLS[tool]) or "rtn"
-        return f"qcompiler --weights {mode}, {algorithms}; embeddings and last MatMul INT8 (NNCF's policy)"
+        emulated = (
+            " (EMULATED: dequantized weights in an FP32 model; no onnxruntime kernel yet)"
+            if fmt in EMULATED
+            else ""
+        )
+        return f"qcompiler --weights {mode}, {algorithms}; embeddings and last MatMul INT8 (NNCF's policy){emulated}"
     return f"{PEERS[tool]}, {mode}" + ("; embeddings and last layer INT8 (default)" if "nncf" in tool else "")
 
 
 def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output: pathlib.Path) -> None:
     """Run one tool; writes `output` (.onnx, or .xml for NNCF)."""
-    fmt, symmetric, group = MODELS[model_name][:3]
+    fmt, symmetric, group = _mode(tool, model_name)
     if tool in QCOMPILER_TOOLS:
         import qcompiler
 
@@ -84,6 +108,9 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         compression = qcompiler.CompressionOptions(
             format=qcompiler.WeightFormat(fmt), group_size=group, symmetric=symmetric, **flags
         )
+        if fmt in EMULATED:
+            qcompiler.save(emulated(model, compression, feeds), output)
+            return
         result = qcompiler.compile(
             model, "ort-cpu", qcompiler.CompileOptions(compression=compression), data=feeds, progress=False
         )
@@ -92,19 +119,24 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         import nncf
         import openvino as ov
 
-        mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
-        data_aware = tool != "nncf-rtn"
-        compressed = nncf.compress_weights(
-            ov.convert_model(str(model)),
-            mode=mode,
-            group_size=group,
-            ratio=1.0,
-            dataset=nncf.Dataset(feeds) if data_aware else None,
-            subset_size=len(feeds),
-            awq="awq" in tool,
-            scale_estimation="se" in tool,
-            gptq="gptq" in tool,
-        )
+        if fmt == "int8":
+            compressed = nncf.compress_weights(
+                ov.convert_model(str(model)), mode=nncf.CompressWeightsMode.INT8_ASYM
+            )
+        else:
+            mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
+            data_aware = tool != "nncf-rtn"
+            compressed = nncf.compress_weights(
+                ov.convert_model(str(model)),
+                mode=mode,
+                group_size=group,
+                ratio=1.0,
+                dataset=nncf.Dataset(feeds) if data_aware else None,
+                subset_size=len(feeds),
+                awq="awq" in tool,
+                scale_estimation="se" in tool,
+                gptq="gptq" in tool,
+            )
         ov.save_model(compressed, str(output), compress_to_fp16=False)
     elif tool.startswith("ort"):
         import onnx
@@ -124,6 +156,57 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
     else:
         raise SystemExit(f"unknown tool {tool}")
+
+
+def emulated(model: pathlib.Path, compression, feeds):
+    """The compression pipeline up to the canonical form, then every weight DQ replaced by its
+    dequantized values: the format's accuracy in an FP32 model (benchmark only)."""
+    import qcompiler
+    from qcompiler import calibration
+    from qcompiler.backends.onnxruntime.lower_weights import read_compressed
+    from qcompiler.irutil import add_initializer, drop_if_unused
+    from qcompiler.options import CalibrationRuntime, IgnoredScope
+    from qcompiler.rewrites.compression import compress_weights, plan_compression, stat_requests
+    from qcompiler.rewrites.normalize import NormalizePass
+
+    working = qcompiler.load(model)
+    NormalizePass(rewrite=False)(working)
+    units, _ = plan_compression(working, compression, IgnoredScope())
+    statistics = calibration.collect(
+        working,
+        stat_requests(units, compression),
+        feeds,
+        progress=False,
+        runtime=CalibrationRuntime.OPENVINO_FAST,
+    )
+    compress_weights(working, units, statistics, compression, IgnoredScope(), progress=False)
+    for node in list(working.graph):
+        if node.op_type != "DequantizeLinear":
+            continue
+        consumer = next(iter(node.outputs[0].uses())).node
+        gather = consumer.op_type == "Gather"
+        weight = read_compressed(node, transposed=gather)
+        if weight is None:  # FP4 codes: decode here (read_compressed covers the integer formats)
+            weight = _fp4_weight(node, compression)
+        values = weight.dequantize()
+        replacement = add_initializer(working.graph, f"{node.name}_values", values.T if gather else values)
+        inputs = [value for value in node.inputs if value is not None]
+        node.outputs[0].replace_all_uses_with(replacement)
+        working.graph.remove(node, safe=True)
+        for value in inputs:
+            drop_if_unused(working.graph, value)
+    return working
+
+
+def _fp4_weight(node, compression):
+    """A CompressedWeight from a canonical FP4 DequantizeLinear [K, N] (blocked along K)."""
+    from qcompiler.weight_formats import CompressedWeight
+
+    codes = node.inputs[0].const_value.numpy().view(np.uint8)
+    scales = node.inputs[1].const_value.numpy().astype(np.float32)
+    scales = scales if scales.ndim == 2 else scales[None, :]
+    block = node.attributes.get_int("block_size", 0) or codes.shape[0]
+    return CompressedWeight(compression.format, codes, scales, None, block)
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -113,3 +113,30 @@ def test_quantized_structure_and_input_untouched(compiled):
     assert len(weights) == 36 and all(node.attributes.get_int("axis") == 1 for node in weights)
     assert result.report.size_bytes["after"] < 0.7 * result.report.size_bytes["before"]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def _compile_weights(path, **compression):
+    model = qcompiler.load(path)
+    calibration = TextSource(
+        CALIBRATION_TEXT, minilm.tokenizer_path(), input_specs(model), samples=CALIBRATION_LINES
+    )
+    options = qcompiler.CompileOptions(compression=qcompiler.CompressionOptions(**compression))
+    return model, qcompiler.compile(path, "ort-cpu", options, data=calibration, progress=False)
+
+
+def test_int8_weight_only_fidelity(minilm_path):
+    """INT8 weights (per channel, float activations, MatMulNBits accuracy_level 0): mean >= 0.9995."""
+    model, result = _compile_weights(minilm_path, format=qcompiler.WeightFormat.INT8, group_size=0)
+    fidelity = _fidelity(model, result.model)
+    assert fidelity.mean_cosine >= 0.9995, fidelity
+    assert result.report.compression["accuracy_level"] == 0
+    assert sorted(set(result.report.compression["kernels"].values())) == ["GatherBlockQuantized", "MatMulNBits"]
+
+
+def test_int4_group128_gptq_beats_nncf_best(minilm_path):
+    """INT4 asymmetric g128 with scale estimation + GPTQ: mean cosine above NNCF's best at g128
+    measured here (GPTQ, 0.983), and at least 3x smaller than FP32."""
+    model, result = _compile_weights(minilm_path, group_size=128, scale_estimation=True, gptq=True)
+    fidelity = _fidelity(model, result.model)
+    assert fidelity.mean_cosine > 0.983, fidelity
+    assert result.report.size_bytes["after"] * 3 < result.report.size_bytes["before"]
