@@ -86,7 +86,9 @@ def _mode(tool: str, model: str) -> tuple[str, bool, int]:
 def describe(tool: str, model: str) -> str:
     """One line saying what `tool` ran."""
     fmt, symmetric, group = _mode(tool, model)
-    mode = f"{fmt} {'sym' if symmetric else 'asym'} " + (f"group {group}" if group else "per channel")
+    fixed = {"mxfp4": 32, "nvfp4": 16}.get(fmt)
+    grouping = f"blocks of {fixed}" if fixed else (f"group {group}" if group else "per channel")
+    mode = f"{fmt} {'sym' if symmetric else 'asym'} {grouping}"
     if tool in QCOMPILER_TOOLS:
         algorithms = "+".join(QCOMPILER_TOOLS[tool]) or "rtn"
         emulated = (

@@ -35,7 +35,7 @@ from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.awq import awq_scales
-from qcompiler.rewrites.gptq import gptq
+from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
 from qcompiler.rewrites.scale_estimation import estimate_scales, weighted_error
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups, fold_precheck
 from qcompiler.weight_formats import CompressedWeight, quantize, resolve_block_size
@@ -259,9 +259,12 @@ def apply_awq(
 
 
 def compress_unit(
-    unit: WeightUnit, gram: Gram | None, options: CompressionOptions
+    unit: WeightUnit, gram: Gram | None, options: CompressionOptions, prepared: PreparedHessian | None = None
 ) -> tuple[CompressedWeight, str]:
-    """Compress one weight with the requested algorithms (those needing data skip without it)."""
+    """Compress one weight with the requested algorithms (those needing data skip without it).
+
+    `prepared`: GPTQ's inverse Hessian of this input, when another layer already computed it.
+    """
     weight = unit.matrix()
     block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
     steps = []
@@ -273,7 +276,7 @@ def compress_unit(
         compressed = quantize(weight, unit.format, block, symmetric=unit.symmetric)
         steps.append("rtn")
     if main and options.gptq:
-        compressed = gptq(weight, gram, compressed, damping=options.damping)  # type: ignore[arg-type]
+        compressed = gptq(weight, gram, compressed, damping=options.damping, prepared=prepared)  # type: ignore[arg-type]
         steps.append("gptq")
     symmetry = "sym" if compressed.symmetric else "asym"
     group = "per-channel" if block >= weight.shape[0] else f"group {block}"
@@ -299,9 +302,16 @@ def compress_weights(
     sensitivity = assign_mixed_precision(units, grams, options)
     awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
     layers: dict[str, dict[str, object]] = {}
+    hessians: dict[str, PreparedHessian] = {}
     for unit in tqdm(units, desc="compressing weights", unit="weight", disable=not progress):
         gram = _gram_of(unit, grams)
-        compressed, how = compress_unit(unit, gram, options)
+        prepared = None
+        if options.gptq and gram is not None and unit.role != "embedding":
+            key = str(unit.activation.name)  # type: ignore[union-attr]
+            if key not in hessians:  # Q, K and V (gate and up) share one factorization
+                hessians[key] = prepare_hessian(gram, damping=options.damping)
+            prepared = hessians[key]
+        compressed, how = compress_unit(unit, gram, options, prepared)
         entry: dict[str, object] = {"role": unit.role, "how": how}
         if gram is not None:
             weight = unit.matrix()

@@ -12,6 +12,8 @@ stored scales and the codes agree whatever the processing order.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import scipy.linalg
 
@@ -29,6 +31,28 @@ def _inverse_hessian_factor(gram: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.cholesky(inverse).T.astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ derives from a Gram matrix alone (shared by the layers reading one input)."""
+
+    order: np.ndarray
+    """Processing order of the rows (activation order: largest H diagonal first)."""
+    factor: np.ndarray
+    """Upper Cholesky factor of the damped, permuted H⁻¹."""
+    dead: np.ndarray
+    """Rows whose input channel never fired (their weights are zeroed)."""
+
+
+def prepare_hessian(gram: Gram, *, damping: float = 0.01, act_order: bool = True) -> PreparedHessian:
+    """Dead channels, activation order and the inverse Hessian factor of one input."""
+    hessian = gram.matrix.astype(np.float64).copy()
+    dead = np.diag(hessian) <= 0
+    hessian[dead, dead] = 1.0
+    rows = len(hessian)
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
+    return PreparedHessian(order, _inverse_hessian_factor(hessian[np.ix_(order, order)], damping), dead)
+
+
 def gptq(
     weight: np.ndarray,
     gram: Gram,
@@ -36,17 +60,18 @@ def gptq(
     *,
     damping: float = 0.01,
     act_order: bool = True,
+    prepared: PreparedHessian | None = None,
 ) -> CompressedWeight:
-    """GPTQ codes for W [K, N] with the block scales (and zero points) of `initial`."""
+    """GPTQ codes for W [K, N] with the block scales (and zero points) of `initial`.
+
+    `prepared` reuses `prepare_hessian(gram, ...)` across layers that share the input.
+    """
     rows, columns = weight.shape
     block_size = initial.block_size
+    prepared = prepared or prepare_hessian(gram, damping=damping, act_order=act_order)
+    order, factor = prepared.order, prepared.factor
     work = np.array(weight, np.float32)
-    hessian = gram.matrix.astype(np.float64).copy()
-    dead = np.diag(hessian) <= 0
-    hessian[dead, dead] = 1.0
-    work[dead] = 0.0
-    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
-    factor = _inverse_hessian_factor(hessian[np.ix_(order, order)], damping)
+    work[prepared.dead] = 0.0
     work = work[order]
     row_block = order // block_size  # static groups: each row keeps its own block's scale
     scales = initial.scales[row_block]  # [K, N]

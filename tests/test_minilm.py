@@ -130,7 +130,10 @@ def test_int8_weight_only_fidelity(minilm_path):
     fidelity = _fidelity(model, result.model)
     assert fidelity.mean_cosine >= 0.9995, fidelity
     assert result.report.compression["accuracy_level"] == 0
-    assert sorted(set(result.report.compression["kernels"].values())) == ["GatherBlockQuantized", "MatMulNBits"]
+    assert sorted(set(result.report.compression["kernels"].values())) == [
+        "GatherBlockQuantized",
+        "MatMulNBits",
+    ]
 
 
 def test_int4_group128_gptq_beats_nncf_best(minilm_path):
