@@ -275,7 +275,8 @@ def run_compile(args: argparse.Namespace) -> int:
     output, report_path = output_paths(args)
     model = io.load(args.model)
     data = data_from_args(args, model)
-    result = compile_model(model, args.target, options, data=data, progress=not args.quiet)
+    result = compile_model(model, args.target, options, data=data, progress=not args.quiet, in_place=True)
+    del model  # the result is the same object now
     saved = io.save(result.model, output, external_data=args.external_data or None, protected=(args.model,))
     result.report.data["output"] = str(saved)
     io.atomic_write_text(report_path, result.report.to_json())

@@ -50,17 +50,21 @@ def compile(  # noqa: A001 - the public name the design promises
     *,
     data: DataArg | None = None,
     progress: bool = True,
+    in_place: bool = False,
 ) -> CompileResult:
     """Quantize `model` for `target`, calibrating on `data`.
 
     Args:
-        model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (never modified).
+        model: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (not modified unless
+            `in_place`).
         target: a target name such as ``"ort-cpu"`` or a `Target`.
         options: compile options; defaults to ``CompileOptions()``.
         data: calibration batches: a data source from `qcompiler.data` or any iterable of feed
             dicts (input name -> array). A one-shot iterator (a generator) is read into a list
             first, because calibration reads the data more than once.
         progress: show tqdm progress bars.
+        in_place: an `onnx_ir.Model` given as `model` is modified and returned instead of copied
+            (less memory; the caller gives it up). Paths and protos are always loaded afresh.
     """
     options = (options or CompileOptions()).resolved()
     resolved = get_target(target)
@@ -71,10 +75,16 @@ def compile(  # noqa: A001 - the public name the design promises
             "only weight-only RTN (--weights without --awq/--scale-estimation/--gptq/--ratio) runs without"
         )
     source = io.load(model)
-    working = source.clone()
-    working.meta.update(source.meta)
     report = Report(target=resolved.name, options=options.to_dict())
     report.size_bytes["before"] = io.initializer_bytes(source)
+    # A model loaded here has no other holder: edit it in place, so each replaced float weight is
+    # freed (an LLM's weights are otherwise held twice through compression).
+    if isinstance(model, ir.Model) and not in_place:
+        working = source.clone()
+        working.meta.update(source.meta)
+    else:
+        working = source
+    del source
     if isinstance(data, Iterator):  # later steps read the data again
         data = list(data)
     if data is not None and not hasattr(data, "synthetic"):
