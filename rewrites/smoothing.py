@@ -163,17 +163,8 @@ def fold_precheck(group: SmoothGroup) -> str | None:
 
 def _try_fold_into_producer(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> str | None:
     """Fold 1/s into the activation's producer; None on success, else the reason it cannot."""
-    activation = group.activation
-    producer = activation.producer()
-    if producer is None:
-        return "the activation is a graph input"
-    if activation.is_graph_output():
-        return "the activation is also a graph output"
-    members = {id(node) for node in group.consumers}
-    others = [use.node for use in activation.uses() if id(use.node) not in members]
-    if others:
-        return f"it also feeds {others[0].op_type} '{others[0].name}' unscaled"
-    return _try_fold_into(graph, activation, scales)
+    refusal = fold_precheck(group)
+    return refusal if refusal is not None else _try_fold_into(graph, group.activation, scales)
 
 
 def _try_fold_into(graph: ir.Graph, value: ir.Value, scales: np.ndarray) -> str | None:
