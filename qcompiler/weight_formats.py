@@ -150,6 +150,10 @@ def rtn_scales(
         qmin, qmax = _int_range(fmt.bits, True)
         return snap_scales(np.where(-lower > upper, lower / qmin, upper / qmax), fmt), None
     absmax = np.abs(blocks).max(axis=1)
+    if fmt is WeightFormat.MXFP4:  # the power of two at or above: the block maximum is not clipped
+        return np.exp2(np.ceil(np.log2(np.maximum(absmax / FP4_MAX, SMALLEST_SCALE)))).astype(
+            np.float32
+        ), None
     return snap_scales(absmax / _format_max(fmt), fmt, global_scale), None
 
 
@@ -165,13 +169,10 @@ def nvfp4_global_scale(weight: np.ndarray) -> float:
 
 
 def snap_scales(scales: np.ndarray, fmt: WeightFormat, global_scale: float | None = None) -> np.ndarray:
-    """The nearest scales the format can store, never zero.
-
-    MXFP4 takes the power of two at or above the request, so the block's maximum is not clipped.
-    """
+    """The nearest scales the format can store (MXFP4: the nearest power of two), never zero."""
     scales = np.maximum(np.asarray(scales, np.float32), SMALLEST_SCALE)
     if fmt is WeightFormat.MXFP4:
-        return np.exp2(np.ceil(np.log2(scales))).astype(np.float32)
+        return np.exp2(np.round(np.log2(scales))).astype(np.float32)
     if fmt is WeightFormat.NVFP4:
         if global_scale is None:
             raise ValueError("NVFP4 scales need the tensor's global scale")
