@@ -188,7 +188,7 @@ def _gram_of(unit: WeightUnit, grams: Mapping[str, Gram]) -> Gram | None:
 
 
 def assign_mixed_precision(
-    units: list[WeightUnit], grams: Mapping[str, Gram], options: CompressionOptions
+    units: list[WeightUnit], grams: Mapping[str, Gram], options: CompressionOptions, *, progress: bool = True
 ) -> dict[str, float]:
     """Move the most sensitive MatMuls to INT8 until `ratio` of their size is left in the format.
 
@@ -199,7 +199,7 @@ def assign_mixed_precision(
     if options.ratio >= 1.0 or not candidates:
         return {}
     sensitivity: dict[str, float] = {}
-    for unit in tqdm(candidates, desc="sensitivity", leave=False):
+    for unit in tqdm(candidates, desc="sensitivity", leave=False, disable=not progress):
         weight = unit.matrix()
         block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
         error = quantize(weight, unit.format, block, symmetric=unit.symmetric).dequantize() - weight
@@ -299,7 +299,7 @@ def compress_weights(
             result = statistics.get(request)
             if isinstance(result, Gram):
                 grams[str(request.value.name)] = result
-    sensitivity = assign_mixed_precision(units, grams, options)
+    sensitivity = assign_mixed_precision(units, grams, options, progress=progress)
     awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
     layers: dict[str, dict[str, object]] = {}
     hessians: dict[str, PreparedHessian] = {}
