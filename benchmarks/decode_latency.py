@@ -1,0 +1,133 @@
+"""Decode-step latency of SmolLM2-135M with KV cache: FP32 vs qcompiler INT4 vs onnxruntime's own
+MatMulNBitsQuantizer, in one run (batch 1, one new token after a 256-token context, onnxruntime
+CPU, 2 threads, median of 30 runs).
+
+    python benchmarks/decode_latency.py MODEL_DIR   # optimum's text-generation-with-past export;
+                                                    # see qcompiler/models/smollm2.py for the steps
+
+Both INT4 models are RTN, symmetric, group 64 (the latency does not depend on the algorithm);
+qcompiler keeps its policy (embedding and LM head INT8), onnxruntime's quantizer leaves the
+embedding float and the tied LM head (a Transpose of it) float. Writes a section of
+docs/benchmarks.md and results/decode_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+import peers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
+
+
+def decode_feed(names: set[str], past: int) -> dict[str, np.ndarray]:
+    """One new token after `past` cached positions (random cache: latency only)."""
+    rng = np.random.default_rng(0)
+    feed = {
+        "input_ids": np.array([[1234]], np.int64),
+        "attention_mask": np.ones((1, past + 1), np.int64),
+        "position_ids": np.array([[past]], np.int64),
+    }
+    for layer in range(LAYERS):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
+                (1, KV_HEADS, past, HEAD_DIM)
+            ).astype(np.float32)
+    return {name: value for name, value in feed.items() if name in names}
+
+
+def median_ms(path: pathlib.Path, past: int, repeats: int = 30) -> float:
+    """Median decode-step time of one model."""
+    from qcompiler.backends.onnxruntime.session import create_session, session_options
+
+    session = create_session(path, session_options(threads=2))
+    feed = decode_feed({i.name for i in session.get_inputs()}, past)
+    for _ in range(5):
+        session.run(["logits"], feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(["logits"], feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=pathlib.Path, help="folder holding optimum's model.onnx")
+    parser.add_argument("--past", type=int, default=256)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    import qcompiler
+
+    fp32 = args.model_dir / "model.onnx"
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="qcompile-decode-") as folder:
+        work = pathlib.Path(folder)
+        ours = work / "qcompiler.onnx"
+        compression = qcompiler.CompressionOptions(group_size=64, symmetric=True)
+        result = qcompiler.compile(
+            fp32, "ort-cpu", qcompiler.CompileOptions(compression=compression), progress=False
+        )
+        qcompiler.save(result.model, ours)
+        theirs = work / "ort.onnx"
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=True, accuracy_level=4)
+        quantizer = nbits.MatMulNBitsQuantizer(
+            onnx.load(fp32), block_size=64, is_symmetric=True, accuracy_level=4, algo_config=config
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(theirs), use_external_data_format=False)
+        for name, path, description in (
+            ("fp32", fp32, "FP32 (optimum export)"),
+            (
+                "qcompiler-int4",
+                ours,
+                "qcompiler --weights int4 --group-size 64 --symmetric (RTN; MatMulNBits acc 4, INT8 head/embedding)",
+            ),
+            (
+                "ort-int4",
+                theirs,
+                "onnxruntime MatMulNBitsQuantizer RTN, block 64, symmetric, accuracy_level 4",
+            ),
+        ):
+            rows[name] = {
+                "description": description,
+                "decode_ms": round(median_ms(path, args.past), 2),
+                "size_mb": round(path.stat().st_size / 2**20, 1),
+            }
+    for row in rows.values():
+        row["speedup_vs_fp32"] = round(rows["fp32"]["decode_ms"] / row["decode_ms"], 2)
+    result_json = {
+        "past": args.past,
+        "rows": rows,
+        "versions": {"onnxruntime": peers.version_of("onnxruntime")},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_latency.json").write_text(json.dumps(result_json, indent=2) + "\n")
+    lines = ["| model | decode step ms | speed-up vs FP32 | size MB |", "|---|---|---|---|"]
+    lines += [
+        f"| {name} | {row['decode_ms']} | {row['speedup_vs_fp32']:.2f} | {row['size_mb']} |"
+        for name, row in rows.items()
+    ]
+    legend = "\n".join(f"- `{name}`: {row['description']}" for name, row in rows.items())
+    section = (
+        f"## SmolLM2-135M decode step (KV cache)\n\nBatch 1, one new token after {args.past} cached tokens, "
+        "onnxruntime CPU, 2 threads, median of 30. Generated by `python benchmarks/decode_latency.py MODEL_DIR`.\n\n"
+        + "\n".join(lines)
+        + f"\n\n{legend}\n"
+    )
+    peers.replace_section(ROOT / "docs" / "benchmarks.md", "SmolLM2-135M decode step (KV cache)", section)
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
