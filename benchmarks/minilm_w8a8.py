@@ -193,10 +193,7 @@ def main() -> None:
         "--tools", default=",".join(TOOLS), help="comma-separated subset of " + ", ".join(TOOLS)
     )
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=pathlib.Path, help=argparse.SUPPRESS)
-    parser.add_argument("--calibration", type=pathlib.Path, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=pathlib.Path, help=argparse.SUPPRESS)
+    peers.add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)

@@ -77,3 +77,13 @@ def version_of(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def add_worker_arguments(parser) -> None:
+    """The hidden flags a benchmark passes to itself to compile one tool in a child process."""
+    import argparse
+
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=pathlib.Path, help=argparse.SUPPRESS)

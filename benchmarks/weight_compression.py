@@ -307,10 +307,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="SmolLM2: 512-token test windows")
     parser.add_argument("--reuse", action="store_true", help="keep earlier rows of tools not run now")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--model", type=pathlib.Path, help=argparse.SUPPRESS)
-    parser.add_argument("--calibration", type=pathlib.Path, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=pathlib.Path, help=argparse.SUPPRESS)
+    peers.add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)
