@@ -3,14 +3,15 @@
 The canonical form is a constant low-bit initializer -> DequantizeLinear -> MatMul / Gather.
 
 Planning (`plan_compression`) reads the graph and the options: every MatMul with a constant 2-D
-float weight is a unit; with the default policy (NNCF's) the embeddings (Gather on a constant
-table) and the last MatMul (the LM head) stay in INT8 asymmetric per channel, and `--ratio`
-moves the most sensitive MatMuls to INT8 (`assign_mixed_precision`).
+float weight is a unit; with the default policy (after NNCF's) the embeddings (Gather on a
+constant table) and the last MatMul (the LM head) stay INT8 asymmetric, in 64/128-row blocks
+(`backup_block`), and `--ratio` moves the most sensitive MatMuls to INT8 per channel
+(`assign_mixed_precision`).
 
-`compress_weights` then, for the units in the main format, searches AWQ scales per input group
-and folds them upstream (fold-only: a group whose producer cannot absorb 1/s is left alone), and
-compresses every unit with RTN, scale estimation and/or GPTQ on the Gram matrices of their
-inputs, replacing each float initializer as it goes so only one layer is expanded at a time.
+`compress_weights` then searches AWQ scales per input group of MatMuls and folds them upstream
+(fold-only: a group whose producer cannot absorb 1/s is left alone), and compresses every unit
+with RTN, scale estimation and/or GPTQ on the Gram matrices of their inputs (embeddings: RTN),
+replacing each float initializer as it goes so only one layer is expanded at a time.
 
 Canonical form: blocked ``DequantizeLinear`` (``axis=0, block_size``; opset 21 semantics, the
 node's own version) or per-axis (``axis=1``) for MatMul weights [K, N]; for an embedding table
