@@ -211,3 +211,65 @@ def test_cli_weight_only_without_data_and_errors(tmp_path, capsys):
         assert main([str(path), "--target", "ort-cpu", "-o", str(tmp_path / "out.onnx"), *arguments]) == 2
         assert message in capsys.readouterr().err
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_fp8_weights_raise_the_opset_and_run_in_onnxruntime():
+    """FP8 E4M3 per-channel DQs stay (ORT runs float8 DequantizeLinear from opset 19): the model
+    is raised from 17 to 19 and computes the dequantized weights' outputs."""
+    model = tiny_decoder()
+    options = CompressionOptions(format=WeightFormat.FP8, accuracy_level=0)
+    units, _ = plan_compression(model, options, IgnoredScope())
+    compress_weights(model, units, None, options, IgnoredScope(), progress=False)
+    expected = run(_dequantized_twin_fp8(model), _feeds(1)[0])[0]
+    kernels = lower_weights(model, 0)
+    assert model.opset_imports[""] == 19
+    assert sorted(set(kernels.values())) == ["DequantizeLinear-19", "GatherBlockQuantized", "MatMulNBits"]
+    np.testing.assert_allclose(run(model, _feeds(1)[0])[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def _dequantized_twin_fp8(model: ir.Model) -> ir.Model:
+    """Like `_dequantized_twin`, decoding FP8 codes with ml_dtypes (read_compressed covers ints)."""
+    import ml_dtypes
+
+    twin = model.clone()
+    for node in list(twin.graph):
+        if node.op_type != "DequantizeLinear":
+            continue
+        consumer = next(iter(node.outputs[0].uses())).node
+        codes = node.inputs[0].const_value.numpy()
+        if codes.dtype == ml_dtypes.float8_e4m3fn:
+            values = codes.astype(np.float32) * node.inputs[1].const_value.numpy()[None, :]
+        else:
+            weight = read_compressed(node, transposed=consumer.op_type == "Gather").dequantize()
+            values = weight.T if consumer.op_type == "Gather" else weight
+        inputs = [value for value in node.inputs if value is not None]
+        node.outputs[0].replace_all_uses_with(const(twin.graph, f"{node.name}_values", values))
+        twin.graph.remove(node, safe=True)
+        for value in inputs:
+            drop_if_unused(twin.graph, value)
+    return twin
+
+
+def test_fp4_weights_are_refused_for_onnxruntime_with_the_reason(tmp_path, capsys):
+    path = qcompiler.save(tiny_decoder(), tmp_path / "decoder.onnx")
+    assert main([str(path), "--target", "ort-cpu", "--weights", "mxfp4", "-q"]) == 2
+    assert "no float4e2m1 DequantizeLinear kernel" in capsys.readouterr().err
+    assert not (tmp_path / "decoder.ort-cpu.onnx").exists()
+
+
+def test_opset_upgrade_moves_reduce_axes_to_an_input():
+    """onnxscript's converter leaves ReduceL2's `axes` attribute at opset 18+; upgrade_opset moves
+    it to an input and the model computes the same in onnxruntime."""
+    from qcompiler.rewrites.opset import upgrade_opset
+    from tests.graphs import float_input
+
+    x = float_input("x", [2, 5])
+    graph = ir.Graph([x], [], nodes=[], name="norm")
+    graph.outputs.append(add(graph, "ReduceL2", [x], "l2", axes=[1], keepdims=1))
+    model = model_of(graph, opset=17)
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)}
+    expected = run(model, feed)[0]
+    assert upgrade_opset(model, 21) and not upgrade_opset(model, 19)
+    node = next(iter(model.graph))
+    assert "axes" not in node.attributes and node.inputs[1].const_value.numpy().tolist() == [1]
+    np.testing.assert_allclose(run(model, feed)[0], expected, rtol=1e-6)

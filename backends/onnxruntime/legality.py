@@ -14,7 +14,17 @@ import onnx_ir as ir
 from qcompiler.errors import LegalityError
 
 Q_TYPES = frozenset({ir.DataType.UINT8, ir.DataType.INT8})
-WEIGHT_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT32})
+WEIGHT_TYPES = frozenset(
+    {
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT32,
+        ir.DataType.INT4,
+        ir.DataType.UINT4,
+        ir.DataType.FLOAT8E4M3FN,
+    }
+)
+"""Constant types ORT CPU dequantizes (int4 from opset 21, float8 from 19, unfused: weight-only)."""
 
 
 def _dq_single_consumer(model: ir.Model) -> list[str]:
@@ -44,9 +54,9 @@ def _constant_weight_zero_points(model: ir.Model) -> list[str]:
     for node in model.graph:
         if node.op_type != "DequantizeLinear" or node.inputs[0] is None or node.inputs[0].const_value is None:
             continue
-        if node.inputs[0].dtype not in WEIGHT_TYPES:
+        if node.inputs[0].dtype not in WEIGHT_TYPES | {ir.DataType.FLOAT4E2M1}:  # FP4: rule node-versions
             problems.append(
-                f"{node.name}: constant of type {node.inputs[0].dtype} has no ORT CPU int8 kernel"
+                f"{node.name}: constant of type {node.inputs[0].dtype} has no ORT CPU DequantizeLinear kernel"
             )
         zero = node.inputs[2] if len(node.inputs) > 2 else None
         if node.inputs[0].dtype is ir.DataType.INT32 and zero is not None and zero.const_value is not None:
@@ -64,7 +74,13 @@ def _node_versions(model: ir.Model) -> list[str]:
     opset = model.opset_imports.get("", 0)
     problems = []
     for node in model.graph:
-        if node.domain in ("", "ai.onnx") and node.version is not None and node.version > opset:
+        codes = node.inputs[0] if node.op_type == "DequantizeLinear" and node.inputs else None
+        if codes is not None and codes.dtype == ir.DataType.FLOAT4E2M1:
+            problems.append(
+                f"{node.name}: onnxruntime CPU has no float4e2m1 DequantizeLinear kernel (MXFP4/NVFP4 weights); "
+                "choose another --weights format for ort-cpu"
+            )
+        elif node.domain in ("", "ai.onnx") and node.version is not None and node.version > opset:
             problems.append(
                 f"{node.name}: {node.op_type} needs opset {node.version} (model has {opset}); "
                 "onnxruntime has no kernel this form lowers to"

@@ -22,6 +22,7 @@ from qcompiler.backends.onnxruntime.packing import _pack_nibbles, pack_matmul_bn
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.options import WeightFormat
 from qcompiler.rewrites.compression import COMPRESSION_KEY, NF4_DOMAIN
+from qcompiler.rewrites.opset import upgrade_opset
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
@@ -179,8 +180,34 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         self._replace(model, dq, gather, kernel)
 
 
+RUNNABLE_DQ_TYPES = frozenset(
+    {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.FLOAT8E4M3FN}
+)
+"""Constant types onnxruntime's CPU DequantizeLinear runs (float4e2m1 is NOT_IMPLEMENTED)."""
+
+
 def lower_weights(model: ir.Model, accuracy_level: int = 4) -> dict[str, str]:
-    """Lower every compressed weight in place; returns consumer name -> kernel op type."""
+    """Lower every compressed weight in place; returns consumer name -> kernel op type.
+
+    DQs left over that onnxruntime runs at a newer opset (FP8 weights: 19) raise the model's
+    opset to that version; any others are left for the checker to name.
+    """
     lowering = LowerCompressedWeightsPass(accuracy_level)
     lowering(model)
+    kept = [
+        node
+        for node in model.graph
+        if node.op_type == "DequantizeLinear"
+        and node.version is not None
+        and node.inputs[0] is not None
+        and node.inputs[0].dtype in RUNNABLE_DQ_TYPES
+    ]
+    needed = max((node.version or 0 for node in kept), default=0)
+    if needed > model.opset_imports.get("", 0):
+        upgrade_opset(model, needed)
+        for node in kept:
+            node.version = None
+        lowering.lowered.update(
+            {str(next(iter(node.outputs[0].uses())).node.name): f"DequantizeLinear-{needed}" for node in kept}
+        )
     return lowering.lowered
