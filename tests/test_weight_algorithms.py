@@ -144,11 +144,12 @@ def test_awq_never_worse_than_rtn_and_scales_centered():
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("block", [0, 4])
 def test_gram_computed_in_the_graph_matches_numpy(runtime, block):
-    """The calibration engine appends XᵀX (per block) to the graph; the runtime's result equals
-    numpy's over all batches (onnxruntime and OpenVINO fp32)."""
+    """Blocked Gram requests on long enough batches are computed in the graph, full ones from the
+    buffered activations; either way the result equals numpy's over all batches (onnxruntime and
+    OpenVINO fp32)."""
     import onnx_ir as ir
 
-    from qcompiler.calibration import StatRequest, collect
+    from qcompiler.calibration import StatRequest, _gram_in_graph, _rows_per_batch, collect
     from qcompiler.options import CalibrationRuntime
     from tests.graphs import add, const, float_input, model_of
 
@@ -160,10 +161,11 @@ def test_gram_computed_in_the_graph_matches_numpy(runtime, block):
     graph.outputs.append(add(graph, "Relu", [hidden], "relu"))
     model = model_of(graph)
     rng = np.random.default_rng(0)
-    feeds = [{"x": rng.standard_normal((2, 5, 8)).astype(np.float32)} for _ in range(3)]
+    feeds = [{"x": rng.standard_normal((4, 5, 8)).astype(np.float32)} for _ in range(3)]
     request = StatRequest.gram(hidden, block)
+    assert _gram_in_graph(request, _rows_per_batch(feeds[0])) == (block == 4)  # 20 rows >= 4 x 4
     result = collect(model, [request], feeds, progress=False, runtime=CalibrationRuntime(runtime))[request]
     rows = np.concatenate([2 * f["x"].reshape(-1, 8) for f in feeds])
     expected = Gram.full(rows.T @ rows / len(rows), len(rows))
-    assert result.rows == 30 and result.channels == 8
+    assert result.rows == 60 and result.channels == 8
     np.testing.assert_allclose(result.blocks, expected.diagonal_blocks(block or 8), rtol=1e-5, atol=1e-5)
