@@ -165,50 +165,25 @@ def emulated(model: pathlib.Path, compression, feeds):
     dequantized values: the format's accuracy in an FP32 model (benchmark only)."""
     import qcompiler
     from qcompiler import calibration
-    from qcompiler.backends.onnxruntime.lower_weights import read_compressed
-    from qcompiler.irutil import add_initializer, drop_if_unused
     from qcompiler.options import CalibrationRuntime, IgnoredScope
-    from qcompiler.rewrites.compression import compress_weights, plan_compression, stat_requests
+    from qcompiler.rewrites.compression import (
+        compress_weights,
+        dequantize_canonical,
+        plan_compression,
+        stat_requests,
+    )
     from qcompiler.rewrites.normalize import NormalizePass
 
     working = qcompiler.load(model)
     NormalizePass(rewrite=False)(working)
     units, _ = plan_compression(working, compression, IgnoredScope())
+    requests = stat_requests(units, compression)
     statistics = calibration.collect(
-        working,
-        stat_requests(units, compression),
-        feeds,
-        progress=False,
-        runtime=CalibrationRuntime.OPENVINO_FAST,
+        working, requests, feeds, progress=False, runtime=CalibrationRuntime.OPENVINO_FAST
     )
     compress_weights(working, units, statistics, compression, IgnoredScope(), progress=False)
-    for node in list(working.graph):
-        if node.op_type != "DequantizeLinear":
-            continue
-        consumer = next(iter(node.outputs[0].uses())).node
-        gather = consumer.op_type == "Gather"
-        weight = read_compressed(node, transposed=gather)
-        if weight is None:  # FP4 codes: decode here (read_compressed covers the integer formats)
-            weight = _fp4_weight(node, compression)
-        values = weight.dequantize()
-        replacement = add_initializer(working.graph, f"{node.name}_values", values.T if gather else values)
-        inputs = [value for value in node.inputs if value is not None]
-        node.outputs[0].replace_all_uses_with(replacement)
-        working.graph.remove(node, safe=True)
-        for value in inputs:
-            drop_if_unused(working.graph, value)
+    dequantize_canonical(working)
     return working
-
-
-def _fp4_weight(node, compression):
-    """A CompressedWeight from a canonical FP4 DequantizeLinear [K, N] (blocked along K)."""
-    from qcompiler.weight_formats import CompressedWeight
-
-    codes = node.inputs[0].const_value.numpy().view(np.uint8)
-    scales = node.inputs[1].const_value.numpy().astype(np.float32)
-    scales = scales if scales.ndim == 2 else scales[None, :]
-    block = node.attributes.get_int("block_size", 0) or codes.shape[0]
-    return CompressedWeight(compression.format, codes, scales, None, block)
 
 
 def worker(args: argparse.Namespace) -> None:

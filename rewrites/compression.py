@@ -409,6 +409,90 @@ def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWei
     return dq
 
 
+_FORMAT_OF_TYPE = {
+    ir.DataType.INT4: WeightFormat.INT4,
+    ir.DataType.UINT4: WeightFormat.INT4,
+    ir.DataType.INT8: WeightFormat.INT8,
+    ir.DataType.UINT8: WeightFormat.INT8,
+    ir.DataType.FLOAT8E4M3FN: WeightFormat.FP8,
+    ir.DataType.FLOAT4E2M1: WeightFormat.MXFP4,  # NVFP4 when the metadata says so
+}
+
+
+def canonical_consumer(dq: ir.Node) -> ir.Node | None:
+    """The MatMul (weight input) or Gather (table input) a canonical weight DQ feeds, else None."""
+    nf4 = dq.domain == NF4_DOMAIN and dq.op_type == "DequantizeNF4"
+    standard = dq.domain in ("", "ai.onnx") and dq.op_type == "DequantizeLinear"
+    codes = dq.inputs[0] if dq.inputs else None
+    if not (nf4 or standard) or codes is None or codes.const_value is None or len(dq.outputs[0].uses()) != 1:
+        return None
+    use = next(iter(dq.outputs[0].uses()))
+    if use.node.op_type == "MatMul" and use.idx == 1:
+        return use.node
+    if use.node.op_type == "Gather" and use.idx == 0 and use.node.attributes.get_int("axis", 0) == 0:
+        return use.node
+    return None
+
+
+def read_canonical(dq: ir.Node) -> CompressedWeight:
+    """The CompressedWeight [K, N] that `write_canonical` wrote behind `dq` (its inverse).
+
+    `dq` must pass `canonical_consumer`; an embedding's table [V, H] comes back transposed.
+    """
+    consumer = canonical_consumer(dq)
+    assert consumer is not None, f"{dq.name} is not a canonical weight DequantizeLinear"
+    codes_value = dq.inputs[0]
+    assert codes_value is not None and codes_value.const_value is not None
+    if dq.op_type == "DequantizeNF4":
+        fmt = WeightFormat.NF4
+    else:
+        fmt = _FORMAT_OF_TYPE[codes_value.dtype]  # type: ignore[index]
+        if fmt is WeightFormat.MXFP4 and dq.metadata_props.get(COMPRESSION_KEY, "").startswith("nvfp4"):
+            fmt = WeightFormat.NVFP4
+    codes = codes_value.const_value.numpy()
+    if fmt.is_integer:
+        signed = codes_value.dtype in (ir.DataType.INT4, ir.DataType.INT8)
+        codes = codes.astype(np.int8 if signed else np.uint8)
+    else:
+        codes = codes.view(np.uint8)  # table index / E2M1 / E4M3 bits, one per byte
+    scales = dq.inputs[1].const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
+    zero_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    zeros = None if zero_value is None else zero_value.const_value.numpy().astype(np.uint8)  # type: ignore[union-attr]
+    if consumer.op_type == "Gather":
+        codes = codes.T
+        scales = scales.T if scales.ndim == 2 else scales[None, :]
+        zeros = None if zeros is None else (zeros.T if zeros.ndim == 2 else zeros[None, :])
+    elif scales.ndim == 1:
+        scales = scales[None, :]
+        zeros = None if zeros is None else zeros[None, :]
+    rows = codes.shape[0]
+    block_size = dq.attributes.get_int("block_size", 0) or rows
+    return CompressedWeight(fmt, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, block_size)
+
+
+def dequantize_canonical(model: ir.Model) -> int:
+    """Replace every canonical weight DQ by its float values, in place; returns how many.
+
+    The float model computes exactly what the compressed one means: the reference the lowering
+    tests compare runtime kernels against, and the benchmark's emulation of formats a runtime
+    cannot run.
+    """
+    replaced = 0
+    for dq in list(model.graph):
+        consumer = canonical_consumer(dq)
+        if consumer is None:
+            continue
+        values = read_canonical(dq).dequantize()
+        values = values.T if consumer.op_type == "Gather" else values
+        constants = [value for value in dq.inputs if value is not None]
+        dq.outputs[0].replace_all_uses_with(add_initializer(model.graph, f"{dq.name}_values", values))
+        model.graph.remove(dq, safe=True)
+        for value in constants:
+            drop_if_unused(model.graph, value)
+        replaced += 1
+    return replaced
+
+
 def _unique(graph: ir.Graph, name: str) -> str:
     unique, suffix = name, 1
     while unique in graph.initializers:

@@ -9,12 +9,21 @@ import onnx_ir as ir
 import pytest
 
 import qcompiler
-from qcompiler.backends.onnxruntime.lower_weights import lower_weights, read_compressed
+from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.calibration import collect
 from qcompiler.cli import main
-from qcompiler.irutil import drop_if_unused
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
-from qcompiler.rewrites.compression import apply_awq, compress_weights, plan_compression, stat_requests
+from qcompiler.rewrites.compression import (
+    apply_awq,
+    canonical_consumer,
+    compress_unit,
+    compress_weights,
+    dequantize_canonical,
+    plan_compression,
+    read_canonical,
+    stat_requests,
+    write_canonical,
+)
 from qcompiler.rewrites.normalize import NormalizePass
 from tests.graphs import add, const, model_of, run
 
@@ -93,17 +102,7 @@ def test_plan_follows_nncf_policy_and_all_layers():
 def _dequantized_twin(model: ir.Model) -> ir.Model:
     """A float copy of a canonical compressed model: every weight DQ replaced by its values."""
     twin = model.clone()
-    for node in list(twin.graph):
-        if node.op_type in ("DequantizeLinear", "DequantizeNF4"):
-            consumer = next(iter(node.outputs[0].uses())).node
-            weight = read_compressed(node, transposed=consumer.op_type == "Gather").dequantize()
-            values = weight.T if consumer.op_type == "Gather" else weight
-            replacement = const(twin.graph, f"{node.name}_values", values)
-            node.outputs[0].replace_all_uses_with(replacement)
-            inputs = [value for value in node.inputs if value is not None]
-            twin.graph.remove(node, safe=True)
-            for value in inputs:
-                drop_if_unused(twin.graph, value)
+    assert dequantize_canonical(twin) > 0
     return twin
 
 
@@ -220,34 +219,11 @@ def test_fp8_weights_raise_the_opset_and_run_in_onnxruntime():
     options = CompressionOptions(format=WeightFormat.FP8, accuracy_level=0)
     units, _ = plan_compression(model, options, IgnoredScope())
     compress_weights(model, units, None, options, IgnoredScope(), progress=False)
-    expected = run(_dequantized_twin_fp8(model), _feeds(1)[0])[0]
+    expected = run(_dequantized_twin(model), _feeds(1)[0])[0]
     kernels = lower_weights(model, 0)
     assert model.opset_imports[""] == 19
     assert sorted(set(kernels.values())) == ["DequantizeLinear-19", "GatherBlockQuantized", "MatMulNBits"]
     np.testing.assert_allclose(run(model, _feeds(1)[0])[0], expected, rtol=1e-4, atol=1e-4)
-
-
-def _dequantized_twin_fp8(model: ir.Model) -> ir.Model:
-    """Like `_dequantized_twin`, decoding FP8 codes with ml_dtypes (read_compressed covers ints)."""
-    import ml_dtypes
-
-    twin = model.clone()
-    for node in list(twin.graph):
-        if node.op_type != "DequantizeLinear":
-            continue
-        consumer = next(iter(node.outputs[0].uses())).node
-        codes = node.inputs[0].const_value.numpy()
-        if codes.dtype == ml_dtypes.float8_e4m3fn:
-            values = codes.astype(np.float32) * node.inputs[1].const_value.numpy()[None, :]
-        else:
-            weight = read_compressed(node, transposed=consumer.op_type == "Gather").dequantize()
-            values = weight.T if consumer.op_type == "Gather" else weight
-        inputs = [value for value in node.inputs if value is not None]
-        node.outputs[0].replace_all_uses_with(const(twin.graph, f"{node.name}_values", values))
-        twin.graph.remove(node, safe=True)
-        for value in inputs:
-            drop_if_unused(twin.graph, value)
-    return twin
 
 
 def test_fp4_weights_are_refused_for_onnxruntime_with_the_reason(tmp_path, capsys):
@@ -273,3 +249,24 @@ def test_opset_upgrade_moves_reduce_axes_to_an_input():
     node = next(iter(model.graph))
     assert "axes" not in node.attributes and node.inputs[1].const_value.numpy().tolist() == [1]
     np.testing.assert_allclose(run(model, feed)[0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", list(WeightFormat))
+def test_canonical_form_reads_back_what_was_written(fmt):
+    """read_canonical inverts write_canonical for every format, MatMul weights and embeddings."""
+    model = tiny_decoder()
+    options = CompressionOptions(format=fmt, group_size=32, backup_layers=False)
+    units, _ = plan_compression(model, options, IgnoredScope())
+    written = {}
+    for unit in units:
+        compressed, how = compress_unit(unit, None, options)
+        written[str(unit.node.name)] = compressed
+        write_canonical(model.graph, unit, compressed, how)
+    for dq in list(model.graph):
+        consumer = canonical_consumer(dq)
+        if consumer is None:
+            continue
+        read, expected = read_canonical(dq), written[str(consumer.name)]
+        assert read.format is expected.format and read.block_size == expected.block_size
+        np.testing.assert_array_equal(read.dequantize(), expected.dequantize())
+    assert dequantize_canonical(model) == len(units)

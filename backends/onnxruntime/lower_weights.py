@@ -21,60 +21,12 @@ import onnx_ir as ir
 from qcompiler.backends.onnxruntime.packing import _pack_nibbles, pack_matmul_bnb4, pack_matmul_nbits
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.rewrites.compression import COMPRESSION_KEY, NF4_DOMAIN
+from qcompiler.rewrites.compression import COMPRESSION_KEY, canonical_consumer, read_canonical
 from qcompiler.rewrites.opset import upgrade_opset
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
-_FORMATS = {
-    ir.DataType.INT4: WeightFormat.INT4,
-    ir.DataType.UINT4: WeightFormat.INT4,
-    ir.DataType.INT8: WeightFormat.INT8,
-    ir.DataType.UINT8: WeightFormat.INT8,
-}
-
-
-def _is_weight_dq(node: ir.Node) -> bool:
-    nf4 = node.domain == NF4_DOMAIN and node.op_type == "DequantizeNF4"
-    dq = node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear"
-    codes = node.inputs[0] if node.inputs else None
-    return (
-        (nf4 or dq)
-        and codes is not None
-        and codes.const_value is not None
-        and len(node.outputs[0].uses()) == 1
-    )
-
-
-def read_compressed(dq: ir.Node, *, transposed: bool) -> CompressedWeight | None:
-    """The CompressedWeight [K, N] behind a canonical DQ, or None if its format is not lowered here.
-
-    `transposed`: the DQ holds an embedding table [V, H] whose blocks run along H.
-    """
-    codes_value = dq.inputs[0]
-    assert codes_value is not None and codes_value.const_value is not None
-    nf4 = dq.op_type == "DequantizeNF4"
-    fmt = WeightFormat.NF4 if nf4 else _FORMATS.get(codes_value.dtype)  # type: ignore[arg-type]
-    if fmt is None:
-        return None
-    codes = codes_value.const_value.numpy()
-    signed = codes_value.dtype in (ir.DataType.INT4, ir.DataType.INT8)
-    codes = codes.astype(np.int8 if signed else np.uint8)
-    scales = dq.inputs[1].const_value.numpy().astype(np.float32)  # type: ignore[union-attr]
-    zero_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-    zeros = None if zero_value is None else zero_value.const_value.numpy().astype(np.uint8)  # type: ignore[union-attr]
-    block_size = dq.attributes.get_int("block_size", 0)
-    if transposed:
-        codes = codes.T
-        scales = scales.T if scales.ndim == 2 else scales[None, :]
-        zeros = None if zeros is None else (zeros.T if zeros.ndim == 2 else zeros[None, :])
-    elif scales.ndim == 1:
-        scales = scales[None, :]
-        zeros = None if zeros is None else zeros[None, :]
-    rows = codes.shape[0]
-    return CompressedWeight(
-        fmt, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, block_size or rows
-    )
+LOWERED_FORMATS = frozenset({WeightFormat.INT4, WeightFormat.INT8, WeightFormat.NF4})
 
 
 class LowerCompressedWeightsPass(ir.passes.InPlacePass):
@@ -88,16 +40,16 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Lower every pattern found; `lowered` maps consumer name -> kernel."""
         for dq in list(model.graph):
-            if not _is_weight_dq(dq):
+            consumer = canonical_consumer(dq)
+            if consumer is None:
                 continue
-            use = next(iter(dq.outputs[0].uses()))
-            consumer = use.node
-            if consumer.op_type == "MatMul" and use.idx == 1:
-                self._lower_matmul(model, dq, consumer)
-            elif (
-                consumer.op_type == "Gather" and use.idx == 0 and consumer.attributes.get_int("axis", 0) == 0
-            ):
-                self._lower_gather(model, dq, consumer)
+            weight = read_canonical(dq)
+            if weight.format not in LOWERED_FORMATS:
+                continue
+            if consumer.op_type == "MatMul":
+                self._lower_matmul(model, dq, consumer, weight)
+            else:
+                self._lower_gather(model, dq, consumer, weight)
         if self.lowered:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
@@ -119,10 +71,7 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             drop_if_unused(graph, value)
         self.lowered[str(consumer.name)] = kernel.op_type
 
-    def _lower_matmul(self, model: ir.Model, dq: ir.Node, matmul: ir.Node) -> None:
-        weight = read_compressed(dq, transposed=False)
-        if weight is None:
-            return
+    def _lower_matmul(self, model: ir.Model, dq: ir.Node, matmul: ir.Node, weight: CompressedWeight) -> None:
         graph, base = model.graph, str(matmul.name)
         if weight.format is WeightFormat.NF4:
             bnb = pack_matmul_bnb4(weight)
@@ -152,10 +101,9 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             kernel = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_NBits")
         self._replace(model, dq, matmul, kernel)
 
-    def _lower_gather(self, model: ir.Model, dq: ir.Node, gather: ir.Node) -> None:
-        weight = read_compressed(dq, transposed=True)
-        block = weight.block_size if weight is not None else 0
-        if weight is None or weight.format is WeightFormat.NF4 or block < 16 or block & (block - 1):
+    def _lower_gather(self, model: ir.Model, dq: ir.Node, gather: ir.Node, weight: CompressedWeight) -> None:
+        block = weight.block_size
+        if weight.format is WeightFormat.NF4 or block < 16 or block & (block - 1):
             return  # GatherBlockQuantized needs power-of-two blocks >= 16 along the row
         bits = weight.format.bits
         codes = weight.codes.T  # [V, H]
