@@ -169,6 +169,7 @@ def emulated(model: pathlib.Path, compression, feeds):
     from qcompiler.rewrites.compression import (
         compress_weights,
         dequantize_canonical,
+        gram_statistics,
         plan_compression,
         stat_requests,
     )
@@ -181,7 +182,8 @@ def emulated(model: pathlib.Path, compression, feeds):
     statistics = calibration.collect(
         working, requests, feeds, progress=False, runtime=CalibrationRuntime.OPENVINO_FAST
     )
-    compress_weights(working, units, statistics, compression, IgnoredScope(), progress=False)
+    grams = gram_statistics(statistics, requests)
+    compress_weights(working, units, grams, compression, IgnoredScope(), progress=False)
     dequantize_canonical(working)
     return working
 

@@ -24,7 +24,7 @@ from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError, UnsupportedModelError
 from qcompiler.options import CalibrationRuntime, CompileOptions, CompressionOptions, QuantType
 from qcompiler.report import Report, peak_rss_mb, versions
-from qcompiler.rewrites.compression import compress_weights, plan_compression, stat_requests
+from qcompiler.rewrites.compression import compress_weights, gram_statistics, plan_compression, stat_requests
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
@@ -191,7 +191,7 @@ def _compress_weights(
     """
     units, skipped = plan_compression(working, compression, options.ignored)
     requests = stat_requests(units, compression)
-    statistics = None
+    grams = {}
     if requests:
         with report.timed("calibrate"):
             statistics = calibration.collect(
@@ -204,11 +204,13 @@ def _compress_weights(
                 runtime=options.calibration.runtime or CalibrationRuntime.OPENVINO_FAST,
             )
         report.data["batches"] = statistics.batches
+        grams = gram_statistics(statistics, requests)
+        del statistics
     with report.timed("compress"):
         report.compression = compress_weights(
-            working, units, statistics, compression, options.ignored, progress=progress
+            working, units, grams, compression, options.ignored, progress=progress
         )
-    del statistics
+    del grams
     with report.timed("lower"):
         report.compression["accuracy_level"] = compression.kernel_accuracy_level
         report.compression["kernels"] = backend.lower_weights(working, compression.kernel_accuracy_level)

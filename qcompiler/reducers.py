@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from qcompiler.errors import DataError
+from qcompiler.weight_formats import to_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +247,7 @@ class Gram:
 
         Cross-block terms are omitted for a blocked Gram.
         """
-        blocked = _channel_blocks(np.asarray(error, np.float32), self.block_size)
+        blocked = to_blocks(np.asarray(error, np.float32), self.block_size)
         return float(np.einsum("kbn,kbn->", np.matmul(self.blocks, blocked), blocked))
 
     def scaled(self, scales: np.ndarray) -> Gram:
@@ -256,15 +257,6 @@ class Gram:
         per_block = padded.reshape(self.blocks.shape[0], self.block_size)
         blocks = self.blocks / (per_block[:, :, None] * per_block[:, None, :])
         return Gram(blocks.astype(np.float32), self.channels, self.rows)
-
-
-def _channel_blocks(array: np.ndarray, size: int) -> np.ndarray:
-    """[C, N] -> [ceil(C / size), size, N], zero-padded."""
-    channels, columns = array.shape
-    count = -(-channels // size)
-    if count * size != channels:
-        array = np.concatenate([array, np.zeros((count * size - channels, columns), array.dtype)])
-    return array.reshape(count, size, columns)
 
 
 class GramReducer:
@@ -315,7 +307,7 @@ class GramReducer:
         if size == self.channels:
             product = (rows.T @ rows)[None]  # numpy runs XᵀX as a symmetric rank-k update (syrk)
         else:
-            padded = _channel_blocks(rows.T, size).transpose(0, 2, 1) if self.channels % size else None
+            padded = to_blocks(rows.T, size).transpose(0, 2, 1) if self.channels % size else None
             view = padded if padded is not None else rows.reshape(len(rows), -1, size).transpose(1, 0, 2)
             product = np.matmul(view.transpose(0, 2, 1), view)  # [n_blocks, B, B], no copy of X
         if self.total is None:

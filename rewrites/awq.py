@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from qcompiler.reducers import Gram
-from qcompiler.rewrites.scale_estimation import weighted_error
 from qcompiler.weight_formats import WeightFormat, fake_quantize_matrix
 
 ALPHA_GRID = tuple(round(i / 10, 1) for i in range(10))
@@ -57,7 +56,7 @@ def awq_scales(
         scales = (scales / np.sqrt(scales.max() * scales.min())).astype(np.float32)
         scaled = stacked * scales[:, None]
         rounded = fake_quantize_matrix(scaled, fmt, block_size, symmetric=symmetric) / scales[:, None]
-        error = weighted_error(rounded - stacked, gram)
+        error = gram.weighted_error(rounded - stacked)
         errors[f"{alpha:g}"] = error
         if error < best[0]:
             best = (error, alpha, scales if alpha > 0 else None)

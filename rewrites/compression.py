@@ -37,7 +37,7 @@ from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.awq import awq_scales
 from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
-from qcompiler.rewrites.scale_estimation import estimate_scales, weighted_error
+from qcompiler.rewrites.scale_estimation import estimate_scales
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups, fold_precheck
 from qcompiler.weight_formats import CompressedWeight, quantize, resolve_block_size
 
@@ -205,7 +205,7 @@ def assign_mixed_precision(
         block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
         error = quantize(weight, unit.format, block, symmetric=unit.symmetric).dequantize() - weight
         gram = _gram_of(unit, grams)
-        value = weighted_error(error, gram) if gram is not None else float(np.sum(error * error))
+        value = gram.weighted_error(error) if gram is not None else float(np.sum(error * error))
         sensitivity[str(unit.node.name)] = value / unit.size
     total = sum(unit.size for unit in candidates)
     budget = (1.0 - options.ratio) * total
@@ -261,12 +261,14 @@ def apply_awq(
 
 def compress_unit(
     unit: WeightUnit, gram: Gram | None, options: CompressionOptions, prepared: PreparedHessian | None = None
-) -> tuple[CompressedWeight, str]:
+) -> tuple[CompressedWeight, str, float | None]:
     """Compress one weight with the requested algorithms (those needing data skip without it).
 
-    `prepared`: GPTQ's inverse Hessian of this input, when another layer already computed it.
+    Returns the weight, how it was made, and its Gram-weighted relative output error (None
+    without statistics). `prepared`: GPTQ's inverse Hessian of this input, when another layer
+    already computed it.
     """
-    weight = unit.matrix()
+    weight = unit.matrix()  # read once: a lazy external weight is read from disk per call
     block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
     steps = []
     main = unit.role != "embedding" and gram is not None
@@ -279,27 +281,37 @@ def compress_unit(
     if main and options.gptq:
         compressed = gptq(weight, gram, compressed, damping=options.damping, prepared=prepared)  # type: ignore[arg-type]
         steps.append("gptq")
+    error = None
+    if gram is not None:
+        error = gram.weighted_error(compressed.dequantize() - weight) / max(
+            gram.weighted_error(weight), 1e-30
+        )
     symmetry = "sym" if compressed.symmetric else "asym"
     group = "per-channel" if block >= weight.shape[0] else f"group {block}"
-    return compressed, f"{unit.format.value} {symmetry} {group}; {'+'.join(steps)}"
+    return compressed, f"{unit.format.value} {symmetry} {group}; {'+'.join(steps)}", error
+
+
+def gram_statistics(statistics: Statistics, requests: list[StatRequest]) -> dict[str, Gram]:
+    """The Gram matrices `stat_requests` asked for, by input name."""
+    grams = {str(request.value.name): statistics.get(request) for request in requests}
+    return {name: gram for name, gram in grams.items() if isinstance(gram, Gram)}
 
 
 def compress_weights(
     model: ir.Model,
     units: list[WeightUnit],
-    statistics: Statistics | None,
+    grams: Mapping[str, Gram],
     options: CompressionOptions,
     ignored: IgnoredScope,
     *,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Run the algorithms and write the canonical form in place; returns the report section."""
-    grams: dict[str, Gram] = {}
-    if statistics is not None:
-        for request in stat_requests(units, options):
-            result = statistics.get(request)
-            if isinstance(result, Gram):
-                grams[str(request.value.name)] = result
+    """Run the algorithms and write the canonical form in place; returns the report section.
+
+    `grams`: `gram_statistics` of the requests made before any unit changed format (empty for
+    data-free compression).
+    """
+    grams = dict(grams)  # AWQ rescales the ones it folds
     sensitivity = assign_mixed_precision(units, grams, options, progress=progress)
     awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
     layers: dict[str, dict[str, object]] = {}
@@ -312,15 +324,10 @@ def compress_weights(
             if key not in hessians:  # Q, K and V (gate and up) share one factorization
                 hessians[key] = prepare_hessian(gram, damping=options.damping)
             prepared = hessians[key]
-        compressed, how = compress_unit(unit, gram, options, prepared)
+        compressed, how, error = compress_unit(unit, gram, options, prepared)
         entry: dict[str, object] = {"role": unit.role, "how": how}
-        if gram is not None:
-            weight = unit.matrix()
-            entry["relative_error"] = round(
-                weighted_error(compressed.dequantize() - weight, gram)
-                / max(weighted_error(weight, gram), 1e-30),
-                8,
-            )
+        if error is not None:
+            entry["relative_error"] = round(error, 8)
         if str(unit.node.name) in sensitivity:
             entry["sensitivity"] = sensitivity[str(unit.node.name)]
         layers[str(unit.node.name)] = entry

@@ -33,11 +33,6 @@ from qcompiler.weight_formats import (
 SHRINK_GRID = tuple(float(m) for m in np.round(np.linspace(0.6, 1.0, 9), 3))
 
 
-def weighted_error(error: np.ndarray, gram: Gram) -> float:
-    """tr(Eᵀ H E): the mean squared layer-output error caused by a weight error E [K, N]."""
-    return gram.weighted_error(error)
-
-
 def _column_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per (block, column) dot products over the rows of two blocked arrays [n, B, N] -> [n, N]."""
     return np.einsum("kbn,kbn->kn", a, b)

@@ -122,7 +122,7 @@ def test_lowered_kernels_compute_the_canonical_form(options):
     the outputs of the float model holding the dequantized weights (accuracy_level 0)."""
     model = tiny_decoder()
     units, _ = plan_compression(model, options, IgnoredScope())
-    report = compress_weights(model, units, None, options, IgnoredScope(), progress=False)
+    report = compress_weights(model, units, {}, options, IgnoredScope(), progress=False)
     assert all(node.op_type != "MatMul" or node.inputs[1].const_value is None for node in model.graph)
     expected = run(_dequantized_twin(model), _feeds(1)[0])[0]
     kernels = lower_weights(model, options.accuracy_level)
@@ -218,7 +218,7 @@ def test_fp8_weights_raise_the_opset_and_run_in_onnxruntime():
     model = tiny_decoder()
     options = CompressionOptions(format=WeightFormat.FP8, accuracy_level=0)
     units, _ = plan_compression(model, options, IgnoredScope())
-    compress_weights(model, units, None, options, IgnoredScope(), progress=False)
+    compress_weights(model, units, {}, options, IgnoredScope(), progress=False)
     expected = run(_dequantized_twin(model), _feeds(1)[0])[0]
     kernels = lower_weights(model, 0)
     assert model.opset_imports[""] == 19
@@ -259,7 +259,8 @@ def test_canonical_form_reads_back_what_was_written(fmt):
     units, _ = plan_compression(model, options, IgnoredScope())
     written = {}
     for unit in units:
-        compressed, how = compress_unit(unit, None, options)
+        compressed, how, error = compress_unit(unit, None, options)
+        assert error is None
         written[str(unit.node.name)] = compressed
         write_canonical(model.graph, unit, compressed, how)
     for dq in list(model.graph):

@@ -7,7 +7,7 @@ from qcompiler.options import WeightFormat
 from qcompiler.reducers import Gram, GramReducer
 from qcompiler.rewrites.awq import awq_scales
 from qcompiler.rewrites.gptq import gptq
-from qcompiler.rewrites.scale_estimation import estimate_scales, weighted_error
+from qcompiler.rewrites.scale_estimation import estimate_scales
 from qcompiler.weight_formats import quantize
 
 
@@ -38,7 +38,7 @@ def test_weighted_error_is_the_layer_output_error():
     x, gram, weight = _problem()
     error = quantize(weight, WeightFormat.INT4, 32).dequantize() - weight
     direct = float(np.sum((x @ error) ** 2) / len(x))
-    assert weighted_error(error, gram) == pytest.approx(direct, rel=1e-3)
+    assert gram.weighted_error(error) == pytest.approx(direct, rel=1e-3)
 
 
 def test_diagonal_blocks_pad_the_ragged_block():
@@ -85,8 +85,8 @@ def test_scale_estimation_beats_rtn_per_block(fmt, symmetric):
     block = 16 if fmt is WeightFormat.NVFP4 else 32
     rtn = quantize(weight, fmt, block, symmetric=symmetric)
     estimated = estimate_scales(weight, gram, fmt, block, symmetric=symmetric)
-    rtn_error = weighted_error(rtn.dequantize() - weight, gram)
-    assert weighted_error(estimated.dequantize() - weight, gram) < 0.9 * rtn_error
+    rtn_error = gram.weighted_error(rtn.dequantize() - weight)
+    assert gram.weighted_error(estimated.dequantize() - weight) < 0.9 * rtn_error
 
 
 @pytest.mark.parametrize("block", [64, 128])  # 128 = per-channel for 128 rows
@@ -98,8 +98,8 @@ def test_scale_estimation_on_gram_blocks_tiling_the_quantization_blocks(block):
     rtn = quantize(weight, WeightFormat.INT4, block, symmetric=True)
     estimated = estimate_scales(weight, reducer.result(), WeightFormat.INT4, block, symmetric=True)
     assert estimated.scales.shape == rtn.scales.shape
-    assert weighted_error(estimated.dequantize() - weight, gram) < 0.95 * weighted_error(
-        rtn.dequantize() - weight, gram
+    assert gram.weighted_error(estimated.dequantize() - weight) < 0.95 * gram.weighted_error(
+        rtn.dequantize() - weight
     )
 
 
@@ -129,8 +129,8 @@ def test_gptq_reduces_output_error(act_order):
     rtn = quantize(weight, WeightFormat.INT4, 32, symmetric=True)
     result = gptq(weight, gram, rtn, act_order=act_order)
     assert result.scales is rtn.scales
-    rtn_error = weighted_error(rtn.dequantize() - weight, gram)
-    assert weighted_error(result.dequantize() - weight, gram) < 0.7 * rtn_error
+    rtn_error = gram.weighted_error(rtn.dequantize() - weight)
+    assert gram.weighted_error(result.dequantize() - weight) < 0.7 * rtn_error
 
 
 def test_awq_never_worse_than_rtn_and_scales_centered():
