@@ -8,18 +8,25 @@ import numpy as np
 import onnx_ir as ir
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | np.generic) -> ir.Value:
-    """Register `array` as an initializer under `name`, or `name_1`, `name_2`... if taken."""
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray | np.generic, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """Register `array` as an initializer under `name`, or `name_1`, `name_2`... if taken.
+
+    `dtype` stores it as another ONNX element type (int4 / uint4 codes held in an int8 / uint8
+    array); by default the array's own type.
+    """
     unique = name
     suffix = 1
     while unique in graph.initializers:
         unique = f"{name}_{suffix}"
         suffix += 1
-    array = np.asarray(array)
+    array = np.ascontiguousarray(array)
+    dtype = dtype or ir.DataType.from_numpy(array.dtype)
     value = ir.Value(
         name=unique,
-        const_value=ir.tensor(array, name=unique),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, dtype=dtype, name=unique),
+        type=ir.TensorType(dtype),
         shape=ir.Shape(array.shape),
     )
     graph.register_initializer(value)

@@ -347,24 +347,14 @@ _CODE_TYPES = {
 }
 
 
-def _add_tensor(
-    graph: ir.Graph, name: str, codes: np.ndarray, fmt: WeightFormat, symmetric: bool
-) -> ir.Value:
+def _add_codes(graph: ir.Graph, name: str, codes: np.ndarray, fmt: WeightFormat, symmetric: bool) -> ir.Value:
     """Register codes as an initializer of the format's ONNX element type."""
     dtype = _CODE_TYPES[(fmt, symmetric)]
     if dtype == ir.DataType.FLOAT8E4M3FN:
         codes = codes.view(ml_dtypes.float8_e4m3fn)
     elif dtype == ir.DataType.FLOAT4E2M1:
         codes = codes.view(ml_dtypes.float4_e2m1fn)
-    name = _unique(graph, name)
-    value = ir.Value(
-        name=name,
-        const_value=ir.tensor(np.ascontiguousarray(codes), dtype=dtype, name=name),
-        type=ir.TensorType(dtype),
-        shape=ir.Shape(codes.shape),
-    )
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, name, codes, dtype)
 
 
 def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWeight, how: str) -> ir.Node:
@@ -383,11 +373,11 @@ def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWei
         scales = scales.reshape(-1)
         zeros = None if zeros is None else zeros.reshape(-1)
     inputs: list[ir.Value | None] = [
-        _add_tensor(graph, f"{base}_codes", codes, compressed.format, compressed.symmetric),
+        _add_codes(graph, f"{base}_codes", codes, compressed.format, compressed.symmetric),
         add_initializer(graph, f"{base}_scales", scales.astype(np.float32)),
     ]
     if zeros is not None:
-        inputs.append(_add_tensor(graph, f"{base}_zero_points", zeros, compressed.format, False))
+        inputs.append(_add_codes(graph, f"{base}_zero_points", zeros, compressed.format, False))
     axis = int(embedding == blocked)  # the axis the scales run along (blocks: the blocked axis)
     attributes: dict[str, int] = {"axis": axis}
     if blocked:
@@ -498,11 +488,3 @@ def dequantize_canonical(model: ir.Model) -> int:
             drop_if_unused(model.graph, value)
         replaced += 1
     return replaced
-
-
-def _unique(graph: ir.Graph, name: str) -> str:
-    unique, suffix = name, 1
-    while unique in graph.initializers:
-        unique = f"{name}_{suffix}"
-        suffix += 1
-    return unique

@@ -74,3 +74,27 @@ def test_block_size_rules():
         packing.pack_matmul_nbits(quantize(w, WeightFormat.INT4, 48))
     assert packing.nbits_block_size(quantize(w, WeightFormat.INT4, 96)) == 32
     assert packing.nbits_block_size(quantize(np.ones((72, 4), np.float32), WeightFormat.INT4, 72)) == 128
+
+
+@pytest.mark.parametrize(
+    "fmt, symmetric", [(WeightFormat.INT8, False), (WeightFormat.INT4, True), (WeightFormat.INT4, False)]
+)
+def test_gather_block_quantized_packing_matches_onnxruntime(fmt, symmetric):
+    """ORT's GatherBlockQuantized on our layout returns the dequantized rows of the table."""
+    table = np.random.default_rng(3).standard_normal((50, 64)).astype(np.float32)  # [V, H]
+    compressed = quantize(table.T, fmt, 32, symmetric=symmetric)  # blocks along H
+    packed = packing.pack_gather_block_quantized(compressed)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
+    graph = ir.Graph([ids], [], nodes=[], name="gather")
+    inputs = [const(graph, "data", packed.data), ids, const(graph, "scales", packed.scales)]
+    if packed.zero_points is not None:
+        inputs.append(const(graph, "zero_points", packed.zero_points))
+    attributes = {"bits": packed.bits, "block_size": 32, "gather_axis": 0, "quantize_axis": 1}
+    node = ir.node("GatherBlockQuantized", inputs, attributes, domain="com.microsoft", name="gather")
+    node.outputs[0].name = "rows"
+    graph.append(node)
+    graph.outputs.append(node.outputs[0])
+    model = model_of(graph)
+    model.opset_imports["com.microsoft"] = 1
+    chosen = np.array([0, 7, 49, 7])
+    np.testing.assert_array_equal(run(model, {"ids": chosen})[0], compressed.dequantize().T[chosen])

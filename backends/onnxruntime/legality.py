@@ -14,17 +14,13 @@ import onnx_ir as ir
 from qcompiler.errors import LegalityError
 
 Q_TYPES = frozenset({ir.DataType.UINT8, ir.DataType.INT8})
-WEIGHT_TYPES = frozenset(
-    {
-        ir.DataType.INT8,
-        ir.DataType.UINT8,
-        ir.DataType.INT32,
-        ir.DataType.INT4,
-        ir.DataType.UINT4,
-        ir.DataType.FLOAT8E4M3FN,
-    }
+DEQUANTIZABLE_TYPES = frozenset(
+    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT8E4M3FN}
 )
-"""Constant types ORT CPU dequantizes (int4 from opset 21, float8 from 19, unfused: weight-only)."""
+"""Weight types ORT CPU's DequantizeLinear runs (int4 from opset 21, float8 from 19; float4e2m1
+is NOT_IMPLEMENTED)."""
+WEIGHT_TYPES = DEQUANTIZABLE_TYPES | {ir.DataType.INT32}
+"""Constant DQ inputs ORT CPU accepts: weights, and int32 biases."""
 
 
 def _dq_single_consumer(model: ir.Model) -> list[str]:

@@ -15,10 +15,15 @@ legality checker names what onnxruntime cannot run.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from qcompiler.backends.onnxruntime.packing import _pack_nibbles, pack_matmul_bnb4, pack_matmul_nbits
+from qcompiler.backends.onnxruntime.legality import DEQUANTIZABLE_TYPES
+from qcompiler.backends.onnxruntime.packing import (
+    pack_gather_block_quantized,
+    pack_matmul_bnb4,
+    pack_matmul_nbits,
+)
+from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.options import WeightFormat
 from qcompiler.rewrites.compression import COMPRESSION_KEY, canonical_consumer, read_canonical
@@ -102,36 +107,28 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         self._replace(model, dq, matmul, kernel)
 
     def _lower_gather(self, model: ir.Model, dq: ir.Node, gather: ir.Node, weight: CompressedWeight) -> None:
-        block = weight.block_size
-        if weight.format is WeightFormat.NF4 or block < 16 or block & (block - 1):
-            return  # GatherBlockQuantized needs power-of-two blocks >= 16 along the row
-        bits = weight.format.bits
-        codes = weight.codes.T  # [V, H]
-        if weight.symmetric:  # stored unsigned, offset by the kernel's default zero point
-            codes = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
-        data = _pack_nibbles(codes) if bits == 4 else np.ascontiguousarray(codes, np.uint8)
+        try:
+            packed = pack_gather_block_quantized(weight)
+        except UnsupportedModelError:
+            return  # the DQ stays; the checker says whether onnxruntime runs it
         graph, base = model.graph, str(gather.name)
         inputs = [
-            add_initializer(graph, f"{base}_data", data),
+            add_initializer(graph, f"{base}_data", packed.data),
             gather.inputs[1],
-            add_initializer(graph, f"{base}_scales", np.ascontiguousarray(weight.scales.T)),
+            add_initializer(graph, f"{base}_scales", packed.scales),
         ]
-        if weight.zero_points is not None:
-            zeros = np.ascontiguousarray(weight.zero_points.T)
-            inputs.append(
-                add_initializer(graph, f"{base}_zero_points", _pack_nibbles(zeros) if bits == 4 else zeros)
-            )
-        attributes = {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
+        if packed.zero_points is not None:
+            inputs.append(add_initializer(graph, f"{base}_zero_points", packed.zero_points))
+        attributes = {
+            "bits": packed.bits,
+            "block_size": packed.block_size,
+            "gather_axis": 0,
+            "quantize_axis": 1,
+        }
         kernel = ir.node(
             "GatherBlockQuantized", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_BlockQuantized"
         )
         self._replace(model, dq, gather, kernel)
-
-
-RUNNABLE_DQ_TYPES = frozenset(
-    {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.FLOAT8E4M3FN}
-)
-"""Constant types onnxruntime's CPU DequantizeLinear runs (float4e2m1 is NOT_IMPLEMENTED)."""
 
 
 def lower_weights(model: ir.Model, accuracy_level: int = 4) -> dict[str, str]:
@@ -148,7 +145,7 @@ def lower_weights(model: ir.Model, accuracy_level: int = 4) -> dict[str, str]:
         if node.op_type == "DequantizeLinear"
         and node.version is not None
         and node.inputs[0] is not None
-        and node.inputs[0].dtype in RUNNABLE_DQ_TYPES
+        and node.inputs[0].dtype in DEQUANTIZABLE_TYPES
     ]
     needed = max((node.version or 0 for node in kept), default=0)
     if needed > model.opset_imports.get("", 0):

@@ -10,6 +10,10 @@ block; a per-channel weight is tiled by equal-scale blocks (see `nbits_block_siz
 
 MatMulBnb4 (NF4): B transposed to [N, K], flattened, two codes per byte; absmax [N * K / block].
 
+GatherBlockQuantized (embedding tables [V, H], blocks along H): data uint8 [V, H] (8 bits) or
+[V, H / 2] (4 bits, low nibble first), unsigned (symmetric codes offset by 2^(bits-1), the
+kernel's default zero point); scales [V, H / B]; zero points like data.
+
 Tests check both against the runtime's kernels.
 """
 
@@ -23,7 +27,7 @@ from qcompiler.errors import UnsupportedModelError
 from qcompiler.weight_formats import CompressedWeight, WeightFormat, to_blocks
 
 
-def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     """Pack uint8 values 0..15 along the last axis, two per byte, first value in the low nibble."""
     if codes.shape[-1] % 2:
         codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), dtype=codes.dtype)], axis=-1)
@@ -75,13 +79,13 @@ def pack_matmul_nbits(weight: CompressedWeight) -> MatMulNBitsWeights:
     if weight.symmetric:
         codes = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
     blocks = np.transpose(to_blocks(codes, block_size), (2, 0, 1))  # [N, n_blocks, B]
-    packed = _pack_nibbles(blocks) if bits == 4 else np.ascontiguousarray(blocks, dtype=np.uint8)
+    packed = pack_nibbles(blocks) if bits == 4 else np.ascontiguousarray(blocks, dtype=np.uint8)
     repeat = blocks.shape[1] // weight.scales.shape[0]  # > 1 when a per-channel scale is tiled
     scales = np.ascontiguousarray(np.repeat(weight.scales, repeat, axis=0).T).reshape(-1)
     zero_points = None
     if weight.zero_points is not None:
         zero_columns = np.ascontiguousarray(np.repeat(weight.zero_points, repeat, axis=0).T)
-        zero_points = (_pack_nibbles(zero_columns) if bits == 4 else zero_columns).reshape(-1)
+        zero_points = (pack_nibbles(zero_columns) if bits == 4 else zero_columns).reshape(-1)
     return MatMulNBitsWeights(packed, scales, zero_points, rows, columns, block_size, bits)
 
 
@@ -110,3 +114,34 @@ def pack_matmul_bnb4(weight: CompressedWeight) -> MatMulBnb4Weights:
     packed = ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)
     absmax = np.ascontiguousarray(weight.scales.T).reshape(-1)
     return MatMulBnb4Weights(packed, absmax, rows, columns, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherBlockQuantizedWeights:
+    """The constant inputs and attributes of one ``com.microsoft.GatherBlockQuantized`` node."""
+
+    data: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    block_size: int
+    bits: int
+
+
+def pack_gather_block_quantized(table: CompressedWeight) -> GatherBlockQuantizedWeights:
+    """GatherBlockQuantized's layout of an INT4 / INT8 table given as [H, V] (blocks along H)."""
+    size = table.block_size
+    if not table.format.is_integer or size < 16 or size & (size - 1):
+        raise UnsupportedModelError(
+            f"GatherBlockQuantized needs INT4/INT8 in power-of-two row blocks >= 16, got {table.format.value} "
+            f"in blocks of {size}"
+        )
+    bits = table.format.bits
+    codes = table.codes.T  # [V, H]
+    if table.symmetric:
+        codes = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
+    data = pack_nibbles(codes) if bits == 4 else np.ascontiguousarray(codes, np.uint8)
+    zero_points = None
+    if table.zero_points is not None:
+        zeros = np.ascontiguousarray(table.zero_points.T)
+        zero_points = pack_nibbles(zeros) if bits == 4 else zeros
+    return GatherBlockQuantizedWeights(data, np.ascontiguousarray(table.scales.T), zero_points, size, bits)
