@@ -222,7 +222,9 @@ def output_paths(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path]:
     return output, report
 
 
-def data_from_args(args: argparse.Namespace, model):  # -> a data source or None
+def data_from_args(
+    args: argparse.Namespace, model, compression: CompressionOptions | None
+):  # -> source or None
     """The calibration data source the flags ask for (exactly one kind; None for data-free RTN)."""
     from qcompiler.data import NpzFolder, SyntheticSource, TextSource, TokenWindows, input_specs
 
@@ -231,7 +233,6 @@ def data_from_args(args: argparse.Namespace, model):  # -> a data source or None
         for flag, on in (("--data", args.data), ("--text", args.text), ("--synthetic", args.synthetic))
         if on
     ]
-    compression = compression_from_args(args)
     if not chosen and compression is not None and not compression.needs_data:
         return None
     if len(chosen) != 1:
@@ -274,7 +275,7 @@ def run_compile(args: argparse.Namespace) -> int:
         raise OptionError(f"--target: unknown target {args.target!r} (known: {', '.join(sorted(TARGETS))})")
     output, report_path = output_paths(args)
     model = io.load(args.model)
-    data = data_from_args(args, model)
+    data = data_from_args(args, model, options.compression)
     result = compile_model(model, args.target, options, data=data, progress=not args.quiet, in_place=True)
     del model  # the result is the same object now
     saved = io.save(result.model, output, external_data=args.external_data or None, protected=(args.model,))

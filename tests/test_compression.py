@@ -50,31 +50,16 @@ def tiny_decoder() -> ir.Model:
         "norm",
         axis=-1,
     )
-    q = add(
-        graph,
-        "MatMul",
-        [normed, const(graph, "wq", (rng.standard_normal((HIDDEN, INNER)) * 0.1).astype(np.float32))],
-        "q_proj",
-    )
-    k = add(
-        graph,
-        "MatMul",
-        [normed, const(graph, "wk", (rng.standard_normal((HIDDEN, INNER)) * 0.1).astype(np.float32))],
-        "k_proj",
-    )
+
+    def linear(x: ir.Value, weight: str, rows: int, columns: int, name: str) -> ir.Value:
+        array = (rng.standard_normal((rows, columns)) * 0.1).astype(np.float32)
+        return add(graph, "MatMul", [x, const(graph, weight, array)], name)
+
+    q = linear(normed, "wq", HIDDEN, INNER, "q_proj")
+    k = linear(normed, "wk", HIDDEN, INNER, "k_proj")
     mixed = add(graph, "Relu", [add(graph, "Add", [q, k], "mix")], "relu")
-    out = add(
-        graph,
-        "MatMul",
-        [mixed, const(graph, "wo", (rng.standard_normal((INNER, HIDDEN)) * 0.1).astype(np.float32))],
-        "o_proj",
-    )
-    logits = add(
-        graph,
-        "MatMul",
-        [out, const(graph, "head", (rng.standard_normal((HIDDEN, VOCAB)) * 0.1).astype(np.float32))],
-        "lm_head",
-    )
+    out = linear(mixed, "wo", INNER, HIDDEN, "o_proj")
+    logits = linear(out, "head", HIDDEN, VOCAB, "lm_head")
     logits.name = "logits"
     graph.outputs.append(logits)
     return model_of(graph)
