@@ -36,6 +36,7 @@ TOOLS = {
     "nncf-nosq": "NNCF quantize (ONNX) model_type=TRANSFORMER, SmoothQuant off",
     "nncf-ov": "NNCF quantize (OpenVINO) model_type=TRANSFORMER (SmoothQuant on); runs in OpenVINO CPU",
 }
+EMBEDDING = "sentence_embedding"
 SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.txt"
 
 
@@ -111,52 +112,33 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}))
 
 
-class Runner:
-    """Runs an artifact in its runtime: onnxruntime for .onnx, OpenVINO CPU (f32) for .xml; 2 threads."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
-        if path.suffix == ".xml":
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(
-                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
-            )
-            request = compiled.create_infer_request()
-            self.run = lambda feed, output: request.infer(feed)[compiled.output(output)]
-        else:
-            from qcompiler.backends.onnxruntime.session import create_session, session_options
-
-            session = create_session(path, session_options(threads=2))
-            self.run = lambda feed, output: session.run([output], feed)[0]
-
-    def outputs(self, feeds, output: str = "sentence_embedding") -> np.ndarray:
-        return np.concatenate([self.run(feed, output) for feed in feeds])
-
-    def latency_ms(self, batch: int, seq: int = 128, repeats: int = 20) -> float:
-        rng = np.random.default_rng(0)
-        feed = {
-            "input_ids": rng.integers(1000, 20000, (batch, seq)),
-            "attention_mask": np.ones((batch, seq), np.int64),
-            "token_type_ids": np.zeros((batch, seq), np.int64),
-        }
-        for _ in range(3):
-            self.run(feed, "sentence_embedding")
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.run(feed, "sentence_embedding")
-            times.append(time.perf_counter() - start)
-        return float(np.median(times) * 1000)
+def latency_ms(runner: peers.Runner, batch: int, seq: int = 128, repeats: int = 20) -> float:
+    """Median time of one MiniLM run on `batch` random sentences of `seq` tokens."""
+    rng = np.random.default_rng(0)
+    feed = {
+        "input_ids": rng.integers(1000, 20000, (batch, seq)),
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
+    for _ in range(3):
+        runner.run(feed, "sentence_embedding")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.run(feed, "sentence_embedding")
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
 
 
 def measure(path: pathlib.Path, evaluation, retrieval_feeds, reference, reference_retrieval) -> dict:
     """Fidelity, retrieval, latency and size of one artifact, in its runtime."""
     from qcompiler.metrics import fidelity, retrieval
 
-    runner = Runner(path)
-    score = fidelity(reference, runner.outputs(evaluation))
-    ranked = retrieval(runner.outputs(retrieval_feeds[0]), runner.outputs(retrieval_feeds[1]))
+    runner = peers.Runner(path)
+    score = fidelity(reference, runner.outputs(evaluation, EMBEDDING))
+    ranked = retrieval(
+        runner.outputs(retrieval_feeds[0], EMBEDDING), runner.outputs(retrieval_feeds[1], EMBEDDING)
+    )
     size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
     return {
         "mean_cosine": round(score.mean_cosine, 4),
@@ -166,8 +148,8 @@ def measure(path: pathlib.Path, evaluation, retrieval_feeds, reference, referenc
         "recall_at_1_delta": round(ranked.recall_at_1 - reference_retrieval.recall_at_1, 4),
         "mrr_delta": round(ranked.mrr - reference_retrieval.mrr, 4),
         "size_mb": round(size / 2**20, 1),
-        "1x128_ms": round(runner.latency_ms(1), 2),
-        "8x128_ms": round(runner.latency_ms(8), 2),
+        "1x128_ms": round(latency_ms(runner, 1), 2),
+        "8x128_ms": round(latency_ms(runner, 8), 2),
         "runtime": "openvino" if path.suffix == ".xml" else "onnxruntime",
     }
 
@@ -223,10 +205,11 @@ def main() -> None:
         )
         for i in (0, 1)
     )
-    reference_runner = Runner(model_path)
-    reference = reference_runner.outputs(evaluation)
+    reference_runner = peers.Runner(model_path)
+    reference = reference_runner.outputs(evaluation, EMBEDDING)
     reference_retrieval = retrieval(
-        reference_runner.outputs(retrieval_feeds[0]), reference_runner.outputs(retrieval_feeds[1])
+        reference_runner.outputs(retrieval_feeds[0], EMBEDDING),
+        reference_runner.outputs(retrieval_feeds[1], EMBEDDING),
     )
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as folder:
         work = pathlib.Path(folder)

@@ -87,3 +87,44 @@ def add_worker_arguments(parser) -> None:
     parser.add_argument("--model", type=pathlib.Path, help=argparse.SUPPRESS)
     parser.add_argument("--calibration", type=pathlib.Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=pathlib.Path, help=argparse.SUPPRESS)
+
+
+class Runner:
+    """Runs an artifact in its runtime: onnxruntime for .onnx, OpenVINO CPU (f32) for .xml; 2 threads."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        if path.suffix == ".xml":
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(
+                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
+            )
+            request = compiled.create_infer_request()
+            names = {name for port in compiled.outputs for name in port.get_names()}
+
+            def run(feed, output: str) -> np.ndarray:
+                # A single output is taken whatever an exporter named it.
+                port = compiled.output(output if output in names or len(compiled.outputs) != 1 else 0)
+                return request.infer(feed)[port]
+
+            self.run = run
+        else:
+            from qcompiler.backends.onnxruntime.session import create_session, session_options
+
+            session = create_session(path, session_options(threads=2))
+            self.run = lambda feed, output: session.run([output], feed)[0]
+
+    def outputs(self, feeds, output: str) -> np.ndarray:
+        """One output over all feeds, concatenated along the batch."""
+        return np.concatenate([self.run(feed, output) for feed in feeds])
+
+    def perplexity(self, feeds, output: str = "logits") -> tuple[float, int]:
+        """Next-token perplexity over token windows, and the number of tokens scored."""
+        from qcompiler.metrics import next_token_nll
+
+        total, count = 0.0, 0
+        for feed in feeds:
+            nll, tokens = next_token_nll(self.run(feed, output), feed["input_ids"])
+            total, count = total + nll, count + tokens
+        return float(np.exp(total / count)), count

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import peers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -44,23 +43,6 @@ def transposed_weight_matmuls(model) -> list[str]:
         and node.input[1] in producers
         and producers[node.input[1]].op_type == "Transpose"
     ]
-
-
-def openvino_perplexity(path: pathlib.Path, feeds) -> float:
-    """Perplexity of an OpenVINO IR model (CPU, f32 inference, 2 threads)."""
-    import openvino as ov
-
-    from qcompiler.metrics import next_token_nll
-
-    compiled = ov.Core().compile_model(
-        str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
-    )
-    request = compiled.create_infer_request()
-    total, count = 0.0, 0
-    for feed in feeds:
-        nll, tokens = next_token_nll(request.infer(feed)[compiled.output(0)], feed["input_ids"])
-        total, count = total + nll, count + tokens
-    return float(np.exp(total / count))
 
 
 def worker(tool: str, model: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path) -> None:
@@ -162,7 +144,7 @@ def main() -> None:
             row = {"description": TOOLS[tool], **json.loads(process.stdout.strip().splitlines()[-1])}
             begin = time.perf_counter()
             if output.suffix == ".xml":
-                row["perplexity"] = round(openvino_perplexity(output, evaluation), 3)
+                row["perplexity"] = round(peers.Runner(output).perplexity(evaluation)[0], 3)
                 row["runtime"] = "openvino"
             else:
                 row["perplexity"] = round(perplexity(output, evaluation, threads=2), 3)

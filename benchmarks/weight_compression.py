@@ -230,32 +230,12 @@ class Evaluator:
             self.calibration_description = "300 paragraphs, python-docs train slice, one per feed"
             self.reference = self._embeddings(self.model_path)
 
-    def _run(self, path: pathlib.Path):
-        """A function feed -> first output, in the artifact's runtime."""
-        if path.suffix == ".xml":
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(
-                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
-            )
-            request = compiled.create_infer_request()
-            output = (
-                compiled.output(0) if self.model_name == "smollm2" else compiled.output("sentence_embedding")
-            )
-            return lambda feed: request.infer(feed)[output]
-        from qcompiler.backends.onnxruntime.session import create_session, session_options
-
-        session = create_session(path, session_options(threads=2))
-        name = "logits" if self.model_name == "smollm2" else "sentence_embedding"
-        return lambda feed: session.run([name], feed)[0]
-
     def _embeddings(self, path: pathlib.Path) -> np.ndarray:
-        run = self._run(path)
-        return np.concatenate([run(feed) for feed in self.evaluation])
+        return peers.Runner(path).outputs(self.evaluation, "sentence_embedding")
 
     def measure(self, path: pathlib.Path) -> dict[str, object]:
         """The metric, evaluation speed and size of one artifact."""
-        from qcompiler.metrics import fidelity, next_token_nll
+        from qcompiler.metrics import fidelity
 
         start = time.perf_counter()
         extra = path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
@@ -264,12 +244,8 @@ class Evaluator:
             "size_mb": round((path.stat().st_size + extra) / 2**20, 1),
         }
         if self.model_name == "smollm2":
-            run = self._run(path)
-            total, count = 0.0, 0
-            for feed in self.evaluation:
-                nll, tokens = next_token_nll(run(feed), feed["input_ids"])
-                total, count = total + nll, count + tokens
-            row["perplexity"] = round(float(np.exp(total / count)), 3)
+            perplexity, count = peers.Runner(path).perplexity(self.evaluation)
+            row["perplexity"] = round(perplexity, 3)
             row["tokens_per_s"] = round(count / (time.perf_counter() - start), 1)
         else:
             score = fidelity(self.reference, self._embeddings(path))
