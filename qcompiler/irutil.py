@@ -21,7 +21,9 @@ def add_initializer(
     while unique in graph.initializers:
         unique = f"{name}_{suffix}"
         suffix += 1
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # transposed codes; np.ascontiguousarray would make scalars 1-D
+        array = np.ascontiguousarray(array)
     dtype = dtype or ir.DataType.from_numpy(array.dtype)
     value = ir.Value(
         name=unique,
