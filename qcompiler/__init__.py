@@ -8,13 +8,16 @@ The API takes and returns models: ``qcompiler.compile(model, "ort-cpu", options,
 returns a `CompileResult` whose ``model`` is an ``onnx_ir.Model``; ``qcompiler.save`` writes it.
 """
 
+from qcompiler.accuracy import AccuracyBudgetError
 from qcompiler.errors import QCompileError
 from qcompiler.io import load, save
 from qcompiler.options import (
+    AccuracyOptions,
     ActivationOptions,
     CalibrationOptions,
     CompileOptions,
     CompressionOptions,
+    DropType,
     IgnoredScope,
     Preset,
     QuantType,
@@ -28,11 +31,14 @@ from qcompiler.targets import TARGETS, Target, get_target
 
 __all__ = [
     "TARGETS",
+    "AccuracyBudgetError",
+    "AccuracyOptions",
     "ActivationOptions",
     "CalibrationOptions",
     "CompileOptions",
     "CompileResult",
     "CompressionOptions",
+    "DropType",
     "IgnoredScope",
     "Preset",
     "QCompileError",

@@ -17,12 +17,15 @@ import sys
 from collections.abc import Sequence
 
 from qcompiler import io
+from qcompiler.accuracy import AccuracyBudgetError
 from qcompiler.errors import OptionError, QCompileError
 from qcompiler.options import (
+    AccuracyOptions,
     ActivationOptions,
     CalibrationOptions,
     CompileOptions,
     CompressionOptions,
+    DropType,
     IgnoredScope,
     Preset,
     QuantType,
@@ -37,6 +40,7 @@ from qcompiler.targets import TARGETS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_BUDGET_NOT_MET = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compress the embeddings and last MatMul in FORMAT too (default: INT8, as NNCF)",
     )
+    accuracy = parser.add_argument_group("accuracy-aware fallback and size budgets")
+    accuracy.add_argument(
+        "--max-drop",
+        type=float,
+        help="largest metric drop vs the float model; needs --val-data or --val-text",
+    )
+    accuracy.add_argument("--drop-type", default="absolute", help="absolute (default) | relative")
+    accuracy.add_argument(
+        "--metric",
+        help="cosine | sqnr | top1 | perplexity | module:function (default: perplexity for LMs, else cosine)",
+    )
+    accuracy.add_argument("--metric-output", help="model output the metric reads (default: the first)")
+    accuracy.add_argument("--val-data", type=pathlib.Path, help="validation folder of .npz batches")
+    accuracy.add_argument(
+        "--val-text", type=pathlib.Path, help="validation text file (read like --text, with --tokenizer)"
+    )
+    accuracy.add_argument(
+        "--val-samples", type=int, default=128, help="validation lines or windows (default 128)"
+    )
+    accuracy.add_argument("--max-trials", type=int, default=50, help="most fallback evaluations (default 50)")
+    accuracy.add_argument("--time-budget", type=float, help="seconds after which no new trial starts")
+    accuracy.add_argument(
+        "--effective-bits",
+        type=float,
+        help="weights: average stored bits per weight to fit (integer program)",
+    )
+    accuracy.add_argument(
+        "--max-size", type=float, metavar="MB", help="weights: compressed size to fit, in MB"
+    )
     parser.add_argument(
         "--no-fusion-count", action="store_true", help="skip asking the runtime what it fused"
     )
@@ -178,6 +211,16 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         calibration=CalibrationOptions(max_batches=args.max_batches),
         count_fusion=not args.no_fusion_count,
         compression=compression_from_args(args),
+        accuracy=AccuracyOptions(
+            max_drop=args.max_drop,
+            drop_type=parse_enum(DropType, args.drop_type, "--drop-type"),  # type: ignore[arg-type]
+            metric=args.metric,
+            metric_output=args.metric_output,
+            max_trials=args.max_trials,
+            time_budget=args.time_budget,
+            effective_bits=args.effective_bits,
+            max_size_mb=args.max_size,
+        ),
     )
 
 
@@ -266,6 +309,38 @@ def data_from_args(
     return SyntheticSource(specs)
 
 
+def validation_from_args(args: argparse.Namespace, model):  # -> source or None
+    """The validation source of --val-data / --val-text (read like the calibration flags)."""
+    from qcompiler.data import NpzFolder, TextSource, TokenWindows, input_specs
+
+    if args.val_data and args.val_text:
+        raise OptionError("validation data: pass one of --val-data DIR or --val-text FILE, not both")
+    if args.val_data:
+        return NpzFolder(args.val_data)
+    if not args.val_text:
+        return None
+    if not args.tokenizer:
+        raise OptionError("--val-text needs --tokenizer PATH (tokenizer.json or its folder)")
+    specs = input_specs(model)
+    if args.text_windows:
+        return TokenWindows(
+            args.val_text, args.tokenizer, specs, seq_len=args.seq_len, windows=args.val_samples, batch_size=1
+        )
+    return TextSource(
+        args.val_text,
+        args.tokenizer,
+        specs,
+        seq_len=args.seq_len,
+        samples=args.val_samples,
+        batch_size=args.batch_size,
+    )
+
+
+def best_effort_path(output: pathlib.Path) -> pathlib.Path:
+    """Where the best model of an unmet --max-drop goes: the name says the budget was not met."""
+    return output.with_name(f"{output.stem}.drop-not-met{output.suffix}")
+
+
 def run_compile(args: argparse.Namespace) -> int:
     """Compile one model as the arguments say; returns the exit code."""
     from qcompiler.pipeline import compile as compile_model
@@ -276,15 +351,33 @@ def run_compile(args: argparse.Namespace) -> int:
     output, report_path = output_paths(args)
     model = io.load(args.model)
     data = data_from_args(args, model, options.compression)
-    result = compile_model(model, args.target, options, data=data, progress=not args.quiet, in_place=True)
-    del model  # the result is the same object now
+    validation = validation_from_args(args, model)
+    try:
+        result = compile_model(
+            model,
+            args.target,
+            options,
+            data=data,
+            progress=not args.quiet,
+            in_place=True,
+            validation=validation,
+        )
+    except AccuracyBudgetError as exc:  # still save the best model found, under a name that says so
+        output = best_effort_path(output)
+        _write(args, exc.result, output, output.with_suffix(".report.json"))  # type: ignore[arg-type]
+        raise
+    _write(args, result, output, report_path)
+    return 0
+
+
+def _write(args: argparse.Namespace, result, output: pathlib.Path, report_path: pathlib.Path) -> None:
+    """Save the model and its report (atomically), print the summary."""
     saved = io.save(result.model, output, external_data=args.external_data or None, protected=(args.model,))
     result.report.data["output"] = str(saved)
     io.atomic_write_text(report_path, result.report.to_json())
     if not args.quiet:
         print(result.report.summary())  # noqa: T201
         print(f"wrote {saved}\nreport {report_path}")  # noqa: T201
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,6 +392,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(run_demo(argv[1:])))  # noqa: T201
             return 0
         return run_compile(build_parser().parse_args(argv))
+    except AccuracyBudgetError as exc:
+        if debug:
+            raise
+        print(
+            f"qcompile: error: {exc}; the best model found was saved as *.drop-not-met.onnx", file=sys.stderr
+        )  # noqa: T201
+        return EXIT_BUDGET_NOT_MET
     except QCompileError as exc:
         if debug:
             raise

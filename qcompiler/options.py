@@ -253,6 +253,69 @@ class CalibrationOptions:
             raise OptionError(f"histogram_bins must be >= 16, got {self.histogram_bins}")
 
 
+class DropType(enum.Enum):
+    """How `--max-drop` compares a candidate's metric with the float model's."""
+
+    ABSOLUTE = "absolute"
+    RELATIVE = "relative"
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyOptions:
+    """Accuracy-aware fallback (`--max-drop`) and size budgets (`--effective-bits`, `--max-size`).
+
+    Attributes:
+        max_drop: the largest metric drop allowed against the float model (None: no fallback).
+        drop_type: absolute (default) or relative to the float model's score.
+        metric: a built-in name (cosine, sqnr, top1, perplexity), ``module:function`` or a
+            callable ``f(outputs, feeds) -> float``; None: perplexity for a model with a
+            ``logits`` output, else cosine.
+        metric_output: the output the metric reads (None: the metric's own, else the first).
+        max_trials: most evaluations the fallback loop makes.
+        time_budget: seconds after which the loop starts no new trial.
+        confirm: how many top-ranked groups are measured on the validation subset before the loop.
+        subset_batches: validation batches used for ranking (the loop uses all of them).
+        effective_bits: weight compression only: average bits per compressed weight (codes, scales
+            and zero points counted) to fit, by an integer program over per-group formats.
+        max_size_mb: weight compression only: the same, as a size of the compressed weights in MB.
+    """
+
+    max_drop: float | None = None
+    drop_type: DropType = DropType.ABSOLUTE
+    metric: object = None
+    metric_output: str | None = None
+    max_trials: int = 50
+    time_budget: float | None = None
+    confirm: int = 8
+    subset_batches: int = 2
+    effective_bits: float | None = None
+    max_size_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is not None and self.max_drop < 0:
+            raise OptionError(f"--max-drop must be >= 0, got {self.max_drop}")
+        if self.max_trials < 1:
+            raise OptionError(f"--max-trials must be >= 1, got {self.max_trials}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise OptionError(f"--time-budget must be positive, got {self.time_budget}")
+        if self.effective_bits is not None and not 1.0 < self.effective_bits <= 32.0:
+            raise OptionError(f"--effective-bits must be in (1, 32], got {self.effective_bits}")
+        if self.max_size_mb is not None and self.max_size_mb <= 0:
+            raise OptionError(f"--max-size must be positive, got {self.max_size_mb}")
+        if self.effective_bits is not None and self.max_size_mb is not None:
+            raise OptionError("--effective-bits and --max-size: pass one size budget, not both")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any accuracy or size budget was asked for."""
+        return self.max_drop is not None or self.size_budget
+
+    @property
+    def size_budget(self) -> bool:
+        """Whether a size budget was asked for."""
+        return self.effective_bits is not None or self.max_size_mb is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """Everything a compile can be asked to do.
@@ -267,6 +330,7 @@ class CompileOptions:
         calibration: calibration settings.
         count_fusion: ask the runtime which quantized nodes it fused (costs one session build).
         compression: weight-only compression; when set, activations are not quantized.
+        accuracy: accuracy-aware fallback and size budgets (need validation data).
     """
 
     preset: Preset = Preset.DEFAULT
@@ -278,6 +342,7 @@ class CompileOptions:
     calibration: CalibrationOptions = CalibrationOptions()
     count_fusion: bool = True
     compression: CompressionOptions | None = None
+    accuracy: AccuracyOptions = AccuracyOptions()
 
     def resolved(self) -> CompileOptions:
         """These options with every "preset decides" (None) replaced by the preset's value."""

@@ -18,13 +18,40 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qcompiler import calibration, io
+from qcompiler.accuracy import (
+    AccuracyBudgetError,
+    StaticCandidates,
+    WeightCandidates,
+    budget_message,
+    run_search,
+    size_budget_decision,
+    static_groups,
+    weight_groups,
+)
 from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError, UnsupportedModelError
-from qcompiler.options import CalibrationRuntime, CompileOptions, CompressionOptions, QuantType
+from qcompiler.evaluation import Evaluator, resolve_metric
+from qcompiler.options import (
+    AccuracyOptions,
+    CalibrationRuntime,
+    CompileOptions,
+    CompressionOptions,
+    QuantType,
+)
+from qcompiler.reducers import Gram
 from qcompiler.report import Report, peak_rss_mb, versions
-from qcompiler.rewrites.compression import compress_weights, gram_statistics, plan_compression, stat_requests
+from qcompiler.rewrites.compression import (
+    UnitCompressor,
+    WeightUnit,
+    apply_awq,
+    assign_mixed_precision,
+    compress_weights,
+    gram_statistics,
+    plan_compression,
+    stat_requests,
+)
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
@@ -51,6 +78,7 @@ def compile(  # noqa: A001 - the public name the design promises
     data: DataArg | None = None,
     progress: bool = True,
     in_place: bool = False,
+    validation: DataArg | None = None,
 ) -> CompileResult:
     """Quantize `model` for `target`, calibrating on `data`.
 
@@ -65,6 +93,11 @@ def compile(  # noqa: A001 - the public name the design promises
         progress: show tqdm progress bars.
         in_place: an `onnx_ir.Model` given as `model` is modified and returned instead of copied
             (less memory; the caller gives it up). Paths and protos are always loaded afresh.
+        validation: batches the accuracy-aware fallback (`options.accuracy.max_drop`) measures
+            on; keep them apart from `data`.
+
+    Raises:
+        AccuracyBudgetError: `--max-drop` was not met; its ``result`` holds the best model found.
     """
     options = (options or CompileOptions()).resolved()
     resolved = get_target(target)
@@ -103,19 +136,67 @@ def compile(  # noqa: A001 - the public name the design promises
         with report.timed("validate_data"):
             peek_check(data, specs, "calibration data")
 
+    _check_accuracy_options(options, validation)
+
     with report.timed("normalize"):
         # Weight-only compression matches no activation patterns: skip the rewrite rules.
         NormalizePass(rewrite=options.compression is None)(working)
+    evaluator = None
+    if options.accuracy.max_drop is not None:
+        assert validation is not None
+        with report.timed("validate_float"):
+            evaluator = _evaluator(working, validation, options.accuracy)
     backend = backend_for(resolved.backend)
     if options.compression is not None:
-        _compress_weights(working, data, options, options.compression, backend, report, progress=progress)
+        working = _compress_weights(
+            working,
+            data,
+            options,
+            options.compression,
+            resolved,
+            backend,
+            report,
+            evaluator,
+            progress=progress,
+        )
     else:
         assert data is not None
-        _quantize_static(working, data, options, resolved, backend, report, progress=progress)
+        working = _quantize_static(
+            working, data, options, resolved, backend, report, evaluator, progress=progress
+        )
     _stamp(working, resolved, options)
     report.size_bytes["after"] = io.initializer_bytes(working)
     report.peak_rss_mb = round(peak_rss_mb(), 1)
-    return CompileResult(working, report)
+    result = CompileResult(working, report)
+    if report.fallback and not report.fallback["met"]:
+        raise AccuracyBudgetError(budget_message(report.fallback), result)
+    return result
+
+
+def _check_accuracy_options(options: CompileOptions, validation: DataArg | None) -> None:
+    accuracy = options.accuracy
+    if accuracy.max_drop is not None and validation is None:
+        raise OptionError(
+            "--max-drop needs validation data apart from the calibration data: pass --val-data DIR or "
+            "--val-text FILE (Python: validation=)"
+        )
+    if accuracy.size_budget and options.compression is None:
+        raise OptionError("--effective-bits / --max-size choose weight formats: add --weights FORMAT")
+
+
+def _evaluator(model: ir.Model, validation: DataArg, accuracy: AccuracyOptions) -> Evaluator:
+    """The validation metric on the float model (default: perplexity for an LM, else cosine)."""
+    spec = accuracy.metric
+    if spec is None:
+        outputs = {str(value.name) for value in model.graph.outputs}
+        inputs = {str(value.name) for value in model.graph.inputs}
+        spec = "perplexity" if "logits" in outputs and "input_ids" in inputs else "cosine"
+    metric = resolve_metric(spec)  # type: ignore[arg-type]
+    if accuracy.metric_output is not None:
+        metric = dataclasses.replace(metric, output=accuracy.metric_output)
+    feeds = list(validation)
+    peek_check(feeds, input_specs(model), "validation data")
+    return Evaluator(model, feeds, metric, accuracy.drop_type)
 
 
 def _quantize_static(
@@ -125,10 +206,15 @@ def _quantize_static(
     resolved: Target,
     backend: ModuleType,
     report: Report,
+    evaluator: Evaluator | None,
     *,
     progress: bool,
-) -> None:
-    """W8A8: SmoothQuant -> plan -> calibrate -> insert QDQ -> lower -> check (in place)."""
+) -> ir.Model:
+    """W8A8: SmoothQuant -> plan -> calibrate -> insert QDQ -> lower -> check.
+
+    With `evaluator` (``--max-drop``), the QDQ model is rebuilt per fallback decision from the
+    smoothed float model, and the model of the decision reached is returned.
+    """
     activation_type = options.activations.dtype or resolved.activation_type
     known: dict[StatKey, object] = {}
     batches = 0
@@ -154,16 +240,40 @@ def _quantize_static(
             ).with_results(known)
     report.data["batches"] = statistics.batches
     report.data["calibration_runs"] = int(bool(options.smooth_quant.enabled)) + int(bool(missing))
-    insert = InsertQDQPass(plan, statistics, options.activations, activation_type, resolved.weight_type)
-    with report.timed("quantize"):
-        insert(working)
-    with report.timed("lower"):
-        backend.lower(working)
-        backend.check(working)
-    quantized_names = [str(unit.node.name) for unit in plan.units]
+    if evaluator is not None:
+        candidates = StaticCandidates(
+            working, static_groups(plan, resolved), resolved, options, statistics, activation_type, backend
+        )
+        with report.timed("fallback"):
+            candidates.proxy(evaluator, options.accuracy.subset_batches)
+            start = (0,) * len(candidates.groups)
+            result, report.fallback = run_search(
+                candidates.groups,
+                start,
+                lambda decision: candidates.build(decision)[0],
+                evaluator,
+                options.accuracy,
+                progress=progress,
+            )
+            working, insert = candidates.build(result.decision)
+        rungs = {
+            name: group.ladder[rung]
+            for group, rung in zip(candidates.groups, result.decision, strict=True)
+            for name in group.members
+        }
+        units = [unit for unit in plan.units if rungs[str(unit.node.name)] in ("w8a8", "a8")]
+    else:
+        insert = InsertQDQPass(plan, statistics, options.activations, activation_type, resolved.weight_type)
+        with report.timed("quantize"):
+            insert(working)
+        with report.timed("lower"):
+            backend.lower(working)
+            backend.check(working)
+        units = plan.units
+    quantized_names = [str(unit.node.name) for unit in units]
     report.nodes = {
-        "quantized": len(plan.units),
-        "by_op_type": dict(collections.Counter(unit.node.op_type for unit in plan.units)),
+        "quantized": len(units),
+        "by_op_type": dict(collections.Counter(unit.node.op_type for unit in units)),
         "skipped": plan.skipped,
     }
     report.activation_quantizers = {
@@ -172,6 +282,7 @@ def _quantize_static(
     if options.count_fusion and quantized_names:
         with report.timed("count_fusion"):
             report.fusion = backend.count_fusion(working, quantized_names).to_dict()
+    return working
 
 
 def _compress_weights(
@@ -179,16 +290,22 @@ def _compress_weights(
     data: DataArg | None,
     options: CompileOptions,
     compression: CompressionOptions,
+    resolved: Target,
     backend: ModuleType,
     report: Report,
+    evaluator: Evaluator | None,
     *,
     progress: bool,
-) -> None:
-    """Weight-only compression in place.
+) -> ir.Model:
+    """Weight-only compression (in place unless a budget is set; returns the model).
 
     plan -> Gram statistics (if an algorithm needs data) -> AWQ / scale estimation / GPTQ / RTN
-    -> canonical DQ form -> packed kernels -> check.
+    -> canonical DQ form -> packed kernels -> check. With a size budget or ``--max-drop`` the
+    formats per group come from `qcompiler.accuracy` instead.
     """
+    accuracy = options.accuracy
+    if accuracy.size_budget:  # the budget decides the embeddings' and head's formats too
+        compression = dataclasses.replace(compression, backup_layers=False)
     units, skipped = plan_compression(working, compression, options.ignored)
     requests = stat_requests(units, compression)
     grams = {}
@@ -206,20 +323,87 @@ def _compress_weights(
         report.data["batches"] = statistics.batches
         grams = gram_statistics(statistics, requests)
         del statistics
-    with report.timed("compress"):
-        report.compression = compress_weights(
-            working, units, grams, compression, options.ignored, progress=progress
+    if accuracy.enabled:
+        working = _compress_with_budget(
+            working,
+            units,
+            grams,
+            compression,
+            options,
+            resolved,
+            backend,
+            report,
+            evaluator,
+            progress=progress,
         )
-    del grams
-    with report.timed("lower"):
-        report.compression["accuracy_level"] = compression.kernel_accuracy_level
-        report.compression["kernels"] = backend.lower_weights(working, compression.kernel_accuracy_level)
-        backend.check(working)
+    else:
+        with report.timed("compress"):
+            report.compression = compress_weights(
+                working, units, grams, compression, options.ignored, progress=progress
+            )
+        del grams
+        with report.timed("lower"):
+            report.compression["kernels"] = backend.lower_weights(working, compression.kernel_accuracy_level)
+            backend.check(working)
+    report.compression["accuracy_level"] = compression.kernel_accuracy_level
     report.nodes = {
         "compressed": len(units),
         "by_op_type": dict(collections.Counter(unit.node.op_type for unit in units)),
         "skipped": skipped,
     }
+    return working
+
+
+def _compress_with_budget(
+    working: ir.Model,
+    units: list[WeightUnit],
+    grams: dict[str, Gram],
+    compression: CompressionOptions,
+    options: CompileOptions,
+    resolved: Target,
+    backend: ModuleType,
+    report: Report,
+    evaluator: Evaluator | None,
+    *,
+    progress: bool,
+) -> ir.Model:
+    """Formats per group by the size budget and/or the fallback search; returns the built model."""
+    accuracy = options.accuracy
+    grams = dict(grams)  # AWQ rescales the ones it folds
+    with report.timed("compress"):
+        assign_mixed_precision(units, grams, compression, progress=progress)
+        awq = apply_awq(working, units, grams, options.ignored, progress) if compression.awq and grams else {}
+        candidates = WeightCandidates(
+            working,
+            units,
+            weight_groups(units, resolved),
+            UnitCompressor(grams, compression),
+            backend,
+            compression.kernel_accuracy_level,
+        )
+        decision = (0,) * len(candidates.groups)
+        if accuracy.size_budget:
+            decision, report.mixed_precision = size_budget_decision(candidates, accuracy, progress=progress)
+    if evaluator is not None:
+        with report.timed("fallback"):
+            candidates.set_proxies(decision)
+            result, report.fallback = run_search(
+                candidates.groups,
+                decision,
+                lambda d: candidates.build(d)[0],
+                evaluator,
+                accuracy,
+                progress=progress,
+            )
+            decision = result.decision
+    with report.timed("lower"):
+        model, layers, kernels = candidates.build(decision)
+    report.compression = {"layers": layers, "awq": awq, "kernels": kernels}
+    if accuracy.size_budget:
+        bits = candidates.decision_bits(decision)
+        report.mixed_precision["final_mb"] = round(bits / 8e6, 3)
+        report.mixed_precision["final_effective_bits"] = round(bits / candidates.params(), 4)
+    return model
 
 
 def smooth_quant(

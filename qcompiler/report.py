@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 VERSIONED = ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
 
@@ -60,6 +60,8 @@ class Report:
     activation_quantizers: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
     smooth_quant: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
     compression: dict[str, object] = dataclasses.field(default_factory=dict)
+    fallback: dict[str, object] = dataclasses.field(default_factory=dict)
+    mixed_precision: dict[str, object] = dataclasses.field(default_factory=dict)
     peak_rss_mb: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -128,6 +130,27 @@ class Report:
             rows.append(("activation ranges", str(methods)))
         if self.compression:
             rows.extend(self._compression_rows())
+        if self.mixed_precision:
+            mp = self.mixed_precision
+            rows.append(
+                (
+                    "size budget",
+                    f"{mp['achieved_effective_bits']} bits/weight, {mp['achieved_mb']} MB of {mp['requested_mb']} MB "
+                    f"{mp['groups_by_rung']}",
+                )
+            )
+        if self.fallback:
+            fb = self.fallback
+            groups = cast(dict[str, dict[str, Any]], fb["groups"])
+            moved = [name for name, g in groups.items() if g["format"] != g["ladder"][0]]
+            rows.append(
+                (
+                    "accuracy fallback",
+                    f"{fb['metric']} {fb['float_score']:.5g} -> {fb['score']:.5g}, {fb['drop_type']} drop "
+                    f"{fb['drop']:.4g} (max {fb['max_drop']}, {'met' if fb['met'] else 'NOT met'}); "
+                    f"{len(fb['trials'])} trials, {fb['seconds']} s; {len(moved)} groups moved up",  # type: ignore[arg-type]
+                )
+            )
         if self.fusion is not None:
             rows.append(
                 (

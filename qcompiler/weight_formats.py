@@ -282,3 +282,18 @@ def fake_quantize_matrix(
     blocks = to_blocks(np.asarray(weight, np.float32), block_size)
     scales, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)
     return from_blocks(fake_quantize(blocks, scales, zero_points, fmt), weight.shape[0])
+
+
+SCALE_BITS = {WeightFormat.MXFP4: 8, WeightFormat.NVFP4: 8}
+"""Bits per stored block scale (E8M0 / E4M3); the others store float32 scales."""
+
+
+def stored_bits(weight: CompressedWeight) -> int:
+    """Bits the weight occupies stored: codes, scales and zero points (what size budgets count)."""
+    bits = weight.codes.size * weight.format.bits
+    bits += weight.scales.size * SCALE_BITS.get(weight.format, 32)
+    if weight.zero_points is not None:
+        bits += weight.zero_points.size * weight.format.bits
+    if weight.global_scale is not None:
+        bits += 32
+    return int(bits)

@@ -297,6 +297,37 @@ def gram_statistics(statistics: Statistics, requests: list[StatRequest]) -> dict
     return {name: gram for name, gram in grams.items() if isinstance(gram, Gram)}
 
 
+class UnitCompressor:
+    """Compresses units on their Gram statistics, sharing GPTQ's factorization per input."""
+
+    def __init__(self, grams: Mapping[str, Gram], options: CompressionOptions) -> None:
+        self.grams = grams
+        self.options = options
+        self._hessians: dict[str, PreparedHessian] = {}
+
+    def __call__(
+        self, unit: WeightUnit, options: CompressionOptions | None = None
+    ) -> tuple[CompressedWeight, str, float | None]:
+        """`compress_unit` with this unit's Gram matrix (`options` overrides the algorithms)."""
+        options = options or self.options
+        gram = _gram_of(unit, self.grams)
+        prepared = None
+        if options.gptq and gram is not None and unit.role != "embedding":
+            key = str(unit.activation.name)  # type: ignore[union-attr]
+            if key not in self._hessians:  # Q, K and V (gate and up) share one factorization
+                self._hessians[key] = prepare_hessian(gram, damping=options.damping)
+            prepared = self._hessians[key]
+        return compress_unit(unit, gram, options, prepared)
+
+
+def layer_entry(unit: WeightUnit, how: str, error: float | None) -> dict[str, object]:
+    """The report's entry for one compressed unit."""
+    entry: dict[str, object] = {"role": unit.role, "how": how}
+    if error is not None:
+        entry["relative_error"] = round(error, 8)
+    return entry
+
+
 def compress_weights(
     model: ir.Model,
     units: list[WeightUnit],
@@ -315,19 +346,10 @@ def compress_weights(
     sensitivity = assign_mixed_precision(units, grams, options, progress=progress)
     awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
     layers: dict[str, dict[str, object]] = {}
-    hessians: dict[str, PreparedHessian] = {}
+    compressor = UnitCompressor(grams, options)
     for unit in tqdm(units, desc="compressing weights", unit="weight", disable=not progress):
-        gram = _gram_of(unit, grams)
-        prepared = None
-        if options.gptq and gram is not None and unit.role != "embedding":
-            key = str(unit.activation.name)  # type: ignore[union-attr]
-            if key not in hessians:  # Q, K and V (gate and up) share one factorization
-                hessians[key] = prepare_hessian(gram, damping=options.damping)
-            prepared = hessians[key]
-        compressed, how, error = compress_unit(unit, gram, options, prepared)
-        entry: dict[str, object] = {"role": unit.role, "how": how}
-        if error is not None:
-            entry["relative_error"] = round(error, 8)
+        compressed, how, error = compressor(unit)
+        entry = layer_entry(unit, how, error)
         if str(unit.node.name) in sensitivity:
             entry["sensitivity"] = sensitivity[str(unit.node.name)]
         layers[str(unit.node.name)] = entry

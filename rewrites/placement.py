@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import StatKind, StatRequest
+from qcompiler.errors import OptionError
 from qcompiler.options import CompileOptions, Preset, RangeMethod
 from qcompiler.targets import Target
 
@@ -31,12 +32,15 @@ class OpSpec:
         weight_input: index of the input quantized per channel when it is a constant.
         bias_input: index of the bias, quantized to int32 on targets that want it.
         weight_axis: output-channel axis of the weight, given the node and the weight's rank.
+        constants_float: constant data inputs stay float (an Add's bias) instead of refusing the
+            node; the other inputs are still quantized.
     """
 
     inputs: tuple[int, ...]
     weight_input: int | None
     bias_input: int | None
     weight_axis: Callable[[ir.Node, int], int]
+    constants_float: bool = False
 
 
 def _gemm_weight_axis(node: ir.Node, rank: int) -> int:
@@ -51,6 +55,15 @@ OP_SPECS: dict[str, OpSpec] = {
     "Gemm": OpSpec(inputs=(0, 1), weight_input=1, bias_input=2, weight_axis=_gemm_weight_axis),
     # W is [M, C/group, kH, kW]: output channels first.
     "Conv": OpSpec(inputs=(0, 1), weight_input=1, bias_input=2, weight_axis=lambda n, r: 0),
+    # Elementwise and Softmax: only with --op-types (QLinearAdd/Mul/Softmax need a quantized output
+    # too; without one these run as Q/DQ emulation, which is what a fallback search measures).
+    "Add": OpSpec(
+        inputs=(0, 1), weight_input=None, bias_input=None, weight_axis=lambda n, r: 0, constants_float=True
+    ),
+    "Mul": OpSpec(
+        inputs=(0, 1), weight_input=None, bias_input=None, weight_axis=lambda n, r: 0, constants_float=True
+    ),
+    "Softmax": OpSpec(inputs=(0,), weight_input=None, bias_input=None, weight_axis=lambda n, r: 0),
 }
 
 PRESET_NEEDS_WEIGHT: dict[Preset, bool] = {Preset.DEFAULT: False, Preset.TRANSFORMER: True}
@@ -147,6 +160,10 @@ def _try_plan_node(
     elif PRESET_NEEDS_WEIGHT[options.preset]:
         return f"no constant weight ({options.preset.value} preset quantizes only weighted ops)"
     activations = tuple(i for i in spec.inputs if i != weight_index)
+    if spec.constants_float:
+        activations = tuple(i for i in activations if node.inputs[i].const_value is None)  # type: ignore[union-attr]
+        if not activations:
+            return "every input is a constant"
     for index in activations:
         value = node.inputs[index]
         assert value is not None
@@ -173,7 +190,14 @@ def _try_plan_node(
 
 def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) -> QuantPlan:
     """Decide which nodes are quantized and how (the graph is not modified)."""
-    op_types = frozenset(options.op_types) if options.op_types else target.quantizable_ops
+    if options.op_types:
+        unknown = sorted(set(options.op_types) - (frozenset(OP_SPECS) & target.quantizable_ops))
+        if unknown:
+            known = ", ".join(sorted(frozenset(OP_SPECS) & target.quantizable_ops))
+            raise OptionError(
+                f"--op-types: {', '.join(unknown)} cannot be quantized for {target.name} (known: {known})"
+            )
+    op_types = frozenset(options.op_types) if options.op_types else target.default_ops
     op_types &= frozenset(OP_SPECS) & target.quantizable_ops
     units: list[QuantizedUnit] = []
     skipped: dict[str, str] = {}

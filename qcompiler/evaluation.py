@@ -1,0 +1,209 @@
+"""Validation metrics for `--max-drop`: built-ins, a user's `module:function`, and the evaluator.
+
+A metric scores a candidate model's outputs on the validation data, given the float model's
+outputs on the same batches. `Evaluator` runs the float model once, then scores candidates on
+onnxruntime CPU and turns a score into a drop against the float model's score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import OptionError
+from qcompiler.metrics import next_token_nll, row_cosine, sqnr_db
+from qcompiler.options import DropType
+
+Feed = Mapping[str, np.ndarray]
+SQNR_CAP_DB = 100.0
+"""The float model's own SQNR is infinite; drops in dB are measured from this cap."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A validation metric.
+
+    Attributes:
+        name: how the report names it.
+        higher_is_better: direction of the score.
+        score: (candidate outputs, float outputs, feeds) -> score; outputs are one array per batch.
+        output: which model output it reads; None: "logits" for perplexity, else the first output.
+    """
+
+    name: str
+    higher_is_better: bool
+    score: Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[Feed]], float]
+    output: str | None = None
+
+
+def _rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=0)
+
+
+def _cosine(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds: Sequence[Feed]) -> float:
+    return float(np.mean(row_cosine(_rows(reference), _rows(outputs))))
+
+
+def _sqnr(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds: Sequence[Feed]) -> float:
+    return min(sqnr_db(_rows(reference), _rows(outputs)), SQNR_CAP_DB)
+
+
+def _top1(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds: Sequence[Feed]) -> float:
+    agree = [np.argmax(o, axis=-1) == np.argmax(r, axis=-1) for o, r in zip(outputs, reference, strict=True)]
+    return float(np.mean(np.concatenate([a.reshape(-1) for a in agree])))
+
+
+def _perplexity(
+    outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds: Sequence[Feed]
+) -> float:
+    total, count = 0.0, 0
+    for logits, feed in zip(outputs, feeds, strict=True):
+        if "input_ids" not in feed:
+            raise OptionError(
+                "--metric perplexity needs token data with input_ids (--val-text ... --text-windows)"
+            )
+        nll, tokens = next_token_nll(logits, np.asarray(feed["input_ids"]))
+        total, count = total + nll, count + tokens
+    return float(np.exp(total / max(count, 1)))
+
+
+BUILTIN_METRICS: dict[str, Metric] = {
+    "cosine": Metric("cosine", True, _cosine),
+    "sqnr": Metric("sqnr", True, _sqnr),
+    "top1": Metric("top1", True, _top1),
+    "perplexity": Metric("perplexity", False, _perplexity, output="logits"),
+}
+
+
+def user_metric(function: Callable[..., float], name: str | None = None) -> Metric:
+    """Wrap ``function(outputs, feeds) -> float`` as a metric.
+
+    Higher is better unless the function has ``higher_is_better = False``; an ``output``
+    attribute names the model output it reads.
+    """
+    higher = bool(getattr(function, "higher_is_better", True))
+    return Metric(
+        name or str(getattr(function, "__name__", "user metric")),
+        higher,
+        lambda outputs, reference, feeds: float(function(list(outputs), list(feeds))),
+        output=getattr(function, "output", None),
+    )
+
+
+def resolve_metric(spec: str | Callable[..., float] | Metric) -> Metric:
+    """A built-in name, ``module:function``, a callable or a `Metric`; errors name ``--metric``."""
+    if isinstance(spec, Metric):
+        return spec
+    if callable(spec):
+        return user_metric(spec)
+    if spec in BUILTIN_METRICS:
+        return BUILTIN_METRICS[spec]
+    if ":" not in spec:
+        raise OptionError(
+            f"--metric {spec!r}: unknown metric (built-ins: {', '.join(BUILTIN_METRICS)}; "
+            "or module:function for your own)"
+        )
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's module's
+        raise OptionError(f"--metric {spec}: cannot import module {module_name!r}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise OptionError(f"--metric {spec}: module {module_name!r} has no attribute {function_name!r}")
+    if not callable(function):
+        raise OptionError(f"--metric {spec}: {function_name!r} is not callable")
+    return user_metric(function, spec)
+
+
+def model_outputs(
+    model: ir.Model, feeds: Sequence[Feed], names: Sequence[str]
+) -> list[dict[str, np.ndarray]]:
+    """The named outputs (or intermediate tensors) of `model` on every batch (onnxruntime CPU)."""
+    return list(stream_outputs(model, feeds, names))
+
+
+def stream_outputs(
+    model: ir.Model, feeds: Iterable[Feed], names: Sequence[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    """`model_outputs` one batch at a time (many intermediate tensors need not fit at once)."""
+    from qcompiler.backends.onnxruntime import create_session, session_options
+
+    graph_outputs = {str(value.name) for value in model.graph.outputs}
+    if not set(names) <= graph_outputs:
+        model = _exposing(model, names)
+    session = create_session(model, session_options())
+    for feed in feeds:
+        yield dict(zip(names, session.run(list(names), dict(feed)), strict=True))
+
+
+def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A clone of `model` whose outputs are the named tensors."""
+    clone = model.clone()
+    values = {str(v.name): v for node in clone.graph for v in node.outputs}
+    values.update({str(v.name): v for v in clone.graph.inputs})
+    clone.graph.outputs.clear()
+    for name in names:
+        if name not in values:
+            raise OptionError(f"model has no tensor named {name!r}")
+        clone.graph.outputs.append(values[name])
+    return clone
+
+
+class Evaluator:
+    """Scores candidate models on the validation data against the float model.
+
+    Args:
+        reference: the float model (run once, here).
+        feeds: validation batches.
+        metric: the metric.
+        drop_type: absolute or relative drop.
+    """
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        feeds: Sequence[Feed],
+        metric: Metric,
+        drop_type: DropType = DropType.ABSOLUTE,
+    ) -> None:
+        if not feeds:
+            raise OptionError("validation data is empty")
+        self.feeds = list(feeds)
+        self.metric = metric
+        self.drop_type = drop_type
+        outputs = [str(value.name) for value in reference.graph.outputs]
+        self.output = metric.output or outputs[0]
+        if self.output not in outputs:
+            raise OptionError(
+                f"--metric {metric.name}: the model has no output {self.output!r} (outputs: {', '.join(outputs)})"
+            )
+        self.reference = [batch[self.output] for batch in model_outputs(reference, self.feeds, [self.output])]
+        self.float_score = self._score(self.reference, self.feeds, self.reference)
+
+    def _score(
+        self, outputs: Sequence[np.ndarray], feeds: Sequence[Feed], reference: Sequence[np.ndarray]
+    ) -> float:
+        return float(self.metric.score(outputs, reference, feeds))
+
+    def score(self, model: ir.Model, batches: int | None = None) -> float:
+        """The metric of `model` on the validation data (the first `batches` only, if given)."""
+        feeds = self.feeds[:batches] if batches else self.feeds
+        outputs = [batch[self.output] for batch in model_outputs(model, feeds, [self.output])]
+        return self._score(outputs, feeds, self.reference[: len(feeds)])
+
+    def subset_float_score(self, batches: int) -> float:
+        """The float model's score on the first `batches` batches."""
+        return self._score(self.reference[:batches], self.feeds[:batches], self.reference[:batches])
+
+    def drop(self, score: float, float_score: float | None = None) -> float:
+        """How much worse `score` is than the float model's (positive = worse)."""
+        base = self.float_score if float_score is None else float_score
+        drop = base - score if self.metric.higher_is_better else score - base
+        if self.drop_type is DropType.RELATIVE:
+            drop /= max(abs(base), 1e-12)
+        return drop

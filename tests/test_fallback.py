@@ -1,0 +1,283 @@
+"""Accuracy-aware fallback and size budgets: groups, ladders, the search, metrics, error paths."""
+
+import itertools
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompiler
+from qcompiler.accuracy import static_groups, static_ladder, weight_groups, weight_ladder
+from qcompiler.cli import EXIT_BUDGET_NOT_MET, main
+from qcompiler.errors import OptionError
+from qcompiler.evaluation import Evaluator, resolve_metric
+from qcompiler.options import CompileOptions, CompressionOptions, DropType, IgnoredScope, Preset, WeightFormat
+from qcompiler.rewrites.compression import plan_compression
+from qcompiler.rewrites.fallback import QuantGroup, rank, search
+from qcompiler.rewrites.mixed_precision import choose_formats
+from qcompiler.rewrites.normalize import NormalizePass
+from qcompiler.rewrites.placement import plan_quantizers
+from qcompiler.rewrites.smoothing import find_groups
+from qcompiler.targets import ORT_CPU
+from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds
+from tests.test_compression import _feeds as decoder_feeds
+from tests.test_compression import tiny_decoder
+
+# Groups and ladders --------------------------------------------------------------------------
+
+
+def _normalized(model: ir.Model) -> ir.Model:
+    NormalizePass()(model)  # shape inference: placement needs the input types
+    return model
+
+
+def test_units_sharing_an_activation_form_one_group():
+    model = _normalized(mlp_with_attention_matmul())
+    plan = plan_quantizers(model, ORT_CPU, CompileOptions(preset=Preset.DEFAULT))
+    groups = {tuple(group.members): group.ladder for group in static_groups(plan, ORT_CPU)}
+    # fc2 and fc3 read relu's output; scores reads fc2's and the transposed fc3's outputs.
+    assert groups == {
+        ("fc1",): ("w8a8", "w8", "float"),
+        ("fc2", "fc3"): ("w8a8", "w8", "float"),
+        ("scores",): ("a8", "float"),
+    }
+
+
+def test_smoothquant_groups_stay_together():
+    model = _normalized(mlp_with_attention_matmul())
+    plan = plan_quantizers(model, ORT_CPU, CompileOptions(preset=Preset.TRANSFORMER))
+    members = [set(group.members) for group in static_groups(plan, ORT_CPU)]
+    for smoothing in find_groups(model, IgnoredScope()):
+        names = {str(node.name) for node in smoothing.consumers}
+        assert any(names <= group for group in members)
+
+
+def test_weight_groups_follow_shared_inputs_and_the_format_ladder():
+    units, _ = plan_compression(tiny_decoder(), CompressionOptions(group_size=32), IgnoredScope())
+    groups = {tuple(g.members): g.ladder for g in weight_groups(units, ORT_CPU)}
+    assert groups == {
+        ("embed",): ("int8", "float"),
+        ("q_proj", "k_proj"): ("int4", "int8", "float"),
+        ("o_proj",): ("int4", "int8", "float"),
+        ("lm_head",): ("int8", "float"),
+    }
+
+
+def test_ladder_order_per_target():
+    assert ORT_CPU.weight_ladder == ("int4", "int8", "float")
+    assert weight_ladder(WeightFormat.INT4, ORT_CPU) == ("int4", "int8", "float")
+    assert weight_ladder(WeightFormat.NF4, ORT_CPU) == ("nf4", "int8", "float")
+    assert weight_ladder(WeightFormat.INT8, ORT_CPU) == ("int8", "float")
+    assert weight_ladder(WeightFormat.FP8, ORT_CPU) == ("fp8", "float")
+    assert static_ladder(ORT_CPU, weighted=True) == ("w8a8", "w8", "float")
+    assert static_ladder(ORT_CPU, weighted=False) == ("a8", "float")
+
+
+# The search on a closed-form drop -------------------------------------------------------------
+
+
+def _additive(harms):
+    """Score = 1 - sum of the harm left at each group's rung (harms[g][rung])."""
+    calls = []
+
+    def evaluate(decision):
+        calls.append(decision)
+        return 1.0 - sum(harms[g][rung] for g, rung in enumerate(decision))
+
+    return evaluate, calls
+
+
+def _groups(harms):
+    return [
+        QuantGroup(f"g{i}", [f"n{i}"], ("int4", "int8", "float")[: len(h)], proxy=h[0])
+        for i, h in enumerate(harms)
+    ]
+
+
+HARMS = [(0.05, 0.01, 0.0), (0.002, 0.0), (0.03, 0.0, 0.0), (0.001, 0.0), (0.004, 0.0)]
+
+
+def test_search_meets_the_budget_with_the_fewest_moved_groups():
+    evaluate, _ = _additive(HARMS)
+    groups = _groups(HARMS)
+    result = search(groups, rank(groups), evaluate, lambda s: 1.0 - s, 0.02)
+    assert result.met and result.drop <= 0.02
+    # Brute force: the cheapest decisions (fewest rungs moved) that meet the budget.
+    best = min(
+        sum(d)
+        for d in itertools.product(*(range(len(h)) for h in HARMS))
+        if sum(HARMS[g][r] for g, r in enumerate(d)) <= 0.02
+    )
+    assert sum(result.decision) == best
+    assert result.decision == (1, 0, 1, 0, 0)
+    assert result.contributions["g0"] == pytest.approx(0.04)  # measured by stepping it back up
+
+
+def test_search_is_deterministic_and_caches():
+    first_eval, first_calls = _additive(HARMS)
+    second_eval, _ = _additive(HARMS)
+    one = search(_groups(HARMS), rank(_groups(HARMS)), first_eval, lambda s: 1.0 - s, 0.005)
+    two = search(_groups(HARMS), rank(_groups(HARMS)), second_eval, lambda s: 1.0 - s, 0.005)
+    assert one.decision == two.decision and [t.action for t in one.trials] == [t.action for t in two.trials]
+    assert len(first_calls) == len(set(first_calls))  # each decision measured once
+
+
+def test_search_stops_at_max_trials_and_says_so():
+    evaluate, _ = _additive(HARMS)
+    groups = _groups(HARMS)
+    result = search(groups, rank(groups), evaluate, lambda s: 1.0 - s, 0.0, max_trials=1)
+    assert not result.met and result.stopped_by == "max trials (1)" and len(result.trials) == 1
+
+
+def test_rank_puts_measured_gains_first_then_proxy():
+    groups = _groups(HARMS)
+    assert rank(groups) == [0, 2, 4, 1, 3]
+    assert rank(groups, {3: 0.5, 1: 0.7}) == [1, 3, 0, 2, 4]
+
+
+# Integer program -------------------------------------------------------------------------------
+
+
+def test_choose_formats_matches_brute_force():
+    rng = np.random.default_rng(0)
+    costs = rng.random((6, 2)).tolist()
+    sizes = [[4.0 * n, 8.0 * n] for n in rng.integers(1, 10, 6)]
+    budget = 0.7 * sum(s[1] for s in sizes)
+    chosen = choose_formats(costs, sizes, budget)
+    best = min(
+        (sum(costs[u][c] for u, c in enumerate(d)), d)
+        for d in itertools.product(range(2), repeat=6)
+        if sum(sizes[u][c] for u, c in enumerate(d)) <= budget
+    )
+    assert sum(costs[u][c] for u, c in enumerate(chosen)) == pytest.approx(best[0])
+    with pytest.raises(OptionError, match="below the smallest"):
+        choose_formats(costs, sizes, 1.0)
+
+
+def test_effective_bits_fits_the_budget_on_a_decoder():
+    options = CompileOptions(
+        compression=CompressionOptions(group_size=32, symmetric=True),
+        accuracy=qcompiler.AccuracyOptions(effective_bits=6.0),
+    )
+    result = qcompiler.compile(tiny_decoder(), "ort-cpu", options, data=decoder_feeds(), progress=False)
+    mp = result.report.mixed_precision
+    assert mp["achieved_effective_bits"] <= 6.0 and mp["size_ratio"] > 0.9
+    assert set(mp["groups_by_rung"]) == {"int4", "int8"}
+
+
+# Metrics ---------------------------------------------------------------------------------------
+
+
+def test_user_metric_loader_errors_name_the_flag(tmp_path, monkeypatch):
+    (tmp_path / "my_metrics.py").write_text(
+        "import numpy as np\nNOT_CALLABLE = 3\n"
+        "def mean_output(outputs, feeds):\n    return float(np.mean([o.mean() for o in outputs]))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_metric("my_metrics:mean_output").higher_is_better
+    for spec, message in [
+        ("nonsense", "--metric 'nonsense': unknown metric"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("my_metrics:missing", "has no attribute 'missing'"),
+        ("my_metrics:NOT_CALLABLE", "is not callable"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            resolve_metric(spec)
+    sys.modules.pop("my_metrics", None)
+
+
+def test_drop_directions_and_relative_drops():
+    model = mlp_with_attention_matmul()
+    feeds = random_feeds(model, batches=2)
+    evaluator = Evaluator(model, feeds, resolve_metric("cosine"))
+    assert evaluator.float_score == pytest.approx(1.0)
+    assert evaluator.drop(0.98) == pytest.approx(0.02)
+    perplexity = Evaluator.__new__(Evaluator)
+    perplexity.metric, perplexity.drop_type, perplexity.float_score = (
+        resolve_metric("perplexity"),
+        DropType.RELATIVE,
+        20.0,
+    )
+    assert perplexity.drop(21.0) == pytest.approx(0.05)  # lower is better
+
+
+# End to end ------------------------------------------------------------------------------------
+
+
+def _harmful_options(**accuracy):
+    return CompileOptions(
+        preset=Preset.DEFAULT,
+        op_types=("MatMul", "Add"),
+        count_fusion=False,
+        accuracy=qcompiler.AccuracyOptions(metric="cosine", metric_output="scores", **accuracy),
+    )
+
+
+def _outlier_model() -> ir.Model:
+    """x -> MatMul -> Add(a huge constant channel) -> MatMul: the last MatMul's per-tensor input
+    quantizer spends its range on the outlier channel."""
+    rng = np.random.default_rng(3)
+    x = float_input("x", ["batch", 8])
+    graph = ir.Graph([x], [], nodes=[], name="outliers")
+    h = add(graph, "MatMul", [x, const(graph, "w1", rng.standard_normal((8, 8)).astype(np.float32))], "fc1")
+    big = np.zeros(8, np.float32)
+    big[0] = 1000.0
+    r = add(graph, "Add", [h, const(graph, "shift", big)], "shift_add")
+    w2 = rng.standard_normal((8, 4)).astype(np.float32)
+    w2[0] = 0.0  # the outlier channel does not reach the output: only the others' noise shows
+    y = add(graph, "MatMul", [r, const(graph, "w2", w2)], "fc2")
+    y.name = "scores"
+    graph.outputs.append(y)
+    return model_of(graph)
+
+
+def test_max_drop_moves_only_the_harmful_group():
+    model = _outlier_model()
+    feeds = random_feeds(model, batches=4, batch=16)
+    options = _harmful_options(max_drop=0.001)
+    result = qcompiler.compile(model, "ort-cpu", options, data=feeds, validation=feeds, progress=False)
+    fallback = result.report.fallback
+    assert fallback["met"] and fallback["drop"] <= 0.001
+    moved = {name: g["format"] for name, g in fallback["groups"].items() if g["format"] != g["ladder"][0]}
+    assert moved["fc2"] == "w8" and "shift_add" not in moved  # fc2: activations float, weights INT8
+    for name in moved:  # each kept step was measured by stepping it back up
+        assert fallback["groups"][name]["drop_contribution"] > 0.001
+    tags = {n.op_type: n.metadata_props.get("qcompiler.fallback", "") for n in result.model.graph}
+    assert tags["MatMulNBits"].startswith("group fc2: w8 ")  # weight-only INT8, float activations
+
+
+def test_max_drop_needs_validation_data():
+    model = mlp_with_attention_matmul()
+    with pytest.raises(OptionError, match="--val-data"):
+        qcompiler.compile(
+            model, "ort-cpu", _harmful_options(max_drop=0.01), data=random_feeds(model), progress=False
+        )
+
+
+def test_unreachable_budget_saves_the_best_model_under_a_clear_name(tmp_path, capsys):
+    model = _outlier_model()
+    path = tmp_path / "m.onnx"
+    qcompiler.save(model, path)
+    feeds = random_feeds(model, batches=2, batch=16)
+    for folder in ("cal", "val"):
+        (tmp_path / folder).mkdir()
+        for i, feed in enumerate(feeds):
+            np.savez(tmp_path / folder / f"{i}.npz", **feed)
+    code = main(
+        [
+            str(path),
+            "--target",
+            "ort-cpu",
+            "--data",
+            str(tmp_path / "cal"),
+            "--val-data",
+            str(tmp_path / "val"),
+        ]
+        + ["--max-drop", "0", "--max-trials", "1", "--metric", "cosine", "--metric-output", "scores", "-q"]
+    )
+    assert code == EXIT_BUDGET_NOT_MET
+    err = capsys.readouterr().err
+    assert "--max-drop 0" in err and "drop-not-met" in err
+    assert (tmp_path / "m.ort-cpu.drop-not-met.onnx").exists()
+    assert not (tmp_path / "m.ort-cpu.onnx").exists()
