@@ -52,6 +52,13 @@ from qcompiler.weight_formats import quantize as quantize_weight
 
 FALLBACK_KEY = "qcompiler.fallback"
 RUNG_BITS = {"int4": 4, "nf4": 4, "mxfp4": 4, "nvfp4": 4, "int8": 8, "fp8": 8, "fp16": 16, "float": 32}
+BUDGET_GROUP_SIZES = (32, 64, 128)
+"""Group sizes a size budget may choose per group (``int4-g32`` ...), beside the INT8 rung."""
+
+
+def rung_bits(rung: str) -> int:
+    """Code bits of a rung (``int4-g32`` -> 4)."""
+    return RUNG_BITS[rung.split("-g")[0]]
 
 
 class AccuracyBudgetError(QCompileError):
@@ -258,16 +265,23 @@ class WeightCandidates:
         if rung == "int8":
             block = backup_block(unit.rows) if unit.role != "matmul" else 0
             return dataclasses.replace(unit, format=WeightFormat.INT8, symmetric=False, group_size=block)
+        fmt, _, group = rung.partition("-g")
+        if group:
+            return dataclasses.replace(unit, format=WeightFormat(fmt), group_size=int(group))
         raise ValueError(f"no weight variant for rung {rung!r}")
 
     def compressed(self, name: str, rung: str) -> tuple[CompressedWeight, str, float | None]:
-        """The unit compressed at `rung` (cached). INT8 fallbacks use RTN: near-lossless already."""
+        """The unit compressed at `rung` (cached).
+
+        The INT8 fallback rung uses RTN (near-lossless already); group-size variants run the
+        requested algorithms.
+        """
         key = (name, rung)
         if key not in self._cache:
             unit = self._by_name[name]
             variant = self.variant(unit, rung)
             options = None
-            if variant is not unit:
+            if rung == "int8" and unit.format is not WeightFormat.INT8:  # a fallback rung
                 options = dataclasses.replace(self.compressor.options, scale_estimation=False, gptq=False)
             self._cache[key] = self.compressor(variant, options)
         return self._cache[key]
@@ -298,11 +312,11 @@ class WeightCandidates:
         self.backend.check(model)
         return model, layers, kernels
 
-    def cost_and_size(self, group: QuantGroup, rung: int) -> tuple[float, int]:
+    def cost_and_size(self, group: QuantGroup, rung: str) -> tuple[float, int]:
         """A group's summed error (Gram-weighted relative; plain relative without data) and bits."""
         cost, bits = 0.0, 0
         for name in group.members:
-            compressed, _, error = self.compressed(name, group.ladder[rung])
+            compressed, _, error = self.compressed(name, rung)
             if error is None:
                 weight = self._by_name[name].matrix()
                 error = float(np.sum((compressed.dequantize() - weight) ** 2) / max(np.sum(weight**2), 1e-30))
@@ -313,7 +327,9 @@ class WeightCandidates:
     def set_proxies(self, decision: Decision) -> None:
         """Each group's proxy: its summed error at its rung in `decision`."""
         for group, rung in zip(self.groups, decision, strict=True):
-            group.proxy = self.cost_and_size(group, rung)[0] if group.ladder[rung] != "float" else 0.0
+            group.proxy = (
+                self.cost_and_size(group, group.ladder[rung])[0] if group.ladder[rung] != "float" else 0.0
+            )
 
     def decision_bits(self, decision: Decision) -> int:
         """Stored bits of every compressed weight in `decision` (float weights at 32 bits)."""
@@ -322,7 +338,7 @@ class WeightCandidates:
             if group.ladder[rung] == "float":
                 bits += 32 * sum(self._by_name[name].size for name in group.members)
             else:
-                bits += self.cost_and_size(group, rung)[1]
+                bits += self.cost_and_size(group, group.ladder[rung])[1]
         return bits
 
     def params(self) -> int:
@@ -335,7 +351,10 @@ def size_budget_decision(
 ) -> tuple[Decision, dict[str, object]]:
     """Formats per group under `--effective-bits` / `--max-size`, by `choose_formats` (scipy milp).
 
-    Each group chooses among its non-float rungs; cost = summed Gram-weighted relative error.
+    Each group chooses among its format at group sizes 32 / 64 / 128 (formats with a block of
+    their own: that block) and the ladder's other non-float rungs (INT8); cost = summed
+    Gram-weighted relative output error. The chosen variant becomes the group's rung 0, so the
+    fallback search can start from it. Returns the all-zero decision and the report section.
     """
     groups = candidates.groups
     params = candidates.params()
@@ -344,14 +363,24 @@ def size_budget_decision(
         if accuracy.effective_bits is not None
         else accuracy.max_size_mb * 8e6  # type: ignore[operator]
     )
-    costs, sizes = [], []
+    options, costs, sizes = [], [], []
     for group in tqdm(groups, desc="size budget: compressing candidates", disable=not progress):
-        rungs = [r for r in range(len(group.ladder)) if group.ladder[r] != "float"]
-        measured = [candidates.cost_and_size(group, r) for r in rungs]
+        first = group.ladder[0]
+        sized = (
+            [f"{first}-g{size}" for size in BUDGET_GROUP_SIZES]
+            if WeightFormat(first).fixed_block is None
+            else [first]
+        )
+        variants = [*sized, *(rung for rung in group.ladder[1:] if rung != "float")]
+        measured = [candidates.cost_and_size(group, rung) for rung in variants]
+        options.append(variants)
         costs.append([c for c, _ in measured])
         sizes.append([s for _, s in measured])
     chosen = choose_formats(costs, sizes, budget_bits)
     bits = sum(sizes[g][c] for g, c in enumerate(chosen))
+    for group, variants, index in zip(groups, options, chosen, strict=True):
+        pick = variants[index]
+        group.ladder = (pick, *(rung for rung in group.ladder if rung_bits(rung) > rung_bits(pick)))
     summary = {
         "requested_effective_bits": accuracy.effective_bits,
         "requested_mb": round(budget_bits / 8e6, 3),
@@ -359,9 +388,10 @@ def size_budget_decision(
         "achieved_effective_bits": round(bits / params, 4),
         "size_ratio": round(bits / budget_bits, 4),
         "cost": round(sum(costs[g][c] for g, c in enumerate(chosen)), 6),
-        "groups_by_rung": _count([groups[g].ladder[c] for g, c in enumerate(chosen)]),
+        "groups_by_rung": _count([group.ladder[0] for group in groups]),
+        "formats": {group.name: group.ladder[0] for group in groups},
     }
-    return tuple(chosen), summary
+    return (0,) * len(groups), summary
 
 
 def _count(items: Sequence[str]) -> dict[str, int]:

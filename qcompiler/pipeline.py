@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from qcompiler import calibration, io
 from qcompiler.accuracy import (
+    BUDGET_GROUP_SIZES,
     AccuracyBudgetError,
     StaticCandidates,
     WeightCandidates,
@@ -307,7 +308,11 @@ def _compress_weights(
     if accuracy.size_budget:  # the budget decides the embeddings' and head's formats too
         compression = dataclasses.replace(compression, backup_layers=False)
     units, skipped = plan_compression(working, compression, options.ignored)
-    requests = stat_requests(units, compression)
+    planned = units
+    if accuracy.size_budget:  # statistics that also tile the smallest group size the budget may pick
+        smallest = min(BUDGET_GROUP_SIZES)
+        planned = [dataclasses.replace(unit, group_size=smallest) for unit in units]
+    requests = stat_requests(planned, compression)
     grams = {}
     if requests:
         with report.timed("calibrate"):

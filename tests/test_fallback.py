@@ -163,7 +163,13 @@ def test_effective_bits_fits_the_budget_on_a_decoder():
     result = qcompiler.compile(tiny_decoder(), "ort-cpu", options, data=decoder_feeds(), progress=False)
     mp = result.report.mixed_precision
     assert mp["achieved_effective_bits"] <= 6.0 and mp["size_ratio"] > 0.9
-    assert set(mp["groups_by_rung"]) == {"int4", "int8"}
+    assert set(mp["groups_by_rung"]) <= {"int4-g32", "int4-g64", "int4-g128", "int8"}
+    assert mp["final_mb"] == mp["achieved_mb"]  # the built model holds what the program chose
+    how = {name: entry["how"].split(";")[0] for name, entry in result.report.compression["layers"].items()}
+    for group, fmt in mp["formats"].items():
+        if fmt.startswith("int4-g") and group in how:
+            size = int(fmt.split("-g")[1])
+            assert how[group] in (f"int4 sym group {size}", "int4 sym per-channel")  # K <= size
 
 
 # Metrics ---------------------------------------------------------------------------------------
