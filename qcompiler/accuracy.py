@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 
 import numpy as np
@@ -53,6 +53,8 @@ from qcompiler.weight_formats import quantize as quantize_weight
 FALLBACK_KEY = "qcompiler.fallback"
 RUNG_BITS = {"int4": 4, "nf4": 4, "mxfp4": 4, "nvfp4": 4, "int8": 8, "fp8": 8, "fp16": 16, "float": 32}
 BUDGET_GROUP_SIZES = (32, 64, 128)
+SENSITIVITY_TOKENS = 128
+"""Sequence positions of the calibration batch the size budget's sensitivity runs read."""
 """Group sizes a size budget may choose per group (``int4-g32`` ...), beside the INT8 rung."""
 
 
@@ -256,6 +258,7 @@ class WeightCandidates:
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[CompressedWeight, str, float | None]] = {}
+        self._errors: dict[tuple[str, int], float] = {}
         self._by_name = {str(unit.node.name): unit for unit in self.units}
 
     def variant(self, unit: WeightUnit, rung: str) -> WeightUnit:
@@ -313,16 +316,33 @@ class WeightCandidates:
         return model, layers, kernels
 
     def cost_and_size(self, group: QuantGroup, rung: str) -> tuple[float, int]:
-        """A group's summed error (Gram-weighted relative; plain relative without data) and bits."""
+        """A group's summed output error energy per token, and its stored bits.
+
+        Error energy: tr(ΔWᵀ H ΔW) with H = XᵀX / rows, the noise the weight adds to its output
+        per token (an embedding: the mean over table rows, tokens taken as uniform). Absolute,
+        not relative: noise lands in the residual stream or the logits at the scale of the
+        layer's output, so an LM head's error weighs more than an inner projection's.
+        """
         cost, bits = 0.0, 0
         for name in group.members:
-            compressed, _, error = self.compressed(name, rung)
-            if error is None:
-                weight = self._by_name[name].matrix()
-                error = float(np.sum((compressed.dequantize() - weight) ** 2) / max(np.sum(weight**2), 1e-30))
-            cost += error
+            compressed, _, _ = self.compressed(name, rung)
+            cost += self._output_error(name, compressed)
             bits += stored_bits(compressed)
         return cost, bits
+
+    def _output_error(self, name: str, compressed: CompressedWeight) -> float:
+        key = (name, id(compressed))
+        if key not in self._errors:
+            unit = self._by_name[name]
+            error = compressed.dequantize() - unit.matrix()
+            gram = (
+                self.compressor.grams.get(str(unit.activation.name)) if unit.activation is not None else None
+            )
+            if gram is not None:
+                self._errors[key] = float(gram.weighted_error(error))
+            else:  # [H, V] table: row r of the table is column r here
+                self._errors[key] = float(np.sum(error * error) / error.shape[1])
+        return self._errors[key]
 
     def set_proxies(self, decision: Decision) -> None:
         """Each group's proxy: its summed error at its rung in `decision`."""
@@ -346,14 +366,77 @@ class WeightCandidates:
         return sum(unit.size for unit in self.units)
 
 
+def measure_sensitivity(
+    candidates: WeightCandidates, feed: Mapping[str, np.ndarray], rungs: Sequence[str], *, progress: bool
+) -> list[float]:
+    """Per group: the mean KL divergence (float || perturbed) of the output distribution.
+
+    Perturbed: only that group's weights take their `rungs` value; on one calibration batch.
+
+    One onnxruntime session serves every group: the compressed weights become graph inputs, and
+    each run feeds the float weights except one group's dequantized ones.
+    """
+    from qcompiler.backends.onnxruntime import create_session, session_options
+
+    model = candidates.base.clone()
+    floats: dict[str, np.ndarray] = {}
+    for node in model.graph:
+        for unit in candidates.units:
+            if str(unit.node.name) == str(node.name):
+                value = node.inputs[0 if unit.role == "embedding" else 1]
+                assert value is not None and value.const_value is not None
+                floats[str(value.name)] = value.const_value.numpy()
+                model.graph.initializers.pop(str(value.name))
+                value.const_value = None
+                model.graph.inputs.append(value)
+    output = (
+        "logits"
+        if "logits" in {str(v.name) for v in model.graph.outputs}
+        else str(model.graph.outputs[0].name)
+    )
+    session = create_session(model, session_options())
+    del model
+    # A short prefix of the batch is enough to rank groups (and 4x cheaper than 512 tokens).
+    short = {name: (a[:, :SENSITIVITY_TOKENS] if a.ndim >= 2 else a) for name, a in feed.items()}
+    base_feed = {**short, **floats}
+    reference = _log_softmax(session.run([output], base_feed)[0])
+    weight_of = {str(unit.node.name): str(unit.weight.name) for unit in candidates.units}
+    scores = []
+    for group, rung in tqdm(
+        list(zip(candidates.groups, rungs, strict=True)),
+        desc="size budget: sensitivity",
+        disable=not progress,
+    ):
+        perturbed = dict(base_feed)
+        for name in group.members:
+            compressed, _, _ = candidates.compressed(name, rung)
+            matrix = compressed.dequantize()
+            role = candidates.variant(candidates._by_name[name], rung).role
+            perturbed[weight_of[name]] = np.ascontiguousarray(matrix.T if role == "embedding" else matrix)
+        log_q = _log_softmax(session.run([output], perturbed)[0])
+        scores.append(float(np.mean(np.sum(np.exp(reference) * (reference - log_q), axis=-1))))
+    return scores
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
 def size_budget_decision(
-    candidates: WeightCandidates, accuracy: AccuracyOptions, *, progress: bool
+    candidates: WeightCandidates,
+    accuracy: AccuracyOptions,
+    feed: Mapping[str, np.ndarray] | None = None,
+    *,
+    progress: bool,
 ) -> tuple[Decision, dict[str, object]]:
     """Formats per group under `--effective-bits` / `--max-size`, by `choose_formats` (scipy milp).
 
     Each group chooses among its format at group sizes 32 / 64 / 128 (formats with a block of
-    their own: that block) and the ladder's other non-float rungs (INT8); cost = summed
-    Gram-weighted relative output error. The chosen variant becomes the group's rung 0, so the
+    their own: that block) and the ladder's other non-float rungs (INT8). Cost: each variant's
+    output error energy (`cost_and_size`), scaled per group so that its coarsest variant costs the
+    KL divergence measured with it on `feed` (`measure_sensitivity`; without a feed, the error
+    energy alone). The chosen variant becomes the group's rung 0, so the
     fallback search can start from it. Returns the all-zero decision and the report section.
     """
     groups = candidates.groups
@@ -363,7 +446,7 @@ def size_budget_decision(
         if accuracy.effective_bits is not None
         else accuracy.max_size_mb * 8e6  # type: ignore[operator]
     )
-    options, costs, sizes = [], [], []
+    options, errors, sizes = [], [], []
     for group in tqdm(groups, desc="size budget: compressing candidates", disable=not progress):
         first = group.ladder[0]
         sized = (
@@ -374,8 +457,19 @@ def size_budget_decision(
         variants = [*sized, *(rung for rung in group.ladder[1:] if rung != "float")]
         measured = [candidates.cost_and_size(group, rung) for rung in variants]
         options.append(variants)
-        costs.append([c for c, _ in measured])
+        errors.append([c for c, _ in measured])
         sizes.append([s for _, s in measured])
+    # Loss per unit of output error differs by layer (an LM head's noise lands in the logits):
+    # scale each group's errors by its measured KL at its coarsest variant.
+    coarsest = [int(np.argmax(e)) for e in errors]
+    costs = errors
+    if feed is not None:
+        kl = measure_sensitivity(
+            candidates, feed, [v[i] for v, i in zip(options, coarsest, strict=True)], progress=progress
+        )
+        costs = [
+            [k * e / max(err[i], 1e-30) for e in err] for k, err, i in zip(kl, errors, coarsest, strict=True)
+        ]
     chosen = choose_formats(costs, sizes, budget_bits)
     bits = sum(sizes[g][c] for g, c in enumerate(chosen))
     for group, variants, index in zip(groups, options, chosen, strict=True):

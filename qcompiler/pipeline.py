@@ -339,6 +339,7 @@ def _compress_weights(
             backend,
             report,
             evaluator,
+            next(iter(data)) if data is not None else None,
             progress=progress,
         )
     else:
@@ -369,10 +370,14 @@ def _compress_with_budget(
     backend: ModuleType,
     report: Report,
     evaluator: Evaluator | None,
+    feed: Mapping[str, np.ndarray] | None,
     *,
     progress: bool,
 ) -> ir.Model:
-    """Formats per group by the size budget and/or the fallback search; returns the built model."""
+    """Formats per group by the size budget and/or the fallback search; returns the built model.
+
+    `feed`: one calibration batch, on which the size budget measures each group's sensitivity.
+    """
     accuracy = options.accuracy
     grams = dict(grams)  # AWQ rescales the ones it folds
     with report.timed("compress"):
@@ -388,7 +393,9 @@ def _compress_with_budget(
         )
         decision = (0,) * len(candidates.groups)
         if accuracy.size_budget:
-            decision, report.mixed_precision = size_budget_decision(candidates, accuracy, progress=progress)
+            decision, report.mixed_precision = size_budget_decision(
+                candidates, accuracy, feed, progress=progress
+            )
     if evaluator is not None:
         with report.timed("fallback"):
             candidates.set_proxies(decision)
