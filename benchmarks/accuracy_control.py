@@ -8,7 +8,7 @@ SmoothQuant) with ``--max-drop 0.01`` on mean sentence-embedding cosine vs FP32,
 paragraphs of the python-docs valid slice and checked on 600 held-out test paragraphs; NNCF's
 ``quantize_with_accuracy_control`` (OpenVINO backend) gets the same metric, budget and data.
 SmolLM2: INT4 sym g64 AWQ + scale estimation with ``--max-drop 0.05`` relative perplexity
-(8 validation windows), and ``--effective-bits 5`` against a uniform assignment of the same size
+(4 validation windows of 512 tokens, at most 20 trials), and ``--effective-bits 5`` against a uniform assignment of the same size
 (INT4 g32 everywhere = 5 bits per weight with float32 scales); perplexity on 16 test windows.
 Each tool compiles in its own subprocess (wall time and peak RSS are its own). Writes
 ``results/accuracy_control_<model>.json`` and a section of ``docs/benchmarks.md``.
@@ -63,7 +63,7 @@ def _data(model_name: str, model_path: pathlib.Path):
     tokenizer = smollm2.tokenizer_path()
     return (
         list(TokenWindows(CALIBRATION_TEXT, tokenizer, specs, seq_len=512, windows=28)),
-        list(TokenWindows(VALIDATION_TEXT, tokenizer, specs, seq_len=512, windows=8)),
+        list(TokenWindows(VALIDATION_TEXT, tokenizer, specs, seq_len=512, windows=4)),
         list(TokenWindows(EVALUATION_TEXT, tokenizer, specs, seq_len=512, windows=16)),
     )
 
@@ -97,7 +97,7 @@ def compile_with(tool: str, model: pathlib.Path, calibration, validation, output
             drop_type=qcompiler.DropType.RELATIVE,
             metric="perplexity",
             effective_bits=5.0 if tool == "bits5" else None,
-            max_trials=30,
+            max_trials=20,
         )
         options = qcompiler.CompileOptions(compression=compression, accuracy=accuracy)
     result = qcompiler.compile(
@@ -166,9 +166,8 @@ def measure(model_name: str, path: pathlib.Path, test, reference: np.ndarray | N
     from qcompiler.metrics import row_cosine
 
     runner = peers.Runner(path)
-    size = sum(
-        p.stat().st_size for p in path.parent.glob(path.stem + "*") if p.suffix in (".onnx", ".bin", ".data")
-    )
+    companions = [path, path.with_suffix(".bin"), path.with_name(path.name + ".data")]
+    size = sum(p.stat().st_size for p in companions if p.exists())
     if model_name == "minilm":
         cosines = row_cosine(reference, runner.outputs(test, EMBEDDING))
         return {
@@ -237,6 +236,50 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"accuracy_control_{args.model_name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_table(result, ROOT / "docs" / "benchmarks.md")
+
+
+def write_table(result: dict, path: pathlib.Path) -> None:
+    """Replace this model's accuracy-control section of docs/benchmarks.md."""
+    minilm = result["model"] == "minilm"
+    metric = "test mean / min cosine" if minilm else "test perplexity"
+    lines = [
+        f"## Accuracy control: {result['model']}",
+        "",
+        "`python benchmarks/accuracy_control.py "
+        + result["model"]
+        + "` (one run; see the script's docstring).",
+        "",
+        f"| tool | {metric} | size MB | compile s | peak RSS MB | search |",
+        "|---|---|---|---|---|---|",
+    ]
+    for tool, row in result["rows"].items():
+        if "error" in row:
+            lines.append(f"| {tool} | error: {row['error']} | | | | |")
+            continue
+        value = (
+            f"{row['test_mean_cosine']:.4f} / {row['test_min_cosine']:.4f}"
+            if minilm
+            else f"{row['test_perplexity']:.3f}"
+        )
+        search = ""
+        if "fallback" in row:
+            fb = row["fallback"]
+            search = (
+                f"val {fb['metric']} drop {fb['drop']:.4f} ({'met' if fb['met'] else 'not met'}), "
+                f"{fb['trials']} trials / {fb['evaluations']} evaluations, {len(row['moved'])} of {row['groups']} groups moved"
+            )
+        elif "mixed_precision" in row:
+            mp = row["mixed_precision"]
+            search = f"{mp['achieved_effective_bits']} bits/weight, {mp['groups_by_rung']}"
+        elif "evaluations" in row:
+            search = f"{row['evaluations']} validation runs"
+        lines.append(
+            f"| {tool} | {value} | {row.get('size_mb', 0):.1f} | {row.get('compile_s', '')} | "
+            f"{row.get('peak_rss_mb', '')} | {search} |"
+        )
+    lines.append("")
+    peers.replace_section(path, f"Accuracy control: {result['model']}", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class StaticCandidates:
                 model.graph, unit, compressed, "int8 sym per-channel; rtn (fallback: float activations)"
             )
         if weight_only:
-            self.backend.lower_weights(model, 0)
+            self.backend.lower_weights(model, 0, 0)
         self.backend.check(model)
         return model, insert
 
@@ -254,6 +254,7 @@ class WeightCandidates:
     compressor: UnitCompressor
     backend: ModuleType
     accuracy_level: int
+    int8_accuracy_level: int = 0
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -311,7 +312,7 @@ class WeightCandidates:
             clone_unit = dataclasses.replace(self.variant(unit, rung), node=nodes[name])
             write_canonical(model.graph, clone_unit, compressed, how)
             layers[name] = layer_entry(unit, how, error)
-        kernels = self.backend.lower_weights(model, self.accuracy_level)
+        kernels = self.backend.lower_weights(model, self.accuracy_level, self.int8_accuracy_level)
         self.backend.check(model)
         return model, layers, kernels
 

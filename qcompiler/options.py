@@ -214,6 +214,11 @@ class CompressionOptions:
         return 0 if self.format in (WeightFormat.INT8, WeightFormat.FP8) else 4
 
     @property
+    def int8_kernel_accuracy_level(self) -> int:
+        """The level for INT8 weights in any model (the backups and fallbacks): 0 unless set."""
+        return self.accuracy_level if self.accuracy_level is not None else 0
+
+    @property
     def needs_data(self) -> bool:
         """Whether any chosen algorithm reads calibration statistics."""
         return self.awq or self.scale_estimation or self.gptq or self.ratio < 1.0

@@ -349,9 +349,12 @@ def _compress_weights(
             )
         del grams
         with report.timed("lower"):
-            report.compression["kernels"] = backend.lower_weights(working, compression.kernel_accuracy_level)
+            report.compression["kernels"] = backend.lower_weights(
+                working, compression.kernel_accuracy_level, compression.int8_kernel_accuracy_level
+            )
             backend.check(working)
     report.compression["accuracy_level"] = compression.kernel_accuracy_level
+    report.compression["int8_accuracy_level"] = compression.int8_kernel_accuracy_level
     report.nodes = {
         "compressed": len(units),
         "by_op_type": dict(collections.Counter(unit.node.op_type for unit in units)),
@@ -390,6 +393,7 @@ def _compress_with_budget(
             UnitCompressor(grams, compression),
             backend,
             compression.kernel_accuracy_level,
+            compression.int8_kernel_accuracy_level,
         )
         decision = (0,) * len(candidates.groups)
         if accuracy.size_budget:

@@ -37,15 +37,18 @@ LOWERED_FORMATS = frozenset({WeightFormat.INT4, WeightFormat.INT8, WeightFormat.
 class LowerCompressedWeightsPass(ir.passes.InPlacePass):
     """Replace canonical compressed-weight patterns with onnxruntime's packed kernels."""
 
-    def __init__(self, accuracy_level: int = 4) -> None:
+    def __init__(self, accuracy_level: int = 4, int8_accuracy_level: int = 0) -> None:
         super().__init__()
         self.accuracy_level = accuracy_level
+        self.int8_accuracy_level = int8_accuracy_level
         self.lowered: dict[str, str] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Lower every pattern found; `lowered` maps consumer name -> kernel."""
         for dq in list(model.graph):
-            consumer = canonical_consumer(dq)
+            # Only weights written by compression: a static W8A8 unit's weight DQ looks the same
+            # but feeds a MatMul whose input is quantized too (MatMulIntegerToFloat's pattern).
+            consumer = canonical_consumer(dq) if COMPRESSION_KEY in dq.metadata_props else None
             if consumer is None:
                 continue
             weight = read_canonical(dq)
@@ -101,7 +104,7 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
                 "N": packed.N,
                 "bits": packed.bits,
                 "block_size": packed.block_size,
-                "accuracy_level": self.accuracy_level,
+                "accuracy_level": self.accuracy_level if packed.bits == 4 else self.int8_accuracy_level,
             }
             kernel = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_NBits")
         self._replace(model, dq, matmul, kernel)
@@ -131,13 +134,16 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         self._replace(model, dq, gather, kernel)
 
 
-def lower_weights(model: ir.Model, accuracy_level: int = 4) -> dict[str, str]:
+def lower_weights(model: ir.Model, accuracy_level: int = 4, int8_accuracy_level: int = 0) -> dict[str, str]:
     """Lower every compressed weight in place; returns consumer name -> kernel op type.
+
+    `accuracy_level` applies to 4-bit weights, `int8_accuracy_level` to INT8 ones (INT8 weights
+    in a 4-bit model are the accuracy fallback: int8 activations inside the kernel would undo it).
 
     DQs left over that onnxruntime runs at a newer opset (FP8 weights: 19) raise the model's
     opset to that version; any others are left for the checker to name.
     """
-    lowering = LowerCompressedWeightsPass(accuracy_level)
+    lowering = LowerCompressedWeightsPass(accuracy_level, int8_accuracy_level)
     lowering(model)
     kept = [
         node
