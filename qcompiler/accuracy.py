@@ -102,8 +102,14 @@ def static_groups(plan: QuantPlan, target: Target) -> list[QuantGroup]:
         weighted = any(by_name[name].weight_input is not None for name in names)
         shared = _quantized_values(by_name[names[0]])
         label = str(shared[0].name) if len(names) > 1 and shared else names[0]
-        groups.append(QuantGroup(label, names, static_ladder(target, weighted)))
+        size = sum(_weight_size(by_name[name]) for name in names)
+        groups.append(QuantGroup(label, names, static_ladder(target, weighted), size=size))
     return groups
+
+
+def _weight_size(unit: QuantizedUnit) -> int:
+    weight = unit.node.inputs[unit.weight_input] if unit.weight_input is not None else None
+    return int(weight.const_value.size) if weight is not None and weight.const_value is not None else 0
 
 
 def _quantized_values(unit: QuantizedUnit) -> list[ir.Value]:
@@ -236,7 +242,8 @@ def weight_groups(units: Sequence[WeightUnit], target: Target) -> list[QuantGrou
     for names in members:
         first = by_name[names[0]]
         label = str(first.activation.name) if len(names) > 1 and first.activation is not None else names[0]
-        groups.append(QuantGroup(label, names, weight_ladder(first.format, target)))
+        size = sum(by_name[name].size for name in names)
+        groups.append(QuantGroup(label, names, weight_ladder(first.format, target), size=size))
     return groups
 
 

@@ -33,12 +33,15 @@ class QuantGroup:
         members: node names.
         ladder: rung names, most compressed first, e.g. ``("int4", "int8", "float")``.
         proxy: estimated harm of the group at rung 0 (larger = more harmful); ranks the search.
+        size: weights it holds (parameters); the give-back phase tries the largest first, since
+            each success there recovers the most bytes.
     """
 
     name: str
     members: list[str]
     ladder: tuple[str, ...]
     proxy: float = 0.0
+    size: int = 0
 
 
 def group_by_shared_inputs(units: Iterable[tuple[str, Sequence[ir.Value]]]) -> list[list[str]]:
@@ -121,7 +124,8 @@ def search(
     Descent: if stepping every movable group down one rung still misses the budget, that whole
     rung is taken (when it helps) and the next rung is tried; otherwise the shortest prefix of the
     ranking whose step meets the budget is found by bisection (log2(groups) trials, assuming
-    stepping more groups never hurts). Give-back: each moved group, least harmful first, is
+    stepping more groups never hurts). Give-back: each moved group, largest then least harmful
+    first, is
     stepped back up and kept there if the budget still holds; a step back that breaks the budget
     is undone, and the drop it caused is the group's measured contribution.
 
@@ -206,7 +210,9 @@ def search(
             decision = stepped(decision, movable[:high], +1)
         if drop_of(cache[decision]) <= max_drop:
             moved = [i for i in ranked if decision[i] > initial[i]]
-            for index in reversed(moved):  # least harmful first
+            # Largest first, then least harmful first.
+            order = sorted(reversed(moved), key=lambda i: -groups[i].size)
+            for index in order:
                 while decision[index] > initial[index]:
                     back = stepped(decision, [index], -1)
                     if trial(f"step {groups[index].name} back up", [index], back, lambda d: d <= max_drop):

@@ -287,3 +287,17 @@ def test_unreachable_budget_saves_the_best_model_under_a_clear_name(tmp_path, ca
     assert "--max-drop 0" in err and "drop-not-met" in err
     assert (tmp_path / "m.ort-cpu.drop-not-met.onnx").exists()
     assert not (tmp_path / "m.ort-cpu.onnx").exists()
+
+
+def test_search_stops_at_the_time_budget():
+    evaluate, _ = _additive(HARMS)
+    groups = _groups(HARMS)
+
+    def slow(decision):
+        import time
+
+        time.sleep(0.02)
+        return evaluate(decision)
+
+    result = search(groups, rank(groups), slow, lambda s: 1.0 - s, 0.0, time_budget=0.01)
+    assert not result.met and result.stopped_by == "time budget (0.01 s)"
