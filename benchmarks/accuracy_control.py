@@ -201,7 +201,11 @@ def main() -> None:
     results_path = args.out / f"accuracy_control_{args.model_name}.json"
     rows: dict[str, dict] = {}
     if args.reuse and results_path.exists():
-        rows = {k: v for k, v in json.loads(results_path.read_text())["rows"].items() if k not in tools and k != "fp32"}
+        rows = {
+            k: v
+            for k, v in json.loads(results_path.read_text())["rows"].items()
+            if k not in tools and k != "fp32"
+        }
         for row in rows.values():
             row["reused"] = True  # measured by an earlier run of this script
     rows = {"fp32": measure(args.model_name, model_path, test, reference), **rows}
