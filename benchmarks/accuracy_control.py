@@ -259,7 +259,7 @@ def write_table(result: dict, path: pathlib.Path) -> None:
         "",
         "`python benchmarks/accuracy_control.py "
         + result["model"]
-        + "` (one run; see the script's docstring).",
+        + '` (see the script\'s docstring; rows marked "earlier run" come from the previous run of the same script on this machine, kept with --reuse).',
         "",
         f"| tool | {metric} | size MB | compile s | peak RSS MB | search |",
         "|---|---|---|---|---|---|",
