@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--drop-type", default="absolute", help="absolute (default) | relative")
     accuracy.add_argument(
         "--metric",
-        help="cosine | sqnr | top1 | perplexity | module:function (default: perplexity for LMs, else cosine)",
+        help="cosine | sqnr | top1 | retrieval | perplexity | module:function (default: perplexity for LMs, else cosine)",
     )
     accuracy.add_argument("--metric-output", help="model output the metric reads (default: the first)")
     accuracy.add_argument("--val-data", type=pathlib.Path, help="validation folder of .npz batches")

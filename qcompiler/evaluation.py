@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import OptionError
-from qcompiler.metrics import next_token_nll, row_cosine, sqnr_db
+from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
 from qcompiler.options import DropType
 
 Feed = Mapping[str, np.ndarray]
@@ -57,6 +57,18 @@ def _top1(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds:
     return float(np.mean(np.concatenate([a.reshape(-1) for a in agree])))
 
 
+def _retrieval(
+    outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds: Sequence[Feed]
+) -> float:
+    """Mean reciprocal rank of each candidate embedding's own float embedding among all of them.
+
+    Embedding models are used to rank neighbours: this asks whether the quantized embeddings still
+    find the right one, not just whether they point the same way.
+    """
+    ranked = retrieval(_rows(outputs), _rows(reference))
+    return ranked.mrr
+
+
 def _perplexity(
     outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], feeds: Sequence[Feed]
 ) -> float:
@@ -75,6 +87,7 @@ BUILTIN_METRICS: dict[str, Metric] = {
     "cosine": Metric("cosine", True, _cosine),
     "sqnr": Metric("sqnr", True, _sqnr),
     "top1": Metric("top1", True, _top1),
+    "retrieval": Metric("retrieval", True, _retrieval),
     "perplexity": Metric("perplexity", False, _perplexity, output="logits"),
 }
 

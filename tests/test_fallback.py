@@ -301,3 +301,11 @@ def test_search_stops_at_the_time_budget():
 
     result = search(groups, rank(groups), slow, lambda s: 1.0 - s, 0.0, time_budget=0.01)
     assert not result.met and result.stopped_by == "time budget (0.01 s)"
+
+
+def test_retrieval_metric_ranks_each_embedding_against_the_float_ones():
+    metric = resolve_metric("retrieval")
+    reference = [np.eye(4, dtype=np.float32)]
+    assert metric.score(reference, reference, []) == pytest.approx(1.0)
+    swapped = [np.eye(4, dtype=np.float32)[[1, 0, 2, 3]]]  # rows 0 and 1 find each other's: rank 2
+    assert metric.score(swapped, reference, []) == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
