@@ -269,7 +269,7 @@ def data_from_args(
     args: argparse.Namespace, model, compression: CompressionOptions | None
 ):  # -> source or None
     """The calibration data source the flags ask for (exactly one kind; None for data-free RTN)."""
-    from qcompiler.data import NpzFolder, SyntheticSource, TextSource, TokenWindows, input_specs
+    from qcompiler.data import NpzFolder, SyntheticSource, input_specs
 
     chosen = [
         flag
@@ -292,26 +292,26 @@ def data_from_args(
     if args.data:
         return NpzFolder(args.data)
     if args.text:
-        if not args.tokenizer:
-            raise OptionError("--text needs --tokenizer PATH (tokenizer.json or its folder)")
-        if args.text_windows:
-            return TokenWindows(
-                args.text, args.tokenizer, specs, seq_len=args.seq_len, windows=args.samples, batch_size=1
-            )
-        return TextSource(
-            args.text,
-            args.tokenizer,
-            specs,
-            seq_len=args.seq_len,
-            samples=args.samples,
-            batch_size=args.batch_size,
-        )
+        return text_source(args, "--text", args.text, args.samples, specs)
     return SyntheticSource(specs)
+
+
+def text_source(args: argparse.Namespace, flag: str, path: pathlib.Path, count: int, specs):  # -> source
+    """Lines (TextSource) or token windows (--text-windows) of `path`, with the text flags."""
+    from qcompiler.data import TextSource, TokenWindows
+
+    if not args.tokenizer:
+        raise OptionError(f"{flag} needs --tokenizer PATH (tokenizer.json or its folder)")
+    if args.text_windows:
+        return TokenWindows(path, args.tokenizer, specs, seq_len=args.seq_len, windows=count, batch_size=1)
+    return TextSource(
+        path, args.tokenizer, specs, seq_len=args.seq_len, samples=count, batch_size=args.batch_size
+    )
 
 
 def validation_from_args(args: argparse.Namespace, model):  # -> source or None
     """The validation source of --val-data / --val-text (read like the calibration flags)."""
-    from qcompiler.data import NpzFolder, TextSource, TokenWindows, input_specs
+    from qcompiler.data import NpzFolder, input_specs
 
     if args.val_data and args.val_text:
         raise OptionError("validation data: pass one of --val-data DIR or --val-text FILE, not both")
@@ -319,21 +319,7 @@ def validation_from_args(args: argparse.Namespace, model):  # -> source or None
         return NpzFolder(args.val_data)
     if not args.val_text:
         return None
-    if not args.tokenizer:
-        raise OptionError("--val-text needs --tokenizer PATH (tokenizer.json or its folder)")
-    specs = input_specs(model)
-    if args.text_windows:
-        return TokenWindows(
-            args.val_text, args.tokenizer, specs, seq_len=args.seq_len, windows=args.val_samples, batch_size=1
-        )
-    return TextSource(
-        args.val_text,
-        args.tokenizer,
-        specs,
-        seq_len=args.seq_len,
-        samples=args.val_samples,
-        batch_size=args.batch_size,
-    )
+    return text_source(args, "--val-text", args.val_text, args.val_samples, input_specs(model))
 
 
 def best_effort_path(output: pathlib.Path) -> pathlib.Path:
