@@ -18,17 +18,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qcompiler import calibration, io
-from qcompiler.accuracy import (
-    BUDGET_GROUP_SIZES,
-    AccuracyBudgetError,
-    StaticCandidates,
-    WeightCandidates,
-    budget_message,
-    run_search,
-    size_budget_decision,
-    static_groups,
-    weight_groups,
-)
+from qcompiler.accuracy import AccuracyBudgetError, budget_message, run_search
 from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
@@ -58,7 +48,9 @@ from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
 from qcompiler.rewrites.smoothquant import choose_alpha
+from qcompiler.static_fallback import StaticCandidates, static_groups
 from qcompiler.targets import Target, get_target
+from qcompiler.weight_budget import BUDGET_GROUP_SIZES, WeightCandidates, size_budget_decision, weight_groups
 
 DataArg = Iterable[Mapping[str, np.ndarray]]
 

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompiler
-from qcompiler.accuracy import static_groups, static_ladder, weight_groups, weight_ladder
+from qcompiler.accuracy import static_ladder, weight_ladder
 from qcompiler.cli import EXIT_BUDGET_NOT_MET, main
 from qcompiler.errors import OptionError
 from qcompiler.evaluation import Evaluator, resolve_metric
@@ -19,7 +19,9 @@ from qcompiler.rewrites.mixed_precision import choose_formats
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.smoothing import find_groups
+from qcompiler.static_fallback import static_groups
 from qcompiler.targets import ORT_CPU
+from qcompiler.weight_budget import weight_groups
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds
 from tests.test_compression import _feeds as decoder_feeds
 from tests.test_compression import tiny_decoder
