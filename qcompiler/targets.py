@@ -57,7 +57,7 @@ ORT_CPU = Target(
     output_quantized_ops=frozenset({"Conv"}),
     int32_bias_ops=frozenset({"Conv", "Gemm"}),
     min_opset=13,
-    # No FP16 rung: onnxruntime's CPU provider runs float16 MatMul by casting to float32.
+    # No FP16 rung: not measured on onnxruntime CPU here; targets that run f16 (OpenVINO GPU) add one.
     weight_ladder=("int4", "int8", "float"),
     activation_ladder=("int8", "float"),
 )
