@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.data import input_specs, peek_check
 from qcompiler.errors import OptionError
 from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
-from qcompiler.options import DropType
+from qcompiler.options import AccuracyOptions, DropType
 
 Feed = Mapping[str, np.ndarray]
 SQNR_CAP_DB = 100.0
@@ -220,3 +221,18 @@ class Evaluator:
         if self.drop_type is DropType.RELATIVE:
             drop /= max(abs(base), 1e-12)
         return drop
+
+
+def validation_evaluator(model: ir.Model, validation: Iterable[Feed], accuracy: AccuracyOptions) -> Evaluator:
+    """The validation metric on the float model (default: perplexity for an LM, else cosine)."""
+    spec = accuracy.metric
+    if spec is None:
+        outputs = {str(value.name) for value in model.graph.outputs}
+        inputs = {str(value.name) for value in model.graph.inputs}
+        spec = "perplexity" if "logits" in outputs and "input_ids" in inputs else "cosine"
+    metric = resolve_metric(spec)  # type: ignore[arg-type]
+    if accuracy.metric_output is not None:
+        metric = dataclasses.replace(metric, output=accuracy.metric_output)
+    feeds = list(validation)
+    peek_check(feeds, input_specs(model), "validation data")
+    return Evaluator(model, feeds, metric, accuracy.drop_type)

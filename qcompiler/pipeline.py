@@ -23,21 +23,15 @@ from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.errors import OptionError, UnsupportedModelError
-from qcompiler.evaluation import Evaluator, resolve_metric
+from qcompiler.evaluation import Evaluator, validation_evaluator
 from qcompiler.options import (
-    AccuracyOptions,
     CalibrationRuntime,
     CompileOptions,
     CompressionOptions,
     QuantType,
 )
-from qcompiler.reducers import Gram
 from qcompiler.report import Report, peak_rss_mb, versions
 from qcompiler.rewrites.compression import (
-    UnitCompressor,
-    WeightUnit,
-    apply_awq,
-    assign_mixed_precision,
     compress_weights,
     gram_statistics,
     plan_compression,
@@ -50,7 +44,7 @@ from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
 from qcompiler.rewrites.smoothquant import choose_alpha
 from qcompiler.static_fallback import StaticCandidates, static_groups
 from qcompiler.targets import Target, get_target
-from qcompiler.weight_budget import BUDGET_GROUP_SIZES, WeightCandidates, size_budget_decision, weight_groups
+from qcompiler.weight_budget import BUDGET_GROUP_SIZES, compress_with_budget
 
 DataArg = Iterable[Mapping[str, np.ndarray]]
 
@@ -138,7 +132,7 @@ def compile(  # noqa: A001 - the public name the design promises
     if options.accuracy.max_drop is not None:
         assert validation is not None
         with report.timed("validate_float"):
-            evaluator = _evaluator(working, validation, options.accuracy)
+            evaluator = validation_evaluator(working, validation, options.accuracy)
     backend = backend_for(resolved.backend)
     if options.compression is not None:
         working = _compress_weights(
@@ -175,21 +169,6 @@ def _check_accuracy_options(options: CompileOptions, validation: DataArg | None)
         )
     if accuracy.size_budget and options.compression is None:
         raise OptionError("--effective-bits / --max-size choose weight formats: add --weights FORMAT")
-
-
-def _evaluator(model: ir.Model, validation: DataArg, accuracy: AccuracyOptions) -> Evaluator:
-    """The validation metric on the float model (default: perplexity for an LM, else cosine)."""
-    spec = accuracy.metric
-    if spec is None:
-        outputs = {str(value.name) for value in model.graph.outputs}
-        inputs = {str(value.name) for value in model.graph.inputs}
-        spec = "perplexity" if "logits" in outputs and "input_ids" in inputs else "cosine"
-    metric = resolve_metric(spec)  # type: ignore[arg-type]
-    if accuracy.metric_output is not None:
-        metric = dataclasses.replace(metric, output=accuracy.metric_output)
-    feeds = list(validation)
-    peek_check(feeds, input_specs(model), "validation data")
-    return Evaluator(model, feeds, metric, accuracy.drop_type)
 
 
 def _quantize_static(
@@ -321,7 +300,7 @@ def _compress_weights(
         grams = gram_statistics(statistics, requests)
         del statistics
     if accuracy.enabled:
-        working = _compress_with_budget(
+        working = compress_with_budget(
             working,
             units,
             grams,
@@ -353,65 +332,6 @@ def _compress_weights(
         "skipped": skipped,
     }
     return working
-
-
-def _compress_with_budget(
-    working: ir.Model,
-    units: list[WeightUnit],
-    grams: dict[str, Gram],
-    compression: CompressionOptions,
-    options: CompileOptions,
-    resolved: Target,
-    backend: ModuleType,
-    report: Report,
-    evaluator: Evaluator | None,
-    feed: Mapping[str, np.ndarray] | None,
-    *,
-    progress: bool,
-) -> ir.Model:
-    """Formats per group by the size budget and/or the fallback search; returns the built model.
-
-    `feed`: one calibration batch, on which the size budget measures each group's sensitivity.
-    """
-    accuracy = options.accuracy
-    grams = dict(grams)  # AWQ rescales the ones it folds
-    with report.timed("compress"):
-        assign_mixed_precision(units, grams, compression, progress=progress)
-        awq = apply_awq(working, units, grams, options.ignored, progress) if compression.awq and grams else {}
-        candidates = WeightCandidates(
-            working,
-            units,
-            weight_groups(units, resolved),
-            UnitCompressor(grams, compression),
-            backend,
-            compression.kernel_accuracy_level,
-            compression.int8_kernel_accuracy_level,
-        )
-        decision = (0,) * len(candidates.groups)
-        if accuracy.size_budget:
-            decision, report.mixed_precision = size_budget_decision(
-                candidates, accuracy, feed, progress=progress
-            )
-    if evaluator is not None:
-        with report.timed("fallback"):
-            candidates.set_proxies(decision)
-            result, report.fallback = run_search(
-                candidates.groups,
-                decision,
-                lambda d: candidates.build(d)[0],
-                evaluator,
-                accuracy,
-                progress=progress,
-            )
-            decision = result.decision
-    with report.timed("lower"):
-        model, layers, kernels = candidates.build(decision)
-    report.compression = {"layers": layers, "awq": awq, "kernels": kernels}
-    if accuracy.size_budget:
-        bits = candidates.decision_bits(decision)
-        report.mixed_precision["final_mb"] = round(bits / 8e6, 3)
-        report.mixed_precision["final_effective_bits"] = round(bits / candidates.params(), 4)
-    return model
 
 
 def smooth_quant(

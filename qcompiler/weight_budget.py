@@ -15,11 +15,16 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qcompiler.accuracy import mark_decision, rung_bits, weight_ladder
-from qcompiler.options import AccuracyOptions, WeightFormat
+from qcompiler.accuracy import mark_decision, run_search, rung_bits, weight_ladder
+from qcompiler.evaluation import Evaluator
+from qcompiler.options import AccuracyOptions, CompileOptions, CompressionOptions, WeightFormat
+from qcompiler.reducers import Gram
+from qcompiler.report import Report
 from qcompiler.rewrites.compression import (
     UnitCompressor,
     WeightUnit,
+    apply_awq,
+    assign_mixed_precision,
     backup_block,
     layer_entry,
     write_canonical,
@@ -311,3 +316,62 @@ def _count(items: Sequence[str]) -> dict[str, int]:
     for item in items:
         counts[item] = counts.get(item, 0) + 1
     return counts
+
+
+def compress_with_budget(
+    working: ir.Model,
+    units: list[WeightUnit],
+    grams: dict[str, Gram],
+    compression: CompressionOptions,
+    options: CompileOptions,
+    resolved: Target,
+    backend: ModuleType,
+    report: Report,
+    evaluator: Evaluator | None,
+    feed: Mapping[str, np.ndarray] | None,
+    *,
+    progress: bool,
+) -> ir.Model:
+    """Formats per group by the size budget and/or the fallback search; returns the built model.
+
+    `feed`: one calibration batch, on which the size budget measures each group's sensitivity.
+    """
+    accuracy = options.accuracy
+    grams = dict(grams)  # AWQ rescales the ones it folds
+    with report.timed("compress"):
+        assign_mixed_precision(units, grams, compression, progress=progress)
+        awq = apply_awq(working, units, grams, options.ignored, progress) if compression.awq and grams else {}
+        candidates = WeightCandidates(
+            working,
+            units,
+            weight_groups(units, resolved),
+            UnitCompressor(grams, compression),
+            backend,
+            compression.kernel_accuracy_level,
+            compression.int8_kernel_accuracy_level,
+        )
+        decision = (0,) * len(candidates.groups)
+        if accuracy.size_budget:
+            decision, report.mixed_precision = size_budget_decision(
+                candidates, accuracy, feed, progress=progress
+            )
+    if evaluator is not None:
+        with report.timed("fallback"):
+            candidates.set_proxies(decision)
+            result, report.fallback = run_search(
+                candidates.groups,
+                decision,
+                lambda d: candidates.build(d)[0],
+                evaluator,
+                accuracy,
+                progress=progress,
+            )
+            decision = result.decision
+    with report.timed("lower"):
+        model, layers, kernels = candidates.build(decision)
+    report.compression = {"layers": layers, "awq": awq, "kernels": kernels}
+    if accuracy.size_budget:
+        bits = candidates.decision_bits(decision)
+        report.mixed_precision["final_mb"] = round(bits / 8e6, 3)
+        report.mixed_precision["final_effective_bits"] = round(bits / candidates.params(), 4)
+    return model
