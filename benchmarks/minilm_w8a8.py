@@ -30,6 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = {
     "qcompiler": "qcompiler transformer preset: SmoothQuant (alpha searched per group), MinMax, U8 act / S8 per-channel weights",
     "qcompiler-nosq": "qcompiler transformer preset without SmoothQuant",
+    "qcompiler-ov": "qcompiler --target openvino-cpu, transformer preset (SmoothQuant, MinMax); runs in OpenVINO CPU",
     "ort-all": "onnxruntime quantize_static QDQ S8S8 MinMax, all ops",
     "ort-matmul": "onnxruntime quantize_static QDQ U8S8 MinMax, MatMul only, per-channel",
     "nncf": "NNCF quantize (ONNX) model_type=TRANSFORMER (SmoothQuant on)",
@@ -49,6 +50,8 @@ def compile_with(
     feeds = peers.load_feeds(calibration)
     if tool in ("qcompiler", "qcompiler-nosq"):
         peers.qcompiler_w8a8(model_path, feeds, output, smooth_quant=tool == "qcompiler")
+    elif tool == "qcompiler-ov":
+        peers.qcompiler_w8a8(model_path, feeds, output, smooth_quant=True, target="openvino-cpu")
     elif tool in ("ort-all", "ort-matmul"):
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -226,7 +229,7 @@ def main() -> None:
             TextSource(CALIBRATION_TEXT, tokenizer, specs, samples=300, batch_size=1), calibration
         )
         for tool in args.tools.split(","):
-            output = work / (f"{tool}.xml" if tool == "nncf-ov" else f"{tool}.onnx")
+            output = work / (f"{tool}.xml" if tool.endswith("-ov") else f"{tool}.onnx")
             command = [
                 sys.executable,
                 __file__,

@@ -27,8 +27,10 @@ def load_feeds(folder: pathlib.Path) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def qcompiler_w8a8(model: pathlib.Path, feeds, output: pathlib.Path, *, smooth_quant: bool) -> None:
-    """qcompiler's transformer preset for ort-cpu, SmoothQuant on or off."""
+def qcompiler_w8a8(
+    model: pathlib.Path, feeds, output: pathlib.Path, *, smooth_quant: bool, target: str = "ort-cpu"
+) -> None:
+    """qcompiler's transformer preset, SmoothQuant on or off (an .xml output for openvino-* targets)."""
     import qcompiler
 
     options = qcompiler.CompileOptions(
@@ -36,7 +38,19 @@ def qcompiler_w8a8(model: pathlib.Path, feeds, output: pathlib.Path, *, smooth_q
         count_fusion=False,
         smooth_quant=qcompiler.SmoothQuantOptions(enabled=smooth_quant),
     )
-    qcompiler.save(qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False).model, output)
+    save_result(qcompiler.compile(model, target, options, data=feeds, progress=False), output)
+
+
+def save_result(result, output: pathlib.Path) -> None:
+    """Write a compile result: its OpenVINO artifact as .xml, else the ONNX model."""
+    import qcompiler
+
+    if result.artifact is not None:
+        from qcompiler.backends.openvino import save_openvino
+
+        save_openvino(result.artifact, output)
+    else:
+        qcompiler.save(result.model, output)
 
 
 def nncf_openvino(model: pathlib.Path, feeds, output: pathlib.Path) -> None:

@@ -42,7 +42,11 @@ QCOMPILER_TOOLS = {
     "qc-nf4-awq-se": ("awq", "scale_estimation"),
     "qc-mxfp4-awq-se": ("awq", "scale_estimation"),
     "qc-nvfp4-awq-se": ("awq", "scale_estimation"),
+    "qc-ov-awq-se": ("awq", "scale_estimation"),
+    "qc-ov-se-gptq": ("scale_estimation", "gptq"),
 }
+OPENVINO_TOOLS = ("qc-ov-awq-se", "qc-ov-se-gptq")
+"""qcompiler tools compiled for --target openvino-cpu (an .xml artifact measured in OpenVINO CPU)."""
 EMULATED = ("mxfp4", "nvfp4")
 """Formats onnxruntime has no kernel for yet: their tools store the dequantized weights in an FP32
 model (same rounding, no speed), so the table still compares their accuracy."""
@@ -96,12 +100,16 @@ def describe(tool: str, model: str) -> str:
             if fmt in EMULATED
             else ""
         )
-        return f"qcompiler --weights {mode}, {algorithms}; embeddings and last MatMul INT8 (NNCF's policy){emulated}"
+        target = "openvino-cpu" if tool in OPENVINO_TOOLS else "ort-cpu"
+        return (
+            f"qcompiler --target {target} --weights {mode}, {algorithms}; embeddings and last MatMul INT8 "
+            f"(NNCF's policy){emulated}"
+        )
     return f"{PEERS[tool]}, {mode}" + ("; embeddings and last layer INT8 (default)" if "nncf" in tool else "")
 
 
 def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output: pathlib.Path) -> None:
-    """Run one tool; writes `output` (.onnx, or .xml for NNCF)."""
+    """Run one tool; writes `output` (.onnx, or .xml for NNCF and the openvino-cpu tools)."""
     fmt, symmetric, group = _mode(tool, model_name)
     if tool in QCOMPILER_TOOLS:
         import qcompiler
@@ -113,10 +121,11 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         if fmt in EMULATED:
             qcompiler.save(emulated(model, compression, feeds), output)
             return
+        target = "openvino-cpu" if tool in OPENVINO_TOOLS else "ort-cpu"
         result = qcompiler.compile(
-            model, "ort-cpu", qcompiler.CompileOptions(compression=compression), data=feeds, progress=False
+            model, target, qcompiler.CompileOptions(compression=compression), data=feeds, progress=False
         )
-        qcompiler.save(result.model, output)
+        peers.save_result(result, output)
     elif tool.startswith("nncf"):
         import nncf
         import openvino as ov
@@ -280,7 +289,8 @@ def main() -> None:
         calibration = work / "calibration"
         peers.save_feeds(evaluator.calibration, calibration)
         for tool in tools:
-            output = work / (f"{tool}.xml" if tool.startswith("nncf") else f"{tool}.onnx")
+            openvino = tool.startswith("nncf") or tool in OPENVINO_TOOLS
+            output = work / (f"{tool}.xml" if openvino else f"{tool}.onnx")
             command = [
                 sys.executable,
                 __file__,

@@ -256,8 +256,11 @@ def compression_from_args(args: argparse.Namespace) -> CompressionOptions | None
 def output_paths(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path]:
     """Output model and report paths, refusing any that would overwrite the input."""
     model = args.model.resolve()
-    output = (args.output or model.with_name(f"{model.stem}.{args.target}.onnx")).resolve()
-    if output == model:
+    suffix = ".xml" if TARGETS[args.target].backend == "openvino" else ".onnx"
+    output = (args.output or model.with_name(f"{model.stem}.{args.target}{suffix}")).resolve()
+    if output.suffix != suffix:
+        raise OptionError(f"-o {args.output}: a {args.target} model is written as {suffix}")
+    if output == model or (suffix == ".xml" and output.with_suffix(".bin") == model.with_suffix(".bin")):
         raise OptionError(f"-o {args.output}: the output path is the input model; choose another name")
     report = (args.report or output.with_suffix(".report.json")).resolve()
     if report in (model, output):
@@ -357,8 +360,16 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, result, output: pathlib.Path, report_path: pathlib.Path) -> None:
-    """Save the model and its report (atomically), print the summary."""
-    saved = io.save(result.model, output, external_data=args.external_data or None, protected=(args.model,))
+    """Save the model (the target's artifact where it has one) and its report atomically; print the summary."""
+    if result.artifact is not None:
+        from qcompiler.backends.openvino import save_openvino
+
+        protected = (args.model, args.model.with_suffix(".bin"))
+        saved = save_openvino(result.artifact, output, protected=protected)
+    else:
+        saved = io.save(
+            result.model, output, external_data=args.external_data or None, protected=(args.model,)
+        )
     result.report.data["output"] = str(saved)
     io.atomic_write_text(report_path, result.report.to_json())
     if not args.quiet:
@@ -381,9 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AccuracyBudgetError as exc:
         if debug:
             raise
-        print(
-            f"qcompile: error: {exc}; the best model found was saved as *.drop-not-met.onnx", file=sys.stderr
-        )  # noqa: T201
+        print(f"qcompile: error: {exc}; the best model found was saved as *.drop-not-met.*", file=sys.stderr)  # noqa: T201
         return EXIT_BUDGET_NOT_MET
     except QCompileError as exc:
         if debug:

@@ -20,6 +20,9 @@ from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
 from qcompiler.options import AccuracyOptions, DropType
 
 Feed = Mapping[str, np.ndarray]
+Run = Callable[[Sequence[str], Feed], list[np.ndarray]]
+Runtime = Callable[[ir.Model], Run]
+"""Makes a runner for a model: the target's runtime (`backend.runner`), onnxruntime by default."""
 SQNR_CAP_DB = 100.0
 """The float model's own SQNR is infinite; drops in dB are measured from this cap."""
 
@@ -135,24 +138,26 @@ def resolve_metric(spec: str | Callable[..., float] | Metric) -> Metric:
 
 
 def model_outputs(
-    model: ir.Model, feeds: Sequence[Feed], names: Sequence[str]
+    model: ir.Model, feeds: Sequence[Feed], names: Sequence[str], runtime: Runtime | None = None
 ) -> list[dict[str, np.ndarray]]:
     """The named outputs (or intermediate tensors) of `model` on every batch (onnxruntime CPU)."""
-    return list(stream_outputs(model, feeds, names))
+    return list(stream_outputs(model, feeds, names, runtime))
 
 
 def stream_outputs(
-    model: ir.Model, feeds: Iterable[Feed], names: Sequence[str]
+    model: ir.Model, feeds: Iterable[Feed], names: Sequence[str], runtime: Runtime | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """`model_outputs` one batch at a time (many intermediate tensors need not fit at once)."""
-    from qcompiler.backends.onnxruntime import create_session, session_options
-
     graph_outputs = {str(value.name) for value in model.graph.outputs}
     if not set(names) <= graph_outputs:
         model = _exposing(model, names)
-    session = create_session(model, session_options())
+    if runtime is None:
+        from qcompiler.backends.onnxruntime import runner as onnxruntime_runner
+
+        runtime = onnxruntime_runner
+    run = runtime(model)
     for feed in feeds:
-        yield dict(zip(names, session.run(list(names), dict(feed)), strict=True))
+        yield dict(zip(names, run(list(names), dict(feed)), strict=True))
 
 
 def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
@@ -176,6 +181,7 @@ class Evaluator:
         feeds: validation batches.
         metric: the metric.
         drop_type: absolute or relative drop.
+        runtime: where models run (the target's runtime; onnxruntime CPU by default).
     """
 
     def __init__(
@@ -184,7 +190,9 @@ class Evaluator:
         feeds: Sequence[Feed],
         metric: Metric,
         drop_type: DropType = DropType.ABSOLUTE,
+        runtime: Runtime | None = None,
     ) -> None:
+        self.runtime = runtime
         if not feeds:
             raise OptionError("validation data is empty")
         self.feeds = list(feeds)
@@ -196,7 +204,9 @@ class Evaluator:
             raise OptionError(
                 f"--metric {metric.name}: the model has no output {self.output!r} (outputs: {', '.join(outputs)})"
             )
-        self.reference = [batch[self.output] for batch in model_outputs(reference, self.feeds, [self.output])]
+        self.reference = [
+            batch[self.output] for batch in model_outputs(reference, self.feeds, [self.output], runtime)
+        ]
         self.float_score = self._score(self.reference, self.feeds, self.reference)
 
     def _score(
@@ -207,7 +217,7 @@ class Evaluator:
     def score(self, model: ir.Model, batches: int | None = None) -> float:
         """The metric of `model` on the validation data (the first `batches` only, if given)."""
         feeds = self.feeds[:batches] if batches else self.feeds
-        outputs = [batch[self.output] for batch in model_outputs(model, feeds, [self.output])]
+        outputs = [batch[self.output] for batch in model_outputs(model, feeds, [self.output], self.runtime)]
         return self._score(outputs, feeds, self.reference[: len(feeds)])
 
     def subset_float_score(self, batches: int) -> float:
@@ -223,7 +233,9 @@ class Evaluator:
         return drop
 
 
-def validation_evaluator(model: ir.Model, validation: Iterable[Feed], accuracy: AccuracyOptions) -> Evaluator:
+def validation_evaluator(
+    model: ir.Model, validation: Iterable[Feed], accuracy: AccuracyOptions, runtime: Runtime | None = None
+) -> Evaluator:
     """The validation metric on the float model (default: perplexity for an LM, else cosine)."""
     spec = accuracy.metric
     if spec is None:
@@ -235,4 +247,4 @@ def validation_evaluator(model: ir.Model, validation: Iterable[Feed], accuracy: 
         metric = dataclasses.replace(metric, output=accuracy.metric_output)
     feeds = list(validation)
     peek_check(feeds, input_specs(model), "validation data")
-    return Evaluator(model, feeds, metric, accuracy.drop_type)
+    return Evaluator(model, feeds, metric, accuracy.drop_type, runtime)

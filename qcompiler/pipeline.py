@@ -43,7 +43,7 @@ from qcompiler.rewrites.qdq import InsertQDQPass
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
 from qcompiler.rewrites.smoothquant import choose_alpha
 from qcompiler.static_fallback import StaticCandidates, static_groups
-from qcompiler.targets import Target, get_target
+from qcompiler.targets import Target, adapt_options, get_target
 from qcompiler.weight_budget import BUDGET_GROUP_SIZES, compress_with_budget
 
 DataArg = Iterable[Mapping[str, np.ndarray]]
@@ -55,6 +55,9 @@ class CompileResult:
 
     model: ir.Model
     report: Report
+    artifact: object | None = None
+    """The target runtime's own model when it is not ONNX (an `openvino.Model` for ``openvino-*``);
+    `model` then holds the canonical QDQ / compressed ONNX form it was lowered from."""
 
 
 def compile(  # noqa: A001 - the public name the design promises
@@ -86,8 +89,8 @@ def compile(  # noqa: A001 - the public name the design promises
     Raises:
         AccuracyBudgetError: `--max-drop` was not met; its ``result`` holds the best model found.
     """
-    options = (options or CompileOptions()).resolved()
     resolved = get_target(target)
+    options, adaptations = adapt_options((options or CompileOptions()).resolved(), resolved)
     needs_data = options.compression is None or options.compression.needs_data
     if data is None and needs_data:
         raise OptionError(
@@ -96,6 +99,7 @@ def compile(  # noqa: A001 - the public name the design promises
         )
     source = io.load(model)
     report = Report(target=resolved.name, options=options.to_dict())
+    report.warnings.extend(f"adapted: {note}" for note in adaptations)
     report.size_bytes["before"] = io.initializer_bytes(source)
     # A model loaded here has no other holder: edit it in place, so each replaced float weight is
     # freed (an LLM's weights are otherwise held twice through compression).
@@ -129,11 +133,11 @@ def compile(  # noqa: A001 - the public name the design promises
         # Weight-only compression matches no activation patterns: skip the rewrite rules.
         NormalizePass(rewrite=options.compression is None)(working)
     evaluator = None
+    backend = backend_for(resolved.backend)
     if options.accuracy.max_drop is not None:
         assert validation is not None
         with report.timed("validate_float"):
-            evaluator = validation_evaluator(working, validation, options.accuracy)
-    backend = backend_for(resolved.backend)
+            evaluator = validation_evaluator(working, validation, options.accuracy, runtime=backend.runner)
     if options.compression is not None:
         working = _compress_weights(
             working,
@@ -153,8 +157,13 @@ def compile(  # noqa: A001 - the public name the design promises
         )
     _stamp(working, resolved, options)
     report.size_bytes["after"] = io.initializer_bytes(working)
+    artifact = None
+    if hasattr(backend, "export"):
+        with report.timed("export"):
+            artifact, warnings = backend.export(working, resolved)
+        report.warnings.extend(warnings)
     report.peak_rss_mb = round(peak_rss_mb(), 1)
-    result = CompileResult(working, report)
+    result = CompileResult(working, report, artifact)
     if report.fallback and not report.fallback["met"]:
         raise AccuracyBudgetError(budget_message(report.fallback), result)
     return result
@@ -235,7 +244,14 @@ def _quantize_static(
         }
         units = [unit for unit in plan.units if rungs[str(unit.node.name)] in ("w8a8", "a8")]
     else:
-        insert = InsertQDQPass(plan, statistics, options.activations, activation_type, resolved.weight_type)
+        insert = InsertQDQPass(
+            plan,
+            statistics,
+            options.activations,
+            activation_type,
+            resolved.weight_type,
+            unified_eltwise_scales=resolved.unified_eltwise_scales,
+        )
         with report.timed("quantize"):
             insert(working)
         with report.timed("lower"):
@@ -251,7 +267,7 @@ def _quantize_static(
     report.activation_quantizers = {
         name: dataclasses.asdict(params) for name, params in insert.quantizers.items()
     }
-    if options.count_fusion and quantized_names:
+    if options.count_fusion and quantized_names and hasattr(backend, "count_fusion"):
         with report.timed("count_fusion"):
             report.fusion = backend.count_fusion(working, quantized_names).to_dict()
     return working
@@ -279,6 +295,7 @@ def _compress_weights(
     if accuracy.size_budget:  # the budget decides the embeddings' and head's formats too
         compression = dataclasses.replace(compression, backup_layers=False)
     units, skipped = plan_compression(working, compression, options.ignored)
+    _fit_groups(units, resolved, report)
     planned = units
     if accuracy.size_budget:  # statistics that also tile the smallest group size the budget may pick
         smallest = min(BUDGET_GROUP_SIZES)
@@ -332,6 +349,38 @@ def _compress_weights(
         "skipped": skipped,
     }
     return working
+
+
+def _fit_groups(units: list, target: Target, report: Report) -> None:
+    """Fit each weight's group to what the target runs.
+
+    Whole blocks: the group halved until it divides K, down to 16, else per channel; where the
+    device lists its sizes (NPU), one of them.
+    """
+    allowed = target.weight_group_sizes
+    if not target.whole_blocks and allowed is None:
+        return
+    changed: dict[str, list[str]] = {}
+    for unit in units:
+        group = unit.group_size
+        if unit.format.fixed_block is not None or not group or group >= unit.rows:
+            continue
+        fitted = group
+        if unit.rows % group and target.whole_blocks:
+            fitted = group
+            while fitted >= 16 and unit.rows % fitted:
+                fitted //= 2
+            fitted = fitted if fitted >= 16 and unit.rows % fitted == 0 else 0
+        if allowed is not None and fitted not in allowed and unit.format.bits == 4:
+            fitted = 0
+        if fitted != group:
+            unit.group_size = fitted
+            changed.setdefault(f"group {fitted}" if fitted else "per channel", []).append(str(unit.node.name))
+    for how, names in changed.items():
+        report.warnings.append(
+            f"adapted: {len(names)} weight(s) {how} on {target.name}: the group does not divide their input "
+            f"size or the device does not run it (first: {names[0]})"
+        )
 
 
 def smooth_quant(

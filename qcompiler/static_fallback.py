@@ -101,6 +101,7 @@ class StaticCandidates:
             self.options.activations,
             self.activation_type,
             self.target.weight_type,
+            unified_eltwise_scales=self.target.unified_eltwise_scales,
         )
         insert(model)
         self.backend.lower(model)

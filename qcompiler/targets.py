@@ -7,9 +7,10 @@ quantizer is needed for fusion); the backend named by `Target.backend` lowers, c
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from qcompiler.errors import OptionError
-from qcompiler.options import QuantType
+from qcompiler.options import CompileOptions, QuantType, WeightFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,15 @@ class Target:
         min_opset: lowest default-domain opset the emitted QDQ form needs (per-axis Q/DQ: 13).
         weight_ladder: the rungs `--max-drop` steps a weight down, most compressed first.
         activation_ladder: the same for activations.
+        device: the OpenVINO device an ``openvino-*`` target compiles for (None: not OpenVINO).
+        inference_precision: the float precision the device computes in ("f32", "f16").
+        decompression: the float type compressed weights are decompressed to ("f32" keeps the
+            scales exact; "f16" rounds them, as the GPU and NPU plugins compute in f16).
+        symmetric_weights: compressed weights must have no zero point (NPU).
+        weight_group_sizes: the group sizes the device runs (0 = per channel); None: any.
+        unified_eltwise_scales: both quantized inputs of an Add / Mul share one scale (NPU).
+        whole_blocks: weight groups must divide K (OpenVINO decompresses a padded last block when it
+            compiles the model: measured on CPU).
     """
 
     name: str
@@ -44,6 +54,13 @@ class Target:
     min_opset: int
     weight_ladder: tuple[str, ...] = ("int4", "int8", "float")
     activation_ladder: tuple[str, ...] = ("int8", "float")
+    device: str | None = None
+    inference_precision: str = "f32"
+    decompression: str = "f32"
+    symmetric_weights: bool = False
+    weight_group_sizes: tuple[int, ...] | None = None
+    unified_eltwise_scales: bool = False
+    whole_blocks: bool = False
 
 
 ORT_CPU = Target(
@@ -62,7 +79,50 @@ ORT_CPU = Target(
     activation_ladder=("int8", "float"),
 )
 
-TARGETS: dict[str, Target] = {target.name: target for target in (ORT_CPU,)}
+
+def _openvino(device: str, description: str, **device_rules: object) -> Target:
+    """An OpenVINO device preset: the op set and types are OpenVINO's, the rest per device."""
+    return Target(
+        name=f"openvino-{device.lower()}",
+        backend="openvino",
+        description=description,
+        quantizable_ops=frozenset({"MatMul", "Gemm", "Conv", "Add", "Mul", "Softmax"}),
+        default_ops=frozenset({"MatMul", "Gemm", "Conv"}),
+        # FakeQuantize takes either; NNCF's transformer preset also quantizes activations asymmetrically.
+        activation_type=QuantType.UINT8,
+        weight_type=QuantType.INT8,
+        output_quantized_ops=frozenset(),  # OpenVINO's low-precision transformations need no output FQ
+        int32_bias_ops=frozenset(),  # the bias stays float: the plugin fuses it after the int8 kernel
+        min_opset=13,
+        device=device,
+        whole_blocks=True,
+        **device_rules,  # type: ignore[arg-type]
+    )
+
+
+OPENVINO_CPU = _openvino(
+    "CPU",
+    "OpenVINO CPU plugin: int8 FakeQuantize kernels, compressed-weight FullyConnected (u8/i8/u4/i4/nf4/f4e2m1)",
+)
+OPENVINO_GPU = _openvino(
+    "GPU",
+    "OpenVINO GPU plugin (f16 inference): weights decompressed in f16",
+    inference_precision="f16",
+    decompression="f16",
+)
+OPENVINO_NPU = _openvino(
+    "NPU",
+    "OpenVINO NPU plugin: symmetric INT4 per channel or group 128, unified scales on eltwise inputs",
+    inference_precision="f16",
+    decompression="f16",
+    symmetric_weights=True,
+    weight_group_sizes=(0, 128),
+    unified_eltwise_scales=True,
+)
+
+TARGETS: dict[str, Target] = {
+    target.name: target for target in (ORT_CPU, OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU)
+}
 
 
 def get_target(name: str | Target) -> Target:
@@ -74,3 +134,36 @@ def get_target(name: str | Target) -> Target:
     except KeyError:
         known = ", ".join(sorted(TARGETS))
         raise OptionError(f"--target: unknown target {name!r} (known: {known})") from None
+
+
+def adapt_options(options: CompileOptions, target: Target) -> tuple[CompileOptions, list[str]]:
+    """`options` changed where `target` cannot run what they ask; one line per change for the report.
+
+    Only device rules adapt a request (NPU: symmetric weights, group 128 or per channel); anything
+    a target cannot do at all is an error elsewhere.
+    """
+    notes: list[str] = []
+    compression = options.compression
+    if compression is None:
+        return options, notes
+    changes: dict[str, Any] = {}
+    if target.symmetric_weights and not compression.symmetric and compression.format is WeightFormat.INT4:
+        changes["symmetric"] = True
+        notes.append(
+            f"{target.name}: asymmetric {compression.format.value} weights made symmetric (the device runs no zero point)"
+        )
+    allowed = target.weight_group_sizes
+    if (
+        allowed is not None
+        and compression.format.fixed_block is None
+        and compression.group_size not in allowed
+    ):
+        group = max(size for size in allowed)
+        changes["group_size"] = group
+        notes.append(
+            f"{target.name}: --group-size {compression.group_size} is not run by the device "
+            f"(it runs {', '.join(str(size) if size else 'per-channel' for size in allowed)}); using {group}"
+        )
+    if not changes:
+        return options, notes
+    return dataclasses.replace(options, compression=dataclasses.replace(compression, **changes)), notes

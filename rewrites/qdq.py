@@ -57,8 +57,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         activations: ActivationOptions,
         activation_type: QuantType,
         weight_type: QuantType = QuantType.INT8,
+        *,
+        unified_eltwise_scales: bool = False,
     ) -> None:
         super().__init__()
+        self.unified_eltwise_scales = unified_eltwise_scales
         self.plan = plan
         self.statistics = statistics
         self.activations = activations
@@ -76,6 +79,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             )
         graph = model.graph
         self._choose_activation_quantizers()
+        if self.unified_eltwise_scales:
+            self._unify_eltwise_scales()
         self._q_outputs: dict[int, ir.Value] = {}
         self._quantized_weights: dict[
             tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]
@@ -128,6 +133,45 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self.quantizers[str(value.name)] = ActivationQuantizer(
                 float(scale), zero_point, lo, hi, observed[0], observed[1], chosen
             )
+
+    def _unify_eltwise_scales(self) -> None:
+        """Give the quantized inputs of each Add / Mul one range, their union (NPU's eltwise kernels).
+
+        Tensors chained through several eltwise ops end up in one set (union-find).
+        """
+        parent: dict[str, str] = {}
+
+        def root(name: str) -> str:
+            while parent.get(name, name) != name:
+                name = parent[name]
+            return name
+
+        for unit in self.plan.units:
+            if unit.node.op_type not in ("Add", "Mul") or len(unit.activation_inputs) < 2:
+                continue
+            names = [str(unit.node.inputs[index].name) for index in unit.activation_inputs]  # type: ignore[union-attr]
+            for name in names[1:]:
+                parent[root(name)] = root(names[0])
+        sets: dict[str, list[str]] = {}
+        for name in self.quantizers:
+            sets.setdefault(root(name), []).append(name)
+        for members in sets.values():
+            if len(members) < 2:
+                continue
+            lo = min(self.quantizers[name].lo for name in members)
+            hi = max(self.quantizers[name].hi for name in members)
+            scale, zero_point = activation_params(
+                lo, hi, self.activation_type, symmetric=self.activations.symmetric
+            )
+            for name in members:
+                self.quantizers[name] = dataclasses.replace(
+                    self.quantizers[name],
+                    scale=float(scale),
+                    zero_point=zero_point,
+                    lo=lo,
+                    hi=hi,
+                    method="unified",
+                )
 
     def _activation_q(
         self, graph: ir.Graph, value: ir.Value, before: ir.Node

@@ -4,7 +4,7 @@ from qcompiler.backends.onnxruntime.fusion import FusionReport, count_fusion
 from qcompiler.backends.onnxruntime.legality import check
 from qcompiler.backends.onnxruntime.lower import lower
 from qcompiler.backends.onnxruntime.lower_weights import lower_weights
-from qcompiler.backends.onnxruntime.session import create_session, session_options
+from qcompiler.backends.onnxruntime.session import create_session, runner, session_options
 
 __all__ = [
     "FusionReport",
@@ -13,5 +13,6 @@ __all__ = [
     "create_session",
     "lower",
     "lower_weights",
+    "runner",
     "session_options",
 ]

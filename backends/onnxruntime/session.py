@@ -81,3 +81,9 @@ def median_latency_ms(
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000)
+
+
+def runner(model: ir.Model):  # -> (names, feed) -> list of arrays
+    """Run `model` on onnxruntime CPU (all graph optimizations): the evaluator's default runtime."""
+    session = create_session(model, session_options())
+    return lambda names, feed: session.run(list(names), dict(feed))

@@ -27,21 +27,26 @@ def bf16_available() -> bool:
 
 
 class OpenVINORunner:
-    """Compiles an ONNX model (read through a temporary file) for OpenVINO CPU and runs feeds.
+    """Compiles a model for OpenVINO CPU and runs feeds.
 
-    `precision` is "f32" or "bf16" (the CPU plugin's inference precision hint).
+    `model` is an `openvino.Model` (a lowered artifact) or an ONNX model, read by OpenVINO's ONNX
+    frontend through a temporary file (float models for calibration). `precision` is "f32" or
+    "bf16" (the CPU plugin's inference precision hint).
     """
 
-    def __init__(self, model: ir.Model, *, precision: str = "f32", threads: int | None = None) -> None:
+    def __init__(self, model: object, *, precision: str = "f32", threads: int | None = None) -> None:
         import openvino as ov
 
         core = ov.Core()
-        with tempfile.TemporaryDirectory(prefix="qcompile-openvino-") as folder:
-            path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
-            config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision}
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = threads
-            self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if isinstance(model, ir.Model):
+            with tempfile.TemporaryDirectory(prefix="qcompile-openvino-") as folder:
+                path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
+                self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        else:
+            self._compiled = core.compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()
         self._outputs = {name: output for output in self._compiled.outputs for name in output.get_names()}
         self.precision = precision

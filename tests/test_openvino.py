@@ -1,0 +1,347 @@
+"""OpenVINO targets: lowering per weight format against the numpy reference in OpenVINO, the
+device presets, the checker's rules (one test per rejection), W8A8 and the CLI, on graphs built
+here with onnx_ir (ONNX side) and openvino.opset13 (artifact side)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import openvino as ov
+import openvino.opset13 as ops
+import pytest
+
+import qcompiler
+from qcompiler.backends.openvino import check_artifact, save_openvino, to_openvino
+from qcompiler.backends.openvino.checker import decompressions
+from qcompiler.backends.openvino.lower import pack_nibbles
+from qcompiler.cli import main
+from qcompiler.errors import LegalityError, ModelSaveError
+from qcompiler.options import CompileOptions, CompressionOptions, Preset, WeightFormat
+from qcompiler.rewrites.compression import dequantize_canonical
+from qcompiler.targets import OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU, adapt_options
+from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds, run
+from tests.test_compression import tiny_decoder
+
+EXACT = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+"""OpenVINO CPU without its dynamic int8 quantization of activations: the weights' own error only."""
+
+
+def _matmul_model(rows: int = 96, columns: int = 48) -> ir.Model:
+    rng = np.random.default_rng(0)
+    x = float_input("x", [3, rows])
+    graph = ir.Graph([x], [], nodes=[], name="one_matmul")
+    weight = rng.standard_normal((rows, columns)).astype(np.float32)
+    graph.outputs.append(add(graph, "MatMul", [x, const(graph, "w", weight)], "fc"))
+    return model_of(graph, 21)
+
+
+def _weights_only(fmt: str, symmetric: bool, group: int, *, backup: bool = False) -> CompileOptions:
+    compression = CompressionOptions(
+        format=WeightFormat(fmt), symmetric=symmetric, group_size=group, backup_layers=backup
+    )
+    return CompileOptions(compression=compression)
+
+
+def _reference(model: ir.Model, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """What the canonical form means: its weights dequantized in numpy, run in onnxruntime."""
+    dequantized = model.clone()
+    dequantize_canonical(dequantized)
+    return run(dequantized, feed)[0]
+
+
+FORMATS = [
+    ("int8", True, 0, "i8"),
+    ("int8", False, 32, "u8"),
+    ("int4", True, 32, "i4"),
+    ("int4", False, 32, "u4"),
+    ("int4", True, 0, "i4"),
+    ("int4", False, 64, "u4"),  # 96 rows: OpenVINO needs whole blocks, so group 32 (see below)
+    ("nf4", True, 32, "nf4"),
+    ("mxfp4", True, 0, "f4e2m1"),
+    ("nvfp4", True, 0, "f4e2m1"),
+    ("fp8", True, 0, "f8e4m3"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "symmetric", "group", "element"), FORMATS)
+def test_every_format_lowers_to_its_element_type_and_matches_the_reference(fmt, symmetric, group, element):
+    model = _matmul_model()
+    result = qcompiler.compile(model, "openvino-cpu", _weights_only(fmt, symmetric, group), progress=False)
+    (found,) = decompressions(result.artifact)
+    assert (found.element_type, found.reader_type, found.problem) == (element, "MatMul", "")
+    assert found.zero_point == (not symmetric and fmt in ("int8", "int4"))
+    if fmt in ("int8", "int4", "nf4"):  # 96 rows: group 64 does not divide them, 32 does
+        assert found.group_size == {64: 32}.get(group, group)
+    feed = {"x": np.random.default_rng(1).standard_normal((3, 96)).astype(np.float32)}
+    compiled = ov.Core().compile_model(result.artifact, "CPU", EXACT)
+    expected = _reference(result.model, feed)
+    np.testing.assert_allclose(compiled(feed)[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_group_that_does_not_divide_k_becomes_the_largest_one_that_does():
+    result = qcompiler.compile(
+        _matmul_model(rows=96), "openvino-cpu", _weights_only("int4", True, 64), progress=False
+    )
+    (found,) = decompressions(result.artifact)
+    assert found.group_size == 32  # 96 = 3 x 32; the CPU plugin decompresses a padded last block
+    assert any("group 32" in warning for warning in result.report.warnings)
+    onnx_result = qcompiler.compile(
+        _matmul_model(rows=96), "ort-cpu", _weights_only("int4", True, 64), progress=False
+    )
+    assert not onnx_result.report.warnings  # MatMulNBits pads the last block itself
+
+
+def test_gpu_decompresses_in_f16_and_embeddings_stay_compressed():
+    model = tiny_decoder()
+    result = qcompiler.compile(
+        model, "openvino-gpu", _weights_only("int4", True, 16, backup=True), progress=False
+    )
+    kinds = {item.reader_type for item in decompressions(result.artifact)}
+    assert kinds == {"MatMul", "Gather"}  # the embedding table is read compressed by its Gather
+    converts = [op for op in result.artifact.get_ordered_ops() if op.get_type_name() == "Convert"]
+    assert any(op.get_output_element_type(0) == ov.Type.f16 for op in converts)
+    feed = {"ids": np.random.default_rng(2).integers(0, 40, (2, 12)).astype(np.int64)}
+    expected = _reference(result.model, feed)
+    output = ov.Core().compile_model(result.artifact, "CPU", EXACT)(feed)[0]
+    # f16 scales: relative error of the scale rounding (2^-11), not of the weights
+    np.testing.assert_allclose(output, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+def test_pack_nibbles_puts_the_first_element_low():
+    assert pack_nibbles(np.array([1, 2, 3], np.uint8)).tolist() == [0x21, 0x03]
+    assert pack_nibbles(np.array([-1, 7], np.int8)).tolist() == [0x7F]
+
+
+# Presets ---------------------------------------------------------------------------------------
+
+
+def test_presets_are_data_per_device():
+    assert (OPENVINO_CPU.device, OPENVINO_CPU.inference_precision, OPENVINO_CPU.decompression) == (
+        "CPU",
+        "f32",
+        "f32",
+    )
+    assert (OPENVINO_GPU.inference_precision, OPENVINO_GPU.decompression) == ("f16", "f16")
+    assert OPENVINO_NPU.symmetric_weights and OPENVINO_NPU.weight_group_sizes == (0, 128)
+    assert OPENVINO_NPU.unified_eltwise_scales and not OPENVINO_CPU.unified_eltwise_scales
+    assert {t.backend for t in (OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU)} == {"openvino"}
+
+
+def test_npu_adapts_asymmetric_int4_and_its_group_and_says_so():
+    adapted, notes = adapt_options(_weights_only("int4", False, 64), OPENVINO_NPU)
+    assert adapted.compression.symmetric and adapted.compression.group_size == 128
+    assert len(notes) == 2 and all("openvino-npu" in note for note in notes)
+    same, none = adapt_options(_weights_only("int4", False, 64), OPENVINO_CPU)
+    assert same.compression.group_size == 64 and not none
+
+
+def test_npu_compiles_weights_whose_k_is_not_a_multiple_of_128_per_channel():
+    result = qcompiler.compile(
+        _matmul_model(rows=192), "openvino-npu", _weights_only("int4", False, 32), progress=False
+    )
+    (found,) = decompressions(result.artifact)
+    assert (found.element_type, found.group_size, found.zero_point) == ("i4", 0, False)
+    assert any("per channel" in warning for warning in result.report.warnings)
+    assert sum("adapted" in warning for warning in result.report.warnings) == 3
+
+
+# Checker: one test per rejection ---------------------------------------------------------------
+
+
+def _weight_constant(element: str, shape: list[int]):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 8, shape).astype(np.uint8)
+    tensor = ov.Tensor(getattr(ov.Type, element), ov.Shape(shape))
+    data = pack_nibbles(codes) if element in ("u4", "i4") else codes.reshape(-1)
+    tensor.data.reshape(-1)[:] = data
+    return ov.op.Constant(tensor, shared_memory=False)
+
+
+def _fq(value, lo: float, hi: float):
+    bounds = [ops.constant(np.float32(lo)), ops.constant(np.float32(hi))]
+    return ops.fake_quantize(value, *bounds, *bounds, 256)
+
+
+def _decompressed(
+    element: str = "i4", zero_point: bool = False, group: int = 32, rows: int = 64, columns: int = 16
+):
+    shape = [columns, rows // group, group] if group else [columns, rows]
+    values = ops.convert(_weight_constant(element, shape), ov.Type.f32)
+    if zero_point:
+        values = ops.subtract(values, ops.convert(_weight_constant(element, [*shape[:-1], 1]), ov.Type.f32))
+    values = ops.multiply(values, ops.constant(np.full([*shape[:-1], 1], 0.1, np.float32)))
+    if group:
+        values = ops.reshape(values, ops.constant(np.array([columns, rows], np.int64)), False)
+    return values
+
+
+def _model_with(weight, *, quantize_input: bool = False, rows: int = 64):
+    x = ops.parameter([2, rows], ov.Type.f32, name="x")
+    source = _fq(x, -3.0, 3.0) if quantize_input else x
+    matmul = ops.matmul(source, weight, False, True)
+    matmul.set_friendly_name("fc")
+    return ov.Model([matmul], [x], "checked")
+
+
+def test_checker_accepts_a_well_formed_symmetric_int4_weight_on_every_device():
+    for target in (OPENVINO_CPU, OPENVINO_GPU):
+        assert check_artifact(_model_with(_decompressed("i4", group=32)), target) == []
+    assert check_artifact(_model_with(_decompressed("i4", group=0)), OPENVINO_NPU) == []
+
+
+def test_checker_rejects_a_weight_without_its_scale():
+    weight = ops.reshape(
+        ops.convert(_weight_constant("u4", [16, 2, 32]), ov.Type.f32),
+        ops.constant(np.array([16, 64], np.int64)),
+        False,
+    )
+    with pytest.raises(LegalityError, match="no Multiply by a scale"):
+        check_artifact(_model_with(weight), OPENVINO_CPU)
+
+
+def test_checker_rejects_a_quantized_matmul_with_a_float_weight():
+    weight = ops.constant(np.ones((16, 64), np.float32))
+    with pytest.raises(LegalityError, match="fc: input 1 is float"):
+        check_artifact(_model_with(weight, quantize_input=True), OPENVINO_CPU)
+    # an integer weight under its decompression subgraph counts as quantized
+    assert check_artifact(_model_with(_decompressed("i8", group=0), quantize_input=True), OPENVINO_CPU) == []
+
+
+def test_checker_rejects_asymmetric_int4_on_npu():
+    with pytest.raises(LegalityError, match="runs symmetric INT4 only"):
+        check_artifact(_model_with(_decompressed("u4", zero_point=True, group=0)), OPENVINO_NPU)
+
+
+def test_checker_rejects_a_group_size_npu_does_not_run():
+    with pytest.raises(LegalityError, match="group size 32 of fc"):
+        check_artifact(_model_with(_decompressed("i4", group=32)), OPENVINO_NPU)
+
+
+def test_checker_rejects_eltwise_inputs_with_different_scales_on_npu():
+    a = ops.parameter([2, 8], ov.Type.f32, name="a")
+    b = ops.parameter([2, 8], ov.Type.f32, name="b")
+    summed = ops.add(_fq(a, -1.0, 1.0), _fq(b, -2.0, 2.0))
+    summed.set_friendly_name("residual")
+    model = ov.Model([summed], [a, b], "eltwise")
+    with pytest.raises(LegalityError, match="residual: its two FakeQuantize inputs have different scales"):
+        check_artifact(model, OPENVINO_NPU)
+    assert check_artifact(model, OPENVINO_CPU) == []  # CPU does not need unified scales
+
+
+def test_checker_rejects_a_compressed_weight_the_cpu_plugin_decompresses():
+    # Batched MatMul (a rank-3 weight) is not a FullyConnected: the CPU plugin folds the weight to f32.
+    x = ops.parameter([4, 2, 64], ov.Type.f32, name="x")
+    values = ops.multiply(
+        ops.convert(_weight_constant("u8", [4, 16, 64]), ov.Type.f32),
+        ops.constant(np.full([4, 16, 1], 0.1, np.float32)),
+    )
+    matmul = ops.matmul(x, values, False, True)
+    matmul.set_friendly_name("batched")
+    with pytest.raises(LegalityError, match="batched: its u8 weight is decompressed"):
+        check_artifact(ov.Model([matmul], [x], "batched"), OPENVINO_CPU)
+
+
+def test_fp8_weights_on_cpu_are_a_warning_not_an_error():
+    result = qcompiler.compile(_matmul_model(), "openvino-cpu", _weights_only("fp8", True, 0), progress=False)
+    assert any("f8e4m3 weight is decompressed" in warning for warning in result.report.warnings)
+
+
+# W8A8 ------------------------------------------------------------------------------------------
+
+
+def test_w8a8_lowers_to_fakequantize_and_matches_the_qdq_model():
+    model = mlp_with_attention_matmul()
+    feeds = random_feeds(model, batches=4, batch=2)
+    options = CompileOptions(preset=Preset.DEFAULT, count_fusion=False)
+    result = qcompiler.compile(model, "openvino-cpu", options, data=feeds, progress=False)
+    kinds = collections.Counter(op.get_type_name() for op in result.artifact.get_ordered_ops())
+    assert kinds["FakeQuantize"] >= 3 and "DequantizeLinear" not in kinds
+    assert {item.element_type for item in decompressions(result.artifact)} == {"i8"}
+    compiled = ov.Core().compile_model(result.artifact, "CPU", EXACT)
+    expected = run(result.model, feeds[0])  # the same QDQ graph in onnxruntime
+    outputs = compiled(feeds[0])
+    for index, reference in enumerate(expected):
+        np.testing.assert_allclose(outputs[index], reference, atol=0.02 * np.abs(reference).max())
+
+
+def test_npu_unifies_the_scales_of_eltwise_inputs():
+    rng = np.random.default_rng(5)
+    x = float_input("x", ["batch", 8])
+    graph = ir.Graph([x], [], nodes=[], name="residual")
+    h = add(graph, "MatMul", [x, const(graph, "w1", rng.standard_normal((8, 8)).astype(np.float32))], "fc1")
+    s = add(graph, "Add", [h, add(graph, "Relu", [x], "relu")], "residual")
+    graph.outputs.append(s)
+    model = model_of(graph)
+    options = CompileOptions(op_types=("MatMul", "Add"), count_fusion=False)
+    feeds = random_feeds(model, batches=2, batch=4)
+    result = qcompiler.compile(model, "openvino-npu", options, data=feeds, progress=False)
+    quantizers = result.report.activation_quantizers
+    assert quantizers["fc1_out"]["scale"] == quantizers["relu_out"]["scale"]
+    assert quantizers["fc1_out"]["method"] == "unified"
+    cpu = qcompiler.compile(model, "openvino-cpu", options, data=feeds, progress=False)
+    assert (
+        cpu.report.activation_quantizers["fc1_out"]["scale"]
+        != cpu.report.activation_quantizers["relu_out"]["scale"]
+    )
+
+
+# Saving and the command line -------------------------------------------------------------------
+
+
+def test_cli_writes_xml_and_bin_and_refuses_an_onnx_name(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    qcompiler.save(_matmul_model(), path)
+    before = path.read_bytes()
+    flags = ["--weights", "int4", "--group-size", "32", "--all-layers", "-q"]
+    assert main([str(path), "--target", "openvino-cpu", *flags]) == 0
+    xml, weights = tmp_path / "m.openvino-cpu.xml", tmp_path / "m.openvino-cpu.bin"
+    assert xml.exists() and weights.exists() and path.read_bytes() == before
+    loaded = ov.Core().read_model(str(xml))
+    assert [item.element_type for item in decompressions(loaded)] == ["u4"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qcompile-")]  # no staging left
+    code = main(
+        [str(path), "--target", "openvino-cpu", "--weights", "int4", "-o", str(tmp_path / "x.onnx"), "-q"]
+    )
+    assert code != 0 and "written as .xml" in capsys.readouterr().err
+
+
+def test_save_refuses_to_overwrite_a_protected_model(tmp_path):
+    model = _model_with(_decompressed())
+    save_openvino(model, tmp_path / "a.xml")
+    with pytest.raises(ModelSaveError, match="refusing to overwrite"):
+        save_openvino(model, tmp_path / "a.xml", protected=(tmp_path / "a.bin",))
+
+
+def test_max_drop_measures_in_openvino(monkeypatch):
+    from qcompiler.backends import openvino as backend
+
+    calls = []
+    original = backend.runner
+
+    def counting(model):
+        calls.append(model)
+        return original(model)
+
+    monkeypatch.setattr(backend, "runner", counting)
+    from tests.test_fallback import _harmful_options, _outlier_model
+
+    model = _outlier_model()
+    feeds = random_feeds(model, batches=4, batch=16)
+    result = qcompiler.compile(
+        model, "openvino-cpu", _harmful_options(max_drop=0.001), data=feeds, validation=feeds, progress=False
+    )
+    fallback = result.report.fallback
+    assert fallback["met"] and fallback["drop"] <= 0.001
+    assert len(calls) >= 2  # the float model and every candidate ran in OpenVINO
+    moved = {name: g["format"] for name, g in fallback["groups"].items() if g["format"] != g["ladder"][0]}
+    assert "fc2" in moved and "shift_add" not in moved
+
+
+def test_to_openvino_leaves_the_model_untouched():
+    model = _matmul_model()
+    result = qcompiler.compile(model, "openvino-cpu", _weights_only("int4", True, 32), progress=False)
+    before = [node.op_type for node in result.model.graph]
+    to_openvino(result.model)
+    assert [node.op_type for node in result.model.graph] == before == ["DequantizeLinear", "MatMul"]
