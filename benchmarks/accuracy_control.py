@@ -35,6 +35,7 @@ TOOLS = {
     "minilm": {
         "qcompiler-nofallback": "qcompiler W8A8 on MatMul+Add+Softmax, no SmoothQuant (the harmful start)",
         "qcompiler": "the same with --max-drop 0.01 (absolute mean cosine)",
+        "qcompiler-ov": "the same for --target openvino-cpu: every candidate measured in OpenVINO CPU",
         "nncf-aac": "NNCF quantize_with_accuracy_control (OpenVINO), max_drop 0.01 absolute, same metric",
     },
     "smollm2": {
@@ -80,7 +81,9 @@ def compile_with(tool: str, model: pathlib.Path, calibration, validation, output
             smooth_quant=qcompiler.SmoothQuantOptions(enabled=False),
             count_fusion=False,
             accuracy=qcompiler.AccuracyOptions(
-                max_drop=0.01 if tool == "qcompiler" else None, metric="cosine", metric_output=EMBEDDING
+                max_drop=None if tool == "qcompiler-nofallback" else 0.01,
+                metric="cosine",
+                metric_output=EMBEDDING,
             ),
         )
     else:
@@ -100,10 +103,11 @@ def compile_with(tool: str, model: pathlib.Path, calibration, validation, output
             max_trials=20,
         )
         options = qcompiler.CompileOptions(compression=compression, accuracy=accuracy)
+    target = "openvino-cpu" if tool.endswith("-ov") else "ort-cpu"
     result = qcompiler.compile(
-        model, "ort-cpu", options, data=calibration, validation=validation, progress=False
+        model, target, options, data=calibration, validation=validation, progress=False
     )
-    qcompiler.save(result.model, output)
+    peers.save_result(result, output)
     info: dict[str, object] = {"timings_s": result.report.timings_s}
     if result.report.fallback:
         fallback = result.report.fallback
@@ -215,7 +219,8 @@ def main() -> None:
         peers.save_feeds(calibration, work / "calibration")
         peers.save_feeds(validation, work / "validation")
         for tool in tools:
-            output = work / (f"{tool}.xml" if tool.startswith("nncf") else f"{tool}.onnx")
+            openvino = tool.startswith("nncf") or tool.endswith("-ov")
+            output = work / (f"{tool}.xml" if openvino else f"{tool}.onnx")
             command = [
                 sys.executable,
                 __file__,

@@ -345,3 +345,52 @@ def test_to_openvino_leaves_the_model_untouched():
     before = [node.op_type for node in result.model.graph]
     to_openvino(result.model)
     assert [node.op_type for node in result.model.graph] == before == ["DequantizeLinear", "MatMul"]
+
+
+# OpenVINO dialect in onnx_ir -------------------------------------------------------------------
+
+
+def _small_openvino_model():
+    """MVN -> MatMul(transpose_b) -> Add -> Gelu -> Softmax, a Gather and a Reshape: opsets 1-13."""
+    rng = np.random.default_rng(4)
+    x = ops.parameter([2, 5, 8], ov.Type.f32, name="x")
+    ids = ops.parameter([2, 3], ov.Type.i64, name="ids")
+    normed = ops.mvn(x, ops.constant(np.array([2], np.int64)), True, 1e-5, "inside_sqrt")
+    weight = ops.constant(rng.standard_normal((6, 8)).astype(np.float32))
+    hidden = ops.add(
+        ops.matmul(normed, weight, False, True), ops.constant(rng.standard_normal(6).astype(np.float32))
+    )
+    scores = ops.softmax(ops.gelu(hidden, "tanh"), -1)
+    table = ops.constant(rng.standard_normal((10, 4)).astype(np.float32))
+    embedded = ops.reshape(
+        ops.gather(table, ids, ops.constant(np.int64(0))), ops.constant(np.array([2, 12], np.int64)), True
+    )
+    return ov.Model([scores, embedded], [x, ids], "small")
+
+
+def test_openvino_dialect_round_trip_is_exact():
+    from qcompiler.backends.openvino.dialect import DOMAIN, from_openvino, to_openvino_model
+
+    original = _small_openvino_model()
+    dialect = from_openvino(original)
+    kinds = {node.op_type: node for node in dialect.graph}
+    assert {node.domain for node in dialect.graph} == {DOMAIN}
+    assert {"MVN", "MatMul", "Gelu", "Softmax", "Gather", "Reshape"} <= set(kinds)
+    assert kinds["MatMul"].attributes.get_int("transpose_b") == 1 and kinds["Gather"].version == 8
+    assert kinds["Gelu"].attributes.get_string("approximation_mode") == "TANH"
+    assert len(dialect.graph.initializers) == 6 and [v.name for v in dialect.graph.inputs] == ["x", "ids"]
+    rebuilt = to_openvino_model(dialect)
+    rng = np.random.default_rng(5)
+    feed = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32), "ids": rng.integers(0, 10, (2, 3))}
+    core = ov.Core()
+    expected = core.compile_model(original, "CPU", EXACT)(feed)
+    actual = core.compile_model(rebuilt, "CPU", EXACT)(feed)
+    for index in range(2):
+        np.testing.assert_array_equal(actual[index], expected[index])
+
+
+def test_openvino_ir_input_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "m.xml"
+    ov.save_model(_small_openvino_model(), str(path), compress_to_fp16=False)
+    with pytest.raises(qcompiler.errors.UnsupportedModelError, match="m.xml: OpenVINO IR input"):
+        qcompiler.load(path)

@@ -8,7 +8,6 @@ canonical graph into the backend's form (here it stays canonical: the conversion
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -73,8 +72,3 @@ def export(model: ir.Model, target: Target) -> tuple[object, list[str]]:
 def runner(model: ir.Model) -> Callable[[Sequence[str], Mapping[str, np.ndarray]], list[np.ndarray]]:
     """Run `model` as its OpenVINO artifact on CPU (f32), as the fallback's evaluator does."""
     return OpenVINORunner(to_openvino(model)).run
-
-
-def kernel_summary(kernels: Mapping[str, str]) -> dict[str, int]:
-    """How many weights of each element type."""
-    return dict(collections.Counter(kernels.values()))
