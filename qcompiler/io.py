@@ -44,7 +44,10 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
     if path.suffix == ".xml":
-        raise UnsupportedModelError(f"{path}: OpenVINO IR input is not supported yet; pass ONNX")
+        raise UnsupportedModelError(
+            f"{path}: OpenVINO IR input is not supported yet (it loads into the OpenVINO dialect, "
+            "but the passes do not understand that dialect); pass the ONNX model"
+        )
     try:
         loaded = ir.load(path)
     except Exception as exc:  # protobuf raises several unrelated types for garbage input
