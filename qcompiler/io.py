@@ -12,6 +12,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
@@ -113,25 +114,47 @@ def save(
         guarded.update(_external_files(model, pathlib.Path(source).parent))
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    for target in (destination, destination.parent / data_name) if external_data else (destination,):
+    companions = [destination.parent / data_name] if external_data else []
+    write_staged(
+        destination,
+        companions,
+        lambda staged: ir.save(model, staged, external_data=data_name if external_data else None),
+        guarded,
+        "could not serialize the model",
+    )
+    return destination
+
+
+def write_staged(
+    destination: pathlib.Path,
+    companions: list[pathlib.Path],
+    write: Callable[[pathlib.Path], object],
+    guarded: set[pathlib.Path],
+    failure: str,
+) -> None:
+    """Write `destination` and its companion files (weights) atomically.
+
+    `write(staged)` writes the files into a temporary folder beside the destination, under the
+    destination's and the companions' names; the companions are renamed into place first, the
+    destination last. Refuses any path in `guarded` (the input model's files).
+    """
+    for target in (destination, *companions):
         if target in guarded:
             raise ModelSaveError(f"{target}: refusing to overwrite the input model's file")
     if not destination.parent.is_dir():
         raise ModelSaveError(f"{destination}: output folder {destination.parent} does not exist")
-
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".qcompile-", dir=destination.parent))
     try:
         staged = staging / destination.name
         try:
-            ir.save(model, staged, external_data=data_name if external_data else None)
+            write(staged)
         except Exception as exc:
-            raise ModelSaveError(f"{destination}: could not serialize the model: {exc}") from exc
-        if external_data:
-            os.replace(staging / data_name, destination.parent / data_name)
+            raise ModelSaveError(f"{destination}: {failure}: {exc}") from exc
+        for companion in companions:
+            os.replace(staging / companion.name, companion)
         os.replace(staged, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return destination
 
 
 def _external_files(model: ir.Model, folder: pathlib.Path) -> set[pathlib.Path]:

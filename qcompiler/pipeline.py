@@ -43,7 +43,7 @@ from qcompiler.rewrites.qdq import InsertQDQPass
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
 from qcompiler.rewrites.smoothquant import choose_alpha
 from qcompiler.static_fallback import StaticCandidates, static_groups
-from qcompiler.targets import Target, adapt_options, get_target
+from qcompiler.targets import Target, adapt_options, fit_groups, get_target
 from qcompiler.weight_budget import BUDGET_GROUP_SIZES, compress_with_budget
 
 DataArg = Iterable[Mapping[str, np.ndarray]]
@@ -295,7 +295,7 @@ def _compress_weights(
     if accuracy.size_budget:  # the budget decides the embeddings' and head's formats too
         compression = dataclasses.replace(compression, backup_layers=False)
     units, skipped = plan_compression(working, compression, options.ignored)
-    _fit_groups(units, resolved, report)
+    report.warnings.extend(fit_groups(units, resolved))
     planned = units
     if accuracy.size_budget:  # statistics that also tile the smallest group size the budget may pick
         smallest = min(BUDGET_GROUP_SIZES)
@@ -349,38 +349,6 @@ def _compress_weights(
         "skipped": skipped,
     }
     return working
-
-
-def _fit_groups(units: list, target: Target, report: Report) -> None:
-    """Fit each weight's group to what the target runs.
-
-    Whole blocks: the group halved until it divides K, down to 16, else per channel; where the
-    device lists its sizes (NPU), one of them.
-    """
-    allowed = target.weight_group_sizes
-    if not target.whole_blocks and allowed is None:
-        return
-    changed: dict[str, list[str]] = {}
-    for unit in units:
-        group = unit.group_size
-        if unit.format.fixed_block is not None or not group or group >= unit.rows:
-            continue
-        fitted = group
-        if unit.rows % group and target.whole_blocks:
-            fitted = group
-            while fitted >= 16 and unit.rows % fitted:
-                fitted //= 2
-            fitted = fitted if fitted >= 16 and unit.rows % fitted == 0 else 0
-        if allowed is not None and fitted not in allowed and unit.format.bits == 4:
-            fitted = 0
-        if fitted != group:
-            unit.group_size = fitted
-            changed.setdefault(f"group {fitted}" if fitted else "per channel", []).append(str(unit.node.name))
-    for how, names in changed.items():
-        report.warnings.append(
-            f"adapted: {len(names)} weight(s) {how} on {target.name}: the group does not divide their input "
-            f"size or the device does not run it (first: {names[0]})"
-        )
 
 
 def smooth_quant(

@@ -167,3 +167,34 @@ def adapt_options(options: CompileOptions, target: Target) -> tuple[CompileOptio
     if not changes:
         return options, notes
     return dataclasses.replace(options, compression=dataclasses.replace(compression, **changes)), notes
+
+
+def fit_groups(units: list[Any], target: Target) -> list[str]:
+    """Fit each weight unit's group size to what `target` runs, in place; one report line per change.
+
+    Whole blocks: the group halved until it divides K, down to 16, else per channel; where the
+    device lists its sizes (NPU), one of them for 4-bit weights.
+    """
+    allowed = target.weight_group_sizes
+    if not target.whole_blocks and allowed is None:
+        return []
+    changed: dict[str, list[str]] = {}
+    for unit in units:
+        group = unit.group_size
+        if unit.format.fixed_block is not None or not group or group >= unit.rows:
+            continue
+        fitted = group
+        if unit.rows % group and target.whole_blocks:
+            while fitted >= 16 and unit.rows % fitted:
+                fitted //= 2
+            fitted = fitted if fitted >= 16 and unit.rows % fitted == 0 else 0
+        if allowed is not None and fitted not in allowed and unit.format.bits == 4:
+            fitted = 0
+        if fitted != group:
+            unit.group_size = fitted
+            changed.setdefault(f"group {fitted}" if fitted else "per channel", []).append(str(unit.node.name))
+    return [
+        f"adapted: {len(names)} weight(s) {how} on {target.name}: the group does not divide their input "
+        f"size or the device does not run it (first: {names[0]})"
+        for how, names in changed.items()
+    ]
