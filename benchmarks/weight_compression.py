@@ -175,9 +175,9 @@ def emulated(model: pathlib.Path, compression, feeds):
     import qcompiler
     from qcompiler import calibration
     from qcompiler.options import CalibrationRuntime, IgnoredScope
+    from qcompiler.rewrites.canonical import dequantize_canonical
     from qcompiler.rewrites.compression import (
         compress_weights,
-        dequantize_canonical,
         gram_statistics,
         plan_compression,
         stat_requests,

@@ -1,8 +1,9 @@
 """Validation metrics for `--max-drop`: built-ins, a user's `module:function`, and the evaluator.
 
 A metric scores a candidate model's outputs on the validation data, given the float model's
-outputs on the same batches. `Evaluator` runs the float model once, then scores candidates on
-onnxruntime CPU and turns a score into a drop against the float model's score.
+outputs on the same batches. `Evaluator` runs the float model once, then scores candidates in the
+target's runtime (onnxruntime CPU by default; OpenVINO CPU for ``openvino-*``) and turns a score
+into a drop against the float model's score.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def resolve_metric(spec: str | Callable[..., float] | Metric) -> Metric:
 def model_outputs(
     model: ir.Model, feeds: Sequence[Feed], names: Sequence[str], runtime: Runtime | None = None
 ) -> list[dict[str, np.ndarray]]:
-    """The named outputs (or intermediate tensors) of `model` on every batch (onnxruntime CPU)."""
+    """The named outputs (or intermediate tensors) of `model` on every batch (`runtime`, default onnxruntime)."""
     return list(stream_outputs(model, feeds, names, runtime))
 
 

@@ -31,12 +31,7 @@ from qcompiler.options import (
     QuantType,
 )
 from qcompiler.report import Report, peak_rss_mb, versions
-from qcompiler.rewrites.compression import (
-    compress_weights,
-    gram_statistics,
-    plan_compression,
-    stat_requests,
-)
+from qcompiler.rewrites.compression import compress_weights, gram_statistics, plan_compression, stat_requests
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass

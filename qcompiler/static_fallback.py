@@ -18,10 +18,8 @@ from qcompiler.calibration import Statistics
 from qcompiler.evaluation import Evaluator, stream_outputs
 from qcompiler.numerics import dequantize, quantize
 from qcompiler.options import CompileOptions, QuantType, WeightFormat
-from qcompiler.rewrites.compression import (
-    WeightUnit,
-    write_canonical,
-)
+from qcompiler.rewrites.canonical import write_canonical
+from qcompiler.rewrites.compression import WeightUnit
 from qcompiler.rewrites.fallback import (
     Decision,
     QuantGroup,

@@ -20,6 +20,7 @@ from qcompiler.evaluation import Evaluator
 from qcompiler.options import AccuracyOptions, CompileOptions, CompressionOptions, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.report import Report
+from qcompiler.rewrites.canonical import write_canonical
 from qcompiler.rewrites.compression import (
     UnitCompressor,
     WeightUnit,
@@ -27,7 +28,6 @@ from qcompiler.rewrites.compression import (
     assign_mixed_precision,
     backup_block,
     layer_entry,
-    write_canonical,
 )
 from qcompiler.rewrites.fallback import (
     Decision,

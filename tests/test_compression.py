@@ -13,16 +13,18 @@ from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.calibration import collect
 from qcompiler.cli import main
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
+from qcompiler.rewrites.canonical import (
+    canonical_consumer,
+    dequantize_canonical,
+    read_canonical,
+    write_canonical,
+)
 from qcompiler.rewrites.compression import (
     apply_awq,
-    canonical_consumer,
     compress_unit,
     compress_weights,
-    dequantize_canonical,
     plan_compression,
-    read_canonical,
     stat_requests,
-    write_canonical,
 )
 from qcompiler.rewrites.normalize import NormalizePass
 from tests.graphs import add, const, model_of, run

@@ -19,7 +19,7 @@ from qcompiler.backends.openvino.lower import pack_nibbles
 from qcompiler.cli import main
 from qcompiler.errors import LegalityError, ModelSaveError
 from qcompiler.options import CompileOptions, CompressionOptions, Preset, WeightFormat
-from qcompiler.rewrites.compression import dequantize_canonical
+from qcompiler.rewrites.canonical import dequantize_canonical
 from qcompiler.targets import OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU, adapt_options
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds, run
 from tests.test_compression import tiny_decoder

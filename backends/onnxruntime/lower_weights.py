@@ -26,7 +26,7 @@ from qcompiler.backends.onnxruntime.packing import (
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.rewrites.compression import COMPRESSION_KEY, canonical_consumer, read_canonical
+from qcompiler.rewrites.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
 from qcompiler.rewrites.opset import upgrade_opset
 from qcompiler.weight_formats import CompressedWeight
 

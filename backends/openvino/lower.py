@@ -29,7 +29,7 @@ import onnx_ir as ir
 from qcompiler.io import save
 from qcompiler.irutil import drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.rewrites.compression import COMPRESSION_KEY, canonical_consumer, read_canonical
+from qcompiler.rewrites.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
 from qcompiler.weight_formats import CompressedWeight, to_blocks
 
 WEIGHT_INPUT_PREFIX = "qcompiler.weight::"
