@@ -242,7 +242,14 @@ def _append(
 def _runner(
     model: ir.Model, runtime: CalibrationRuntime
 ) -> Callable[[list[str], Mapping[str, np.ndarray]], list]:
-    """A function (output names, feed) -> outputs running `model` in the chosen runtime."""
+    """A function (output names, feed) -> outputs running `model` in the chosen runtime.
+
+    A model read from OpenVINO IR runs in OpenVINO whatever `runtime` says (f32 for onnxruntime's).
+    """
+    from qcompiler.backends.openvino.dialect import is_openvino_dialect
+
+    if runtime is CalibrationRuntime.ONNXRUNTIME and is_openvino_dialect(model):
+        runtime = CalibrationRuntime.OPENVINO
     if runtime is CalibrationRuntime.ONNXRUNTIME:
         from qcompiler.backends.onnxruntime.session import create_session, session_options
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import onnx
 import onnx_ir as ir
 
-from qcompiler.errors import ModelLoadError, ModelSaveError, UnsupportedModelError
+from qcompiler.errors import ModelLoadError, ModelSaveError
 
 SOURCE_PATH_KEY = "qcompiler.source_path"
 """`ir.Model.meta` key holding the file a model was loaded from (used to refuse overwriting it).
@@ -45,10 +45,7 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
     if path.suffix == ".xml":
-        raise UnsupportedModelError(
-            f"{path}: OpenVINO IR input is not supported yet (it loads into the OpenVINO dialect, "
-            "but the passes do not understand that dialect); pass the ONNX model"
-        )
+        return _load_openvino_ir(path)
     try:
         loaded = ir.load(path)
     except Exception as exc:  # protobuf raises several unrelated types for garbage input
@@ -56,6 +53,17 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model
     if loaded.ir_version == 0 or not loaded.graph.outputs:
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph outputs)")
     _check_external_data_inside(loaded, path)
+    loaded.meta[SOURCE_PATH_KEY] = str(path.resolve())
+    return loaded
+
+
+def _load_openvino_ir(path: pathlib.Path) -> ir.Model:
+    """OpenVINO IR (``.xml`` + ``.bin``) in the OpenVINO dialect, its MatMul / Mul / Add / Gather as ONNX ops."""
+    from qcompiler.backends.openvino.dialect import read_openvino_ir
+
+    if not path.with_suffix(".bin").exists():
+        raise ModelLoadError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
+    loaded = read_openvino_ir(path)
     loaded.meta[SOURCE_PATH_KEY] = str(path.resolve())
     return loaded
 

@@ -117,6 +117,7 @@ def compile(  # noqa: A001 - the public name the design promises
 
     _refuse_quantized(working)
     _require_opset(working, resolved)
+    from_openvino = _check_openvino_input(working, resolved)
     if data is not None:
         specs = input_specs(working)
         with report.timed("validate_data"):
@@ -124,9 +125,10 @@ def compile(  # noqa: A001 - the public name the design promises
 
     _check_accuracy_options(options, validation)
 
-    with report.timed("normalize"):
-        # Weight-only compression matches no activation patterns: skip the rewrite rules.
-        NormalizePass(rewrite=options.compression is None)(working)
+    if not from_openvino:  # OpenVINO IR comes folded, named and typed by OpenVINO
+        with report.timed("normalize"):
+            # Weight-only compression matches no activation patterns: skip the rewrite rules.
+            NormalizePass(rewrite=options.compression is None)(working)
     evaluator = None
     backend = backend_for(resolved.backend)
     if options.accuracy.max_drop is not None:
@@ -422,6 +424,7 @@ QUANTIZED_OPS = frozenset(
         "QLinearMatMul",
         "QLinearConv",
         "QGemm",
+        "FakeQuantize",
     }
 )
 
@@ -434,6 +437,21 @@ def _refuse_quantized(model: ir.Model) -> None:
             raise UnsupportedModelError(
                 f"{source}: already quantized (node {node.name!r} is {node.op_type}); pass the float model"
             )
+
+
+def _check_openvino_input(model: ir.Model, target: Target) -> bool:
+    """Whether `model` was read from OpenVINO IR; such a model compiles for OpenVINO targets only."""
+    from qcompiler.backends.openvino.dialect import is_openvino_dialect
+
+    if not is_openvino_dialect(model):
+        return False
+    if target.backend != "openvino":
+        source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+        raise OptionError(
+            f"{source}: an OpenVINO IR model compiles for openvino-cpu/gpu/npu only, not {target.name}; "
+            "pass the ONNX model for onnxruntime targets"
+        )
+    return True
 
 
 def _require_opset(model: ir.Model, target: Target) -> None:

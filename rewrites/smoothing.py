@@ -247,19 +247,30 @@ def _try_fold_linear_columns(graph: ir.Graph, node: ir.Node, scales: np.ndarray)
 
 
 def _try_fold_biased_linear(graph: ir.Graph, add: ir.Node, scales: np.ndarray) -> str | None:
+    """Fold 1/s into ``y + b`` with a constant channel vector b: (y + b) / s = y / s + b / s.
+
+    y's producer must absorb it: a weighted MatMul (a linear layer's bias) or a Mul by a channel
+    vector (a LayerNorm decomposed as MVN -> Mul gamma -> Add beta, as OpenVINO IR spells it).
+    """
     for index in (0, 1):
         bias, other = add.inputs[index], add.inputs[1 - index]
         if bias is None or other is None:
             continue
         vector = _channel_vector(bias, len(scales))
-        linear = other.producer()
-        if vector is None or linear is None or linear.op_type != "MatMul" or len(other.uses()) != 1:
+        producer = other.producer()
+        if (
+            vector is None
+            or producer is None
+            or producer.op_type not in ("MatMul", "Mul")
+            or len(other.uses()) != 1
+            or other.is_graph_output()
+        ):
             continue
-        refusal = _try_fold_linear_columns(graph, linear, scales)
+        refusal = _try_fold_into(graph, other, scales)
         if refusal is None:
             _own_constant(graph, bias, add, vector / scales)
         return refusal
-    return "Add is not a constant bias after a weighted MatMul"
+    return "Add is not a constant bias after a weighted MatMul or a channel-vector Mul"
 
 
 def _insert_mul(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> None:

@@ -389,8 +389,104 @@ def test_openvino_dialect_round_trip_is_exact():
         np.testing.assert_array_equal(actual[index], expected[index])
 
 
-def test_openvino_ir_input_is_refused_with_a_clear_error(tmp_path):
-    path = tmp_path / "m.xml"
-    ov.save_model(_small_openvino_model(), str(path), compress_to_fp16=False)
-    with pytest.raises(qcompiler.errors.UnsupportedModelError, match="m.xml: OpenVINO IR input"):
+def _saved(model, path):
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return path
+
+
+def test_openvino_ir_loads_with_the_ops_the_passes_read_as_onnx_ops(tmp_path):
+    from qcompiler.backends.openvino.dialect import DOMAIN, to_openvino_model
+
+    path = _saved(_small_openvino_model(), tmp_path / "m.xml")
+    model = qcompiler.load(path)
+    kinds = {(node.domain, node.op_type) for node in model.graph}
+    assert {("", "MatMul"), ("", "Add"), ("", "Gather")} <= kinds
+    assert {(DOMAIN, "MVN"), (DOMAIN, "Gelu"), (DOMAIN, "Softmax"), (DOMAIN, "Reshape")} <= kinds
+    matmul = next(node for node in model.graph if node.op_type == "MatMul")
+    assert matmul.inputs[1].const_value.shape == (8, 6)  # [N, K] with transpose_b -> ONNX's [K, N]
+    gather = next(node for node in model.graph if node.op_type == "Gather")
+    assert len(gather.inputs) == 2 and gather.attributes.get_int("axis") == 0
+    assert model.opset_imports[""] == 21 and model.meta["qcompiler.source_path"] == str(path.resolve())
+    rng = np.random.default_rng(5)
+    feed = {"x": rng.standard_normal((2, 5, 8)).astype(np.float32), "ids": rng.integers(0, 10, (2, 3))}
+    core = ov.Core()
+    expected = core.compile_model(_small_openvino_model(), "CPU", EXACT)(feed)
+    actual = core.compile_model(to_openvino_model(model), "CPU", EXACT)(feed)
+    for index in range(2):
+        np.testing.assert_allclose(actual[index], expected[index], rtol=1e-6, atol=1e-7)
+
+
+def _as_openvino_ir(model: ir.Model, folder) -> tuple:
+    """`model` saved as ONNX and as the OpenVINO IR OpenVINO converts it to (the issue's recipe)."""
+    onnx_path = qcompiler.save(model, folder / "m.onnx")
+    return onnx_path, _saved(ov.convert_model(str(onnx_path)), folder / "m.xml")
+
+
+@pytest.mark.parametrize("mode", ["int4-awq-se", "w8a8-smoothquant"])
+def test_openvino_ir_input_compiles_like_the_onnx_it_came_from(tmp_path, mode):
+    """Same passes, same decisions, same artifact outputs, whether the input is ONNX or its IR."""
+    if mode == "int4-awq-se":
+        model = tiny_decoder()
+        options = CompileOptions(
+            compression=CompressionOptions(
+                format=WeightFormat.INT4, symmetric=True, group_size=32, awq=True, scale_estimation=True
+            )
+        )
+    else:
+        model, options = mlp_with_attention_matmul(), CompileOptions(preset=Preset.TRANSFORMER)
+    feeds = random_feeds(model, batches=6) if mode != "int4-awq-se" else _decoder_feeds()
+    onnx_path, xml_path = _as_openvino_ir(model, tmp_path)
+    results = {
+        path.suffix: qcompiler.compile(path, "openvino-cpu", options, data=feeds, progress=False)
+        for path in (onnx_path, xml_path)
+    }
+    from_ir = results[".xml"]
+    assert {node.domain for node in from_ir.model.graph} >= {"", "org.openvinotoolkit"}
+    if mode == "int4-awq-se":
+        assert from_ir.report.compression["awq"].keys() == results[".onnx"].report.compression["awq"].keys()
+        assert len(decompressions(from_ir.artifact)) == len(decompressions(results[".onnx"].artifact)) == 5
+    else:
+        kinds = [
+            collections.Counter(op.get_type_name() for op in r.artifact.get_ordered_ops())
+            for r in results.values()
+        ]
+        assert kinds[0]["FakeQuantize"] == kinds[1]["FakeQuantize"] > 0
+    core = ov.Core()
+    reference = core.compile_model(str(xml_path), "CPU", EXACT)
+    outputs = {}
+    for suffix, result in results.items():
+        compiled = core.compile_model(result.artifact, "CPU", EXACT)
+        outputs[suffix] = [compiled(feed)[0] for feed in feeds]
+    errors = {
+        suffix: np.mean(
+            [np.abs(a - reference(feed)[0]).mean() for a, feed in zip(values, feeds, strict=True)]
+        )
+        for suffix, values in outputs.items()
+    }
+    assert errors[".xml"] > 0 and abs(errors[".xml"] - errors[".onnx"]) <= 0.01 * errors[".onnx"]
+
+
+def _decoder_feeds(count: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"ids": rng.integers(0, 40, (2, 12))} for _ in range(count)]
+
+
+def test_openvino_ir_compiles_for_openvino_targets_only(tmp_path, capsys):
+    path = _saved(_small_openvino_model(), tmp_path / "m.xml")
+    assert main([str(path), "--target", "ort-cpu", "--weights", "int8"]) != 0
+    error = capsys.readouterr().err
+    assert "m.xml" in error and "openvino-cpu/gpu/npu only" in error
+
+
+def test_openvino_ir_without_its_weights_or_already_quantized_is_refused(tmp_path):
+    path = _saved(_small_openvino_model(), tmp_path / "m.xml")
+    path.with_suffix(".bin").unlink()
+    with pytest.raises(qcompiler.errors.ModelLoadError, match=r"m.xml: its weights file m.bin is missing"):
         qcompiler.load(path)
+    x = ops.parameter([2, 8], ov.Type.f32, name="x")
+    weight = ops.constant(np.ones((4, 8), np.float32))
+    quantized = _saved(
+        ov.Model([ops.matmul(_fq(x, -1.0, 1.0), weight, False, True)], [x]), tmp_path / "q.xml"
+    )
+    with pytest.raises(qcompiler.errors.UnsupportedModelError, match="already quantized .* FakeQuantize"):
+        qcompiler.compile(quantized, "openvino-cpu", _weights_only("int8", True, 0), progress=False)

@@ -56,6 +56,17 @@ def rms_norm_model():
     return model_of(graph)
 
 
+def decomposed_layer_norm_model():
+    """LayerNorm as OpenVINO IR spells it: MVN -> Mul gamma -> Add beta (MVN here: x - mean)."""
+    x = float_input("x", [5, C])
+    graph = ir.Graph([x], [], nodes=[], name="mvn")
+    centered = add(graph, "Sub", [x, add(graph, "ReduceMean", [x], "mean", axes=[-1])], "mvn")
+    scaled = add(graph, "Mul", [centered, _weight(graph, "gamma", (C,), 3)], "gamma")
+    h = add(graph, "Add", [scaled, _weight(graph, "beta", (C,), 4)], "beta")
+    _two_consumers(graph, h)
+    return model_of(graph)
+
+
 def biased_matmul_model():
     x = float_input("x", [5, 12])
     graph = ir.Graph([x], [], nodes=[], name="mm")
@@ -114,6 +125,7 @@ def _apply(model, seed=0):
         (layer_norm_model, "folded into LayerNormalization 'ln'"),
         (rms_norm_model, "folded into Mul 'rms_scale'"),
         (biased_matmul_model, "folded into Add 'fc0_bias'"),
+        (decomposed_layer_norm_model, "folded into Add 'beta'"),
         (gemm_bias_model, "folded into Gemm 'fc0'"),
         (residual_model, "Mul inserted (it also feeds Add 'residual' unscaled)"),
         (graph_input_model, "Mul inserted (the activation is a graph input)"),

@@ -7,16 +7,20 @@ metadata, so booleans and strings survive the trip), Parameters are graph inputs
 outputs and Constants initializers. `to_openvino_model` rebuilds the `openvino.Model` with
 OpenVINO's `NodeFactory`, op by op, so a model read and rebuilt computes exactly what it did.
 
-This is the loader's half of OpenVINO IR input; the rewrite passes still match ONNX op types, so
-`qcompile model.xml` is refused until they understand this dialect (see the README).
+`read_openvino_ir` is how `qcompiler.io.load` reads an ``.xml``: the dialect graph, then lifted
+(`standard_ops.lift`) so the ops the passes rewrite are ONNX ops. `to_openvino_model` builds
+such mixed graphs too: OpenVINO ops by `NodeFactory`, ONNX ops by `standard_ops.BUILDERS`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from qcompiler.errors import UnsupportedModelError
 
@@ -132,13 +136,46 @@ def from_openvino(model) -> ir.Model:  # openvino.Model -> ir.Model
     return ir.Model(graph, ir_version=10, producer_name="qcompiler (OpenVINO dialect)")
 
 
+def is_openvino_dialect(model: ir.Model) -> bool:
+    """Whether `model` holds OpenVINO ops (it was read from OpenVINO IR): it runs in OpenVINO only."""
+    return DOMAIN in model.opset_imports or any(node.domain == DOMAIN for node in model.graph)
+
+
+def attributes_of(node: ir.Node) -> dict:
+    """The OpenVINO attributes of a dialect node, as OpenVINO gave them (booleans, strings)."""
+    return json.loads(node.metadata_props.get(ATTRIBUTES_KEY, "{}"))
+
+
+def read_openvino_ir(path: str | os.PathLike[str]) -> ir.Model:
+    """Load ``.xml`` + ``.bin`` into the dialect, lifted so the passes see ONNX MatMul / Mul / Add / Gather."""
+    import openvino as ov
+
+    from qcompiler.backends.openvino.standard_ops import lift
+
+    path = pathlib.Path(path)
+    try:
+        loaded = ov.Core().read_model(str(path))
+    except RuntimeError as exc:
+        raise UnsupportedModelError(f"{path}: OpenVINO cannot read it ({str(exc).splitlines()[0]})") from exc
+    try:
+        model = from_openvino(loaded)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{path}: {exc}") from exc
+    del loaded
+    lift(model)
+    return model
+
+
 def _key(output) -> tuple[str, int]:  # openvino.Output -> a dictionary key
     """The node's unique name (``Convert_20``; friendly names may repeat) and the output index."""
     return (output.get_node().get_name(), output.get_index())
 
 
 def to_openvino_model(model: ir.Model):  # ir.Model -> openvino.Model
-    """Rebuild the `openvino.Model` of a dialect graph made by `from_openvino`."""
+    """Rebuild the `openvino.Model` of a dialect graph made by `from_openvino` (lifted or not).
+
+    The graph's nodes are sorted topologically in place (nothing else changes).
+    """
     import openvino as ov
     import openvino.opset13 as ops
     from openvino.utils.node_factory import NodeFactory
@@ -161,19 +198,48 @@ def to_openvino_model(model: ir.Model):  # ir.Model -> openvino.Model
         constant = ops.constant(value.const_value.numpy())
         constant.set_friendly_name(str(value.name).removesuffix(":0"))
         built[id(value)] = constant.output(0)
+    ir.passes.common.TopologicalSortPass()(model)  # the passes append what they insert
+    quantizers: dict[int, tuple[ir.Node, list]] = {}  # id(Q output) -> (Q, its OpenVINO inputs)
     for node in model.graph:
+        # a QuantizeLinear's output is not built: its DequantizeLinear becomes the FakeQuantize
+        arguments = [built.get(id(value)) if value is not None else None for value in node.inputs]
         if node.domain != DOMAIN:
-            raise UnsupportedModelError(
-                f"node {node.name!r}: {node.domain or 'ai.onnx'}::{node.op_type} is not an OpenVINO op"
-            )
+            created = _standard(node, arguments, quantizers)
+            if created is not None:
+                created.set_friendly_name(str(node.name))
+                for index, output in enumerate(node.outputs):
+                    created.output(index).get_tensor().add_names({str(output.name)})
+                    built[id(output)] = created.output(index)
+            continue
         version = node.metadata_props.get(VERSION_KEY, f"opset{node.version or 1}")
         factory = factories.setdefault(version, NodeFactory(version))
-        attributes = json.loads(node.metadata_props.get(ATTRIBUTES_KEY, "{}"))
-        arguments = [built[id(value)] for value in node.inputs]
-        created = factory.create(node.op_type, arguments, attributes)
+        created = factory.create(node.op_type, arguments, attributes_of(node))
         created.set_friendly_name(str(node.name))
         for index, output in enumerate(node.outputs):
             created.output(index).get_tensor().set_names({str(output.name)})
             built[id(output)] = created.output(index)
     results = [ops.result(built[id(value)]) for value in model.graph.outputs]
     return ov.Model(results, parameters, model.graph.name or "model")
+
+
+def _standard(node: ir.Node, arguments: list, quantizers: dict[int, tuple[ir.Node, list]]):
+    """The OpenVINO node of an ONNX node in a lifted graph (None for a QuantizeLinear: its DQ builds it)."""
+    from qcompiler.backends.openvino.standard_ops import BUILDERS, fake_quantize
+
+    where = f"node {node.name!r}: {node.domain or 'ai.onnx'}::{node.op_type}"
+    if node.domain not in ("", "ai.onnx"):
+        raise UnsupportedModelError(f"{where} is not an OpenVINO op")
+    if node.op_type == "QuantizeLinear":
+        quantizers[id(node.outputs[0])] = (node, arguments)
+        return None
+    if node.op_type == "DequantizeLinear":
+        source = node.inputs[0]
+        if source is None or id(source) not in quantizers:
+            raise UnsupportedModelError(f"{where}: only Q -> DQ pairs and canonical weights are lowered")
+        quantize, quantize_arguments = quantizers[id(source)]
+        if id(quantize) not in quantizers:  # one FakeQuantize per Q, however many DQs read it
+            quantizers[id(quantize)] = (quantize, [fake_quantize(quantize, quantize_arguments)])
+        return quantizers[id(quantize)][1][0]
+    if node.op_type not in BUILDERS:
+        raise UnsupportedModelError(f"{where} has no OpenVINO lowering in a graph read from OpenVINO IR")
+    return BUILDERS[node.op_type](node, arguments)

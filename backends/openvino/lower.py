@@ -26,6 +26,7 @@ import tempfile
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.backends.openvino.dialect import is_openvino_dialect, to_openvino_model
 from qcompiler.io import save
 from qcompiler.irutil import drop_if_unused
 from qcompiler.options import WeightFormat
@@ -81,13 +82,10 @@ def to_openvino(model: ir.Model, *, decompression: str = "f32") -> object:  # ->
     import openvino as ov
 
     stripped, detached = detach_weights(model)
-    with tempfile.TemporaryDirectory(prefix="qcompile-openvino-") as folder:
-        path = save(stripped, pathlib.Path(folder) / "model.onnx", external_data=True)
-        if any(node.op_type == "QuantizeLinear" for node in stripped.graph):
-            # convert_model's transformations turn each Q -> DQ pair (a shared Q too) into a FakeQuantize
-            converted = ov.convert_model(str(path))
-        else:  # weights only: the frontend alone (SmolLM2: 0.05 s vs 1.5 s); the plugin transforms at compile
-            converted = ov.Core().read_model(str(path))
+    if is_openvino_dialect(stripped):  # read from OpenVINO IR: built op by op
+        converted = to_openvino_model(stripped)
+    else:
+        converted = _convert_onnx(stripped)
     del stripped
     parameters = {parameter.get_friendly_name(): parameter for parameter in converted.get_parameters()}
     for item in detached:
@@ -98,6 +96,19 @@ def to_openvino(model: ir.Model, *, decompression: str = "f32") -> object:  # ->
     for key, value in model.metadata_props.items():
         converted.set_rt_info(value, ["qcompiler", key.removeprefix("qcompiler.")])
     return converted
+
+
+def _convert_onnx(model: ir.Model):  # -> openvino.Model
+    """`model` (ONNX ops only) through OpenVINO's ONNX frontend."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-openvino-") as folder:
+        path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
+        if any(node.op_type == "QuantizeLinear" for node in model.graph):
+            # convert_model's transformations turn each Q -> DQ pair (a shared Q too) into a FakeQuantize
+            return ov.convert_model(str(path))
+        # weights only: the frontend alone (SmolLM2: 0.05 s vs 1.5 s); the plugin transforms at compile
+        return ov.Core().read_model(str(path))
 
 
 def detach_weights(model: ir.Model) -> tuple[ir.Model, list[DetachedWeight]]:

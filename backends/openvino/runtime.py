@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.backends.openvino.dialect import is_openvino_dialect, to_openvino_model
 from qcompiler.io import save
 
 
@@ -41,7 +42,9 @@ class OpenVINORunner:
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        if isinstance(model, ir.Model):
+        if isinstance(model, ir.Model) and is_openvino_dialect(model):  # read from OpenVINO IR
+            self._compiled = core.compile_model(to_openvino_model(model), "CPU", config)
+        elif isinstance(model, ir.Model):
             with tempfile.TemporaryDirectory(prefix="qcompile-openvino-") as folder:
                 path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
                 self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
