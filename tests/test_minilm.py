@@ -239,10 +239,21 @@ def test_openvino_ir_input_compiles_to_the_accuracy_of_the_onnx(openvino_compile
     import openvino as ov
 
     from qcompiler.backends.openvino.checker import decompressions
+    from qcompiler.backends.openvino.dialect import to_openvino_model
 
     model, results = openvino_compiled
     xml = tmp_path / "minilm.xml"
     ov.save_model(ov.convert_model(str(minilm_path)), str(xml), compress_to_fp16=False)
+    # loaded (dialect + lifted ops) and rebuilt without quantization: the same outputs, bit for bit
+    exact = {"INFERENCE_PRECISION_HINT": "f32"}
+    feed = _evaluation(model)[0]
+    rebuilt = to_openvino_model(qcompiler.load(xml))
+    for original, again in zip(
+        ov.Core().compile_model(str(xml), "CPU", exact)(feed).values(),
+        ov.Core().compile_model(rebuilt, "CPU", exact)(feed).values(),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(original, again)
     calibration = TextSource(
         CALIBRATION_TEXT, minilm.tokenizer_path(), input_specs(model), samples=CALIBRATION_LINES
     )
