@@ -18,12 +18,16 @@ The canonical form is written and read by `rewrites/canonical.py`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
+import threading
 from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from qcompiler.calibration import Statistics, StatRequest
@@ -281,6 +285,10 @@ def gram_statistics(statistics: Statistics, requests: list[StatRequest]) -> dict
     return {name: gram for name, gram in grams.items() if isinstance(gram, Gram)}
 
 
+COMPRESSION_THREADS = min(2, os.cpu_count() or 1)
+"""Units compressed at once (see `compress_weights`)."""
+
+
 class UnitCompressor:
     """Compresses units on their Gram statistics, sharing GPTQ's factorization per input."""
 
@@ -288,6 +296,7 @@ class UnitCompressor:
         self.grams = grams
         self.options = options
         self._hessians: dict[str, PreparedHessian] = {}
+        self._lock = threading.Lock()  # units are compressed from two threads
 
     def __call__(
         self, unit: WeightUnit, options: CompressionOptions | None = None
@@ -298,9 +307,10 @@ class UnitCompressor:
         prepared = None
         if options.gptq and gram is not None and unit.role != "embedding":
             key = str(unit.activation.name)  # type: ignore[union-attr]
-            if key not in self._hessians:  # Q, K and V (gate and up) share one factorization
-                self._hessians[key] = prepare_hessian(gram, damping=options.damping)
-            prepared = self._hessians[key]
+            with self._lock:
+                if key not in self._hessians:  # Q, K and V (gate and up) share one factorization
+                    self._hessians[key] = prepare_hessian(gram, damping=options.damping)
+                prepared = self._hessians[key]
         return compress_unit(unit, gram, options, prepared)
 
 
@@ -331,11 +341,38 @@ def compress_weights(
     awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
     layers: dict[str, dict[str, object]] = {}
     compressor = UnitCompressor(grams, options)
-    for unit in tqdm(units, desc="compressing weights", unit="weight", disable=not progress):
-        compressed, how, error = compressor(unit)
-        entry = layer_entry(unit, how, error)
-        if str(unit.node.name) in sensitivity:
-            entry["sensitivity"] = sensitivity[str(unit.node.name)]
-        layers[str(unit.node.name)] = entry
-        write_canonical(model.graph, unit, compressed, how)
+    # Units are independent: numpy releases the GIL in the algorithms' array work, so a thread per
+    # core overlaps what one thread leaves serial (rounding, clipping, selection), with BLAS at one
+    # thread each (SmolLM2 AWQ + SE: 9.0 -> 7.8 s; with BLAS threads as well: 11.6 s). Results
+    # come back in order and each unit's float weight is replaced as soon as its result is in.
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        concurrent.futures.ThreadPoolExecutor(max_workers=COMPRESSION_THREADS) as pool,
+    ):
+        results = pool.map(compressor, units)
+        for unit, (compressed, how, error) in tqdm(
+            zip(units, results, strict=True),
+            total=len(units),
+            desc="compressing weights",
+            unit="weight",
+            disable=not progress,
+        ):
+            _record(model, unit, compressed, how, error, sensitivity, layers)
     return {"layers": layers, "awq": awq_report}
+
+
+def _record(
+    model: ir.Model,
+    unit: WeightUnit,
+    compressed: CompressedWeight,
+    how: str,
+    error: float | None,
+    sensitivity: Mapping[str, object],
+    layers: dict[str, dict[str, object]],
+) -> None:
+    """Write one unit's canonical form and its report entry."""
+    entry = layer_entry(unit, how, error)
+    if str(unit.node.name) in sensitivity:
+        entry["sensitivity"] = sensitivity[str(unit.node.name)]
+    layers[str(unit.node.name)] = entry
+    write_canonical(model.graph, unit, compressed, how)

@@ -169,3 +169,37 @@ def test_gram_computed_in_the_graph_matches_numpy(runtime, block):
     expected = Gram.full(rows.T @ rows / len(rows), len(rows))
     assert result.rows == 60 and result.channels == 8
     np.testing.assert_allclose(result.blocks, expected.diagonal_blocks(block or 8), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_in_graph_grams_of_several_tensors_and_block_sizes_land_in_their_slots(runtime):
+    """Products of one block size share one concatenated output, row counts another: each request
+    still gets exactly its own tensor's blocks."""
+    import onnx_ir as ir
+
+    from qcompiler.calibration import StatRequest, _gram_in_graph, _rows_per_batch, collect
+    from qcompiler.options import CalibrationRuntime
+    from tests.graphs import add, const, float_input, model_of
+
+    x = float_input("x", ["batch", 5, 8])
+    graph = ir.Graph([x], [], nodes=[], name="g")
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 12)).astype(np.float32)
+    hidden = add(graph, "MatMul", [x, const(graph, "w", weight)], "fc")
+    relu = add(graph, "Relu", [hidden], "relu")
+    for value in (hidden, relu):
+        value.shape, value.type = ir.Shape(["batch", 5, 12]), ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(relu)
+    model = model_of(graph)
+    feeds = [{"x": rng.standard_normal((4, 5, 8)).astype(np.float32)} for _ in range(3)]
+    requests = [StatRequest.gram(hidden, 4), StatRequest.gram(relu, 4), StatRequest.gram(hidden, 3)]
+    assert all(_gram_in_graph(request, _rows_per_batch(feeds[0])) for request in requests)
+    statistics = collect(model, requests, feeds, progress=False, runtime=CalibrationRuntime(runtime))
+    rows = np.concatenate([f["x"].reshape(-1, 8) @ weight for f in feeds])
+    for request, values in zip(requests, (rows, np.maximum(rows, 0), rows), strict=True):
+        expected = Gram.full(values.T @ values / len(values), len(values))
+        result = statistics[request]
+        assert result.rows == 60
+        np.testing.assert_allclose(
+            result.blocks, expected.diagonal_blocks(request.size), rtol=1e-4, atol=1e-4
+        )

@@ -144,6 +144,12 @@ def _matmul(node: ir.Node, arguments: Sequence[object]) -> object:
     return ops.matmul(arguments[0], arguments[1], False, False)
 
 
+def _concat(node: ir.Node, arguments: Sequence[object]) -> object:
+    import openvino.opset13 as ops
+
+    return ops.concat(list(arguments), node.attributes.get_int("axis", 0))
+
+
 def _shape(node: ir.Node, arguments: Sequence[object]) -> object:
     import openvino.opset13 as ops
 
@@ -158,6 +164,7 @@ BUILDERS: dict[str, Builder] = {
     "Reshape": _reshape,
     "Transpose": _transpose,
     "Shape": _shape,
+    "Concat": _concat,
 }
 """The ONNX ops a lifted graph may hold besides Q / DQ, and how each is built in OpenVINO."""
 
