@@ -314,7 +314,9 @@ def test_save_refuses_to_overwrite_a_protected_model(tmp_path):
         save_openvino(model, tmp_path / "a.xml", protected=(tmp_path / "a.bin",))
 
 
-def test_max_drop_measures_in_openvino(monkeypatch):
+@pytest.mark.parametrize("source", ["onnx", "openvino-ir"])
+def test_max_drop_measures_in_openvino(monkeypatch, tmp_path, source):
+    """The float model and every candidate run in OpenVINO; an OpenVINO IR input takes the same path."""
     from qcompiler.backends import openvino as backend
 
     calls = []
@@ -329,6 +331,8 @@ def test_max_drop_measures_in_openvino(monkeypatch):
 
     model = _outlier_model()
     feeds = random_feeds(model, batches=4, batch=16)
+    if source == "openvino-ir":
+        model = _as_openvino_ir(model, tmp_path)[1]
     result = qcompiler.compile(
         model, "openvino-cpu", _harmful_options(max_drop=0.001), data=feeds, validation=feeds, progress=False
     )
@@ -336,7 +340,8 @@ def test_max_drop_measures_in_openvino(monkeypatch):
     assert fallback["met"] and fallback["drop"] <= 0.001
     assert len(calls) >= 2  # the float model and every candidate ran in OpenVINO
     moved = {name: g["format"] for name, g in fallback["groups"].items() if g["format"] != g["ladder"][0]}
-    assert "fc2" in moved and "shift_add" not in moved
+    # only the harmful MatMul moves (OpenVINO names it after its output, "scores")
+    assert list(moved) == ["fc2" if source == "onnx" else "scores"]
 
 
 def test_to_openvino_leaves_the_model_untouched():
@@ -490,3 +495,19 @@ def test_openvino_ir_without_its_weights_or_already_quantized_is_refused(tmp_pat
     )
     with pytest.raises(qcompiler.errors.UnsupportedModelError, match="already quantized .* FakeQuantize"):
         qcompiler.compile(quantized, "openvino-cpu", _weights_only("int8", True, 0), progress=False)
+
+
+def test_w8a8_stores_embedding_tables_int8_on_openvino_only():
+    """OpenVINO targets keep the Gather tables INT8 (weight-only) in a W8A8 model, as NNCF does;
+    onnxruntime's W8A8 leaves them float."""
+    feeds = _decoder_feeds(6)
+    options = CompileOptions(preset=Preset.TRANSFORMER)
+    result = qcompiler.compile(tiny_decoder(), "openvino-cpu", options, data=feeds, progress=False)
+    assert result.report.compression["layers"]["embed"]["how"] == "int8 asym per-channel; rtn"
+    gathers = [item for item in decompressions(result.artifact) if item.reader_type == "Gather"]
+    assert [item.element_type for item in gathers] == ["u8"]
+    onnxruntime = qcompiler.compile(tiny_decoder(), "ort-cpu", options, data=feeds, progress=False)
+    assert not onnxruntime.report.compression
+    assert [n.op_type for n in onnxruntime.model.graph if n.op_type == "Gather"] == ["Gather"]
+    table = onnxruntime.model.graph.node("embed").inputs[0]
+    assert table.const_value is not None and table.dtype == ir.DataType.FLOAT
