@@ -50,9 +50,8 @@ OPENVINO_TOOLS = ("qc-ov-awq-se", "qc-ov-se-gptq", "qc-ovir-awq-se")
 """qcompiler tools compiled for --target openvino-cpu (an .xml artifact measured in OpenVINO CPU)."""
 IR_INPUT_TOOLS = ("qc-ovir-awq-se",)
 """qcompiler tools whose input is the model's OpenVINO IR (made once per run, not timed), not its ONNX."""
-EMULATED = ("mxfp4", "nvfp4")
-"""Formats onnxruntime has no kernel for yet: their tools store the dequantized weights in an FP32
-model (same rounding, no speed), so the table still compares their accuracy."""
+FP4 = ("mxfp4", "nvfp4")
+"""Formats onnxruntime runs through our packed-FP4 MatMul (an onnxruntime-extensions Python op)."""
 PEERS = {
     "nncf-int8": "NNCF compress_weights (OpenVINO) INT8_ASYM per channel, data-free",
     "nncf-rtn": "NNCF compress_weights (OpenVINO), data-free",
@@ -83,7 +82,7 @@ def _mode(tool: str, model: str) -> tuple[str, bool, int]:
     """(format, symmetric, group size) a tool runs with: the model's INT4 mode, or INT8 per channel."""
     if tool.endswith("int8"):
         return "int8", False, 0
-    for fmt in ("nf4", *EMULATED):
+    for fmt in ("nf4", *FP4):
         if tool.startswith(f"qc-{fmt}"):
             return fmt, True, int(MODELS[model][2])  # type: ignore[call-overload]
     fmt, symmetric, group = MODELS[model][:3]
@@ -98,16 +97,12 @@ def describe(tool: str, model: str) -> str:
     mode = f"{fmt} {'sym' if symmetric else 'asym'} {grouping}"
     if tool in QCOMPILER_TOOLS:
         algorithms = "+".join(QCOMPILER_TOOLS[tool]) or "rtn"
-        emulated = (
-            " (EMULATED: dequantized weights in an FP32 model; no onnxruntime kernel yet)"
-            if fmt in EMULATED
-            else ""
-        )
+        kernel = " (our MatMulFP4 op, numpy in onnxruntime-extensions)" if fmt in FP4 else ""
         target = "openvino-cpu" if tool in OPENVINO_TOOLS else "ort-cpu"
         source = " from the OpenVINO IR (.xml) of the FP32 model" if tool in IR_INPUT_TOOLS else ""
         return (
             f"qcompiler --target {target}{source} --weights {mode}, {algorithms}; embeddings and last MatMul "
-            f"INT8 (NNCF's policy){emulated}"
+            f"INT8 (NNCF's policy){kernel}"
         )
     return f"{PEERS[tool]}, {mode}" + ("; embeddings and last layer INT8 (default)" if "nncf" in tool else "")
 
@@ -122,9 +117,6 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         compression = qcompiler.CompressionOptions(
             format=qcompiler.WeightFormat(fmt), group_size=group, symmetric=symmetric, **flags
         )
-        if fmt in EMULATED:
-            qcompiler.save(emulated(model, compression, feeds), output)
-            return
         target = "openvino-cpu" if tool in OPENVINO_TOOLS else "ort-cpu"
         result = qcompiler.compile(
             model, target, qcompiler.CompileOptions(compression=compression), data=feeds, progress=False
@@ -171,34 +163,6 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         quantizer.model.save_model_to_file(str(output), use_external_data_format=False)
     else:
         raise SystemExit(f"unknown tool {tool}")
-
-
-def emulated(model: pathlib.Path, compression, feeds):
-    """The compression pipeline up to the canonical form, then every weight DQ replaced by its
-    dequantized values: the format's accuracy in an FP32 model (benchmark only)."""
-    import qcompiler
-    from qcompiler import calibration
-    from qcompiler.options import CalibrationRuntime, IgnoredScope
-    from qcompiler.rewrites.canonical import dequantize_canonical
-    from qcompiler.rewrites.compression import (
-        compress_weights,
-        gram_statistics,
-        plan_compression,
-        stat_requests,
-    )
-    from qcompiler.rewrites.normalize import NormalizePass
-
-    working = qcompiler.load(model)
-    NormalizePass(rewrite=False)(working)
-    units, _ = plan_compression(working, compression, IgnoredScope())
-    requests = stat_requests(units, compression)
-    statistics = calibration.collect(
-        working, requests, feeds, progress=False, runtime=CalibrationRuntime.OPENVINO_FAST
-    )
-    grams = gram_statistics(statistics, requests)
-    compress_weights(working, units, grams, compression, IgnoredScope(), progress=False)
-    dequantize_canonical(working)
-    return working
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ algorithm and parameters are in each DQ node's ``qcompiler.compression`` metadat
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import ml_dtypes
@@ -167,7 +168,13 @@ def read_canonical(dq: ir.Node) -> CompressedWeight:
         zeros = None if zeros is None else zeros[None, :]
     rows = codes.shape[0]
     block_size = dq.attributes.get_int("block_size", 0) or rows
-    return CompressedWeight(fmt, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, block_size)
+    global_scale = None
+    if fmt is WeightFormat.NVFP4:  # folded into the float scales; kept in the metadata (exact, %.9g)
+        found = re.search(r"global scale (\S+) folded", dq.metadata_props.get(COMPRESSION_KEY, ""))
+        global_scale = float(found.group(1)) if found else None
+    return CompressedWeight(
+        fmt, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, block_size, global_scale
+    )
 
 
 def dequantize_canonical(model: ir.Model) -> int:

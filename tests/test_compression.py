@@ -1,6 +1,7 @@
 """Weight-only compression: planning, the canonical form, AWQ folding and ORT lowering, on a small
 decoder-shaped graph built here (embedding -> LayerNorm -> q/k -> ... -> LM head)."""
 
+import collections
 import hashlib
 import json
 
@@ -10,6 +11,7 @@ import pytest
 
 import qcompiler
 from qcompiler.backends.onnxruntime.lower_weights import lower_weights
+from qcompiler.backends.onnxruntime.session import create_session, session_options
 from qcompiler.calibration import collect
 from qcompiler.cli import main
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
@@ -213,11 +215,24 @@ def test_fp8_weights_raise_the_opset_and_run_in_onnxruntime():
     np.testing.assert_allclose(run(model, _feeds(1)[0])[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fp4_weights_are_refused_for_onnxruntime_with_the_reason(tmp_path, capsys):
-    path = qcompiler.save(tiny_decoder(), tmp_path / "decoder.onnx")
-    assert main([str(path), "--target", "ort-cpu", "--weights", "mxfp4", "-q"]) == 2
-    assert "no float4e2m1 DequantizeLinear kernel" in capsys.readouterr().err
-    assert not (tmp_path / "decoder.ort-cpu.onnx").exists()
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_weights_run_in_onnxruntime_through_our_packed_op(tmp_path, fmt):
+    """ort-cpu: every FP4 MatMul becomes ai.onnx.contrib.MatMulFP4 (the embedding and head stay
+    INT8 kernels); the saved model runs in onnxruntime and computes the dequantized weights' outputs."""
+    model = tiny_decoder()
+    options = CompressionOptions(format=WeightFormat(fmt), symmetric=True)
+    units, _ = plan_compression(model, options, IgnoredScope())
+    compress_weights(model, units, {}, options, IgnoredScope(), progress=False)
+    expected = run(_dequantized_twin(model), _feeds(1)[0])[0]
+    path = tmp_path / "decoder.onnx"
+    assert (
+        main([str(qcompiler.save(tiny_decoder(), path)), "--target", "ort-cpu", "--weights", fmt, "-q"]) == 0
+    )
+    saved = qcompiler.load(tmp_path / "decoder.ort-cpu.onnx")
+    kinds = collections.Counter((node.domain, node.op_type) for node in saved.graph)
+    assert kinds[("ai.onnx.contrib", "MatMulFP4")] == 3 and kinds[("com.microsoft", "MatMulNBits")] == 1
+    session = create_session(saved, session_options())  # registers the op
+    np.testing.assert_allclose(session.run(None, _feeds(1)[0])[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_opset_upgrade_moves_reduce_axes_to_an_input():

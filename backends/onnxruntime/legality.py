@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from qcompiler.backends.onnxruntime.fp4_matmul import DOMAIN as FP4_DOMAIN
+from qcompiler.backends.onnxruntime.fp4_matmul import OP_TYPE as FP4_OP
 from qcompiler.errors import LegalityError
 
 Q_TYPES = frozenset({ir.DataType.UINT8, ir.DataType.INT8})
@@ -81,6 +83,8 @@ def _node_versions(model: ir.Model) -> list[str]:
                 f"{node.name}: {node.op_type} needs opset {node.version} (model has {opset}); "
                 "onnxruntime has no kernel this form lowers to"
             )
+        elif node.domain == FP4_DOMAIN and node.op_type == FP4_OP:
+            continue  # our packed-FP4 MatMul (onnxruntime-extensions Python op)
         elif node.domain not in ("", "ai.onnx", "com.microsoft"):
             problems.append(f"{node.name}: {node.domain}.{node.op_type} has no onnxruntime kernel")
     return problems

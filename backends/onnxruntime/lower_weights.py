@@ -7,7 +7,9 @@ the whole weight on every run, so each pattern becomes one kernel on packed weig
 - INT4 / INT8 DQ -> MatMul: ``com.microsoft.MatMulNBits`` (bits 4 or 8, `accuracy_level` from
   the options and recorded on the node);
 - NF4 (``qcompiler.DequantizeNF4``) -> MatMul: ``com.microsoft.MatMulBnb4`` (quant_type 1);
-- INT4 / INT8 DQ -> Gather (embeddings): ``com.microsoft.GatherBlockQuantized``.
+- INT4 / INT8 DQ -> Gather (embeddings): ``com.microsoft.GatherBlockQuantized``;
+- MXFP4 / NVFP4 DQ -> MatMul: our ``ai.onnx.contrib.MatMulFP4`` (`fp4_matmul`), since
+  onnxruntime has no float4e2m1 DequantizeLinear kernel.
 
 The model's opset is untouched (none of these needs opset 21). Anything else keeps its DQ; the
 legality checker names what onnxruntime cannot run.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompiler.backends.onnxruntime import fp4_matmul
 from qcompiler.backends.onnxruntime.legality import DEQUANTIZABLE_TYPES
 from qcompiler.backends.onnxruntime.packing import (
     pack_gather_block_quantized,
@@ -31,7 +34,10 @@ from qcompiler.rewrites.opset import upgrade_opset
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
-LOWERED_FORMATS = frozenset({WeightFormat.INT4, WeightFormat.INT8, WeightFormat.NF4})
+LOWERED_FORMATS = frozenset(
+    {WeightFormat.INT4, WeightFormat.INT8, WeightFormat.NF4, WeightFormat.MXFP4, WeightFormat.NVFP4}
+)
+FP4_FORMATS = frozenset({WeightFormat.MXFP4, WeightFormat.NVFP4})
 
 
 class LowerCompressedWeightsPass(ir.passes.InPlacePass):
@@ -54,12 +60,16 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             weight = read_canonical(dq)
             if weight.format not in LOWERED_FORMATS:
                 continue
-            if consumer.op_type == "MatMul":
+            if consumer.op_type == "MatMul" and weight.format in FP4_FORMATS:
+                self._lower_fp4(model, dq, consumer, weight)
+            elif consumer.op_type == "MatMul":
                 self._lower_matmul(model, dq, consumer, weight)
-            else:
+            elif weight.format not in FP4_FORMATS:
                 self._lower_gather(model, dq, consumer, weight)
-        if self.lowered:
+        if any(kernel != fp4_matmul.OP_TYPE for kernel in self.lowered.values()):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if fp4_matmul.OP_TYPE in self.lowered.values():
+            model.opset_imports.setdefault(fp4_matmul.DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
 
     def _replace(self, model: ir.Model, dq: ir.Node, consumer: ir.Node, kernel: ir.Node) -> None:
@@ -107,6 +117,24 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
                 "accuracy_level": self.accuracy_level if packed.bits == 4 else self.int8_accuracy_level,
             }
             kernel = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_NBits")
+        self._replace(model, dq, matmul, kernel)
+
+    def _lower_fp4(self, model: ir.Model, dq: ir.Node, matmul: ir.Node, weight: CompressedWeight) -> None:
+        graph, base = model.graph, str(matmul.name)
+        packed = fp4_matmul.pack_fp4(weight)
+        inputs = [
+            matmul.inputs[0],
+            add_initializer(graph, f"{base}_fp4", packed.packed),
+            add_initializer(graph, f"{base}_fp4_scales", packed.scales),
+            add_initializer(graph, f"{base}_fp4_global_scale", packed.global_scale),
+        ]
+        attributes = {
+            "K": packed.K,
+            "N": packed.N,
+            "block_size": packed.block_size,
+            "scale_type": packed.scale_type,
+        }
+        kernel = ir.node(fp4_matmul.OP_TYPE, inputs, attributes, domain=fp4_matmul.DOMAIN, name=f"{base}_FP4")
         self._replace(model, dq, matmul, kernel)
 
     def _lower_gather(self, model: ir.Model, dq: ir.Node, gather: ir.Node, weight: CompressedWeight) -> None:

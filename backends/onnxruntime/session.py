@@ -8,6 +8,7 @@ import tempfile
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qcompiler.backends.onnxruntime import fp4_matmul
 from qcompiler.io import initializer_bytes, save
 
 PROTOBUF_LIMIT = 1_800_000_000
@@ -29,6 +30,8 @@ def session_options(
     no memory arena, trading a little speed for about one model size of memory.
     """
     options = ort.SessionOptions()
+    # our packed-FP4 MatMul (an onnxruntime-extensions Python op); once per options object
+    options.register_custom_ops_library(fp4_matmul.register())
     options.log_severity_level = 3
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -49,7 +52,10 @@ def session_options(
 def create_session(
     model: ir.Model | str | pathlib.Path, options: ort.SessionOptions | None = None
 ) -> ort.InferenceSession:
-    """An InferenceSession on the CPU provider; models over ~1.8 GB go through a temporary file."""
+    """An InferenceSession on the CPU provider; models over ~1.8 GB go through a temporary file.
+
+    `options` should come from `session_options` (it registers our packed-FP4 MatMul op).
+    """
     options = options or session_options()
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
