@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compress the embeddings and last MatMul in FORMAT too (default: INT8, as NNCF)",
     )
+    weights.add_argument(
+        "--unfused-attention",
+        action="store_true",
+        help="ort-cpu: keep a KV-cache decoder's attention nodes (default: fused GroupQueryAttention, "
+        "which assumes no padding inside a sequence)",
+    )
     accuracy = parser.add_argument_group("accuracy-aware fallback and size budgets")
     accuracy.add_argument(
         "--max-drop",
@@ -235,6 +241,7 @@ def compression_from_args(args: argparse.Namespace) -> CompressionOptions | None
                 ("--gptq", args.gptq),
                 ("--symmetric", args.symmetric),
                 ("--all-layers", args.all_layers),
+                ("--unfused-attention", args.unfused_attention),
             )
             if on
         ]
@@ -250,6 +257,7 @@ def compression_from_args(args: argparse.Namespace) -> CompressionOptions | None
         gptq=args.gptq,
         ratio=args.ratio,
         backup_layers=not args.all_layers,
+        fuse_attention=not args.unfused_attention,
     )
 
 

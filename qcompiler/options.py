@@ -185,6 +185,9 @@ class CompressionOptions:
         accuracy_level: MatMulNBits' ``accuracy_level`` for ORT (4: int8 activations in the
             kernel, fastest; 0: float). None: 4 for 4-bit formats, 0 for INT8 weights (whose
             point is accuracy: MiniLM mean cosine 0.9997 at 0 vs 0.9986 at 4).
+        fuse_attention: on onnxruntime, replace a KV-cache decoder's attention layers with the
+            fused ``GroupQueryAttention`` (rotary inside; assumes no padding inside a sequence, as
+            in batch-1 generation). ``--unfused-attention`` keeps the exported nodes.
     """
 
     format: WeightFormat = WeightFormat.INT4
@@ -197,6 +200,7 @@ class CompressionOptions:
     backup_layers: bool = True
     damping: float = 0.01
     accuracy_level: int | None = None
+    fuse_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.group_size < 0:

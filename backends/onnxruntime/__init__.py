@@ -1,5 +1,6 @@
 """onnxruntime CPU backend: lowering rules, legality checker, fusion counting, sessions."""
 
+from qcompiler.backends.onnxruntime.attention import fuse_group_query_attention as fuse_attention
 from qcompiler.backends.onnxruntime.fusion import FusionReport, count_fusion
 from qcompiler.backends.onnxruntime.legality import check
 from qcompiler.backends.onnxruntime.lower import lower
@@ -11,6 +12,7 @@ __all__ = [
     "check",
     "count_fusion",
     "create_session",
+    "fuse_attention",
     "lower",
     "lower_weights",
     "runner",
