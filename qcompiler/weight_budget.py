@@ -348,7 +348,8 @@ def compress_with_budget(
             UnitCompressor(grams, compression),
             backend,
             compression.kernel_accuracy_level,
-            compression.int8_kernel_accuracy_level,
+            # INT8 here is an accuracy fallback: float activations unless a level was asked for
+            compression.accuracy_level if compression.accuracy_level is not None else 0,
         )
         decision = (0,) * len(candidates.groups)
         if accuracy.size_budget:

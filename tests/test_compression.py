@@ -218,21 +218,24 @@ def test_fp8_weights_raise_the_opset_and_run_in_onnxruntime():
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_fp4_weights_run_in_onnxruntime_through_our_packed_op(tmp_path, fmt):
     """ort-cpu: every FP4 MatMul becomes ai.onnx.contrib.MatMulFP4 (the embedding and head stay
-    INT8 kernels); the saved model runs in onnxruntime and computes the dequantized weights' outputs."""
+    INT8 kernels); the saved model runs in onnxruntime and computes the dequantized weights' outputs
+    (accuracy_level 0 for the INT8 head, so the comparison is float to float)."""
     model = tiny_decoder()
-    options = CompressionOptions(format=WeightFormat(fmt), symmetric=True)
+    options = CompressionOptions(format=WeightFormat(fmt), symmetric=True, accuracy_level=0)
     units, _ = plan_compression(model, options, IgnoredScope())
     compress_weights(model, units, {}, options, IgnoredScope(), progress=False)
     expected = run(_dequantized_twin(model), _feeds(1)[0])[0]
-    path = tmp_path / "decoder.onnx"
-    assert (
-        main([str(qcompiler.save(tiny_decoder(), path)), "--target", "ort-cpu", "--weights", fmt, "-q"]) == 0
+    compiled = qcompiler.compile(
+        tiny_decoder(), "ort-cpu", qcompiler.CompileOptions(compression=options), progress=False
     )
-    saved = qcompiler.load(tmp_path / "decoder.ort-cpu.onnx")
+    saved = qcompiler.load(qcompiler.save(compiled.model, tmp_path / "decoder.ort-cpu.onnx"))
     kinds = collections.Counter((node.domain, node.op_type) for node in saved.graph)
     assert kinds[("ai.onnx.contrib", "MatMulFP4")] == 3 and kinds[("com.microsoft", "MatMulNBits")] == 1
     session = create_session(saved, session_options())  # registers the op
     np.testing.assert_allclose(session.run(None, _feeds(1)[0])[0], expected, rtol=1e-4, atol=1e-4)
+    path = qcompiler.save(tiny_decoder(), tmp_path / "decoder.onnx")  # the CLI path too
+    assert main([str(path), "--target", "ort-cpu", "--weights", fmt, "-q"]) == 0
+    assert (tmp_path / "decoder.ort-cpu.onnx").exists()
 
 
 def test_opset_upgrade_moves_reduce_axes_to_an_input():
