@@ -346,9 +346,9 @@ def _compress_weights(
                 working, compression.kernel_accuracy_level, compression.int8_kernel_accuracy_level
             )
             backend.check(working)
-    if compression.fuse_attention and hasattr(backend, "fuse_attention"):
-        with report.timed("fuse_attention"):  # after any budget search: exact up to float rounding
-            report.compression["fused_attention_layers"] = backend.fuse_attention(working)
+    if hasattr(backend, "fuse_decoder"):
+        with report.timed("fuse"):  # after any budget search: exact up to float rounding
+            report.compression["fused"] = backend.fuse_decoder(working, attention=compression.fuse_attention)
             backend.check(working)
     report.compression["accuracy_level"] = compression.kernel_accuracy_level
     report.compression["int8_accuracy_level"] = compression.int8_kernel_accuracy_level

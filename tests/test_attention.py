@@ -141,12 +141,27 @@ def kv_decoder() -> ir.Model:
             graph, "Reshape", [expanded, ints(f"{name}_merge", [0, HEADS, -1, HEAD])], f"{name}_repeat"
         )
 
+    def rms_norm(value: ir.Value, name: str) -> ir.Value:
+        """The export's spelling: Pow -> ReduceMean -> Add eps -> Sqrt -> Div(1, .) -> Mul x -> Mul weight."""
+        square = add(graph, "Pow", [value, const(graph, f"{name}_two", np.float32(2))], f"{name}_pow")
+        mean = add(graph, "ReduceMean", [square, ints(f"{name}_axes", [-1])], f"{name}_mean", keepdims=1)
+        shifted = add(graph, "Add", [mean, const(graph, f"{name}_eps", np.float32(1e-5))], f"{name}_add")
+        inverse = add(
+            graph,
+            "Div",
+            [const(graph, f"{name}_one", np.float32(1)), add(graph, "Sqrt", [shifted], f"{name}_sqrt")],
+            f"{name}_div",
+        )
+        gain = const(graph, f"{name}_weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+        return add(graph, "Mul", [gain, add(graph, "Mul", [value, inverse], f"{name}_mul")], f"{name}_scale")
+
     scale = const(graph, "root_scale", np.float32(HEAD**-0.25))
     for layer in range(LAYERS):
         p = f"l{layer}"
+        h = rms_norm(x, f"{p}_norm")
         q = rotate(
             heads_first(
-                add(graph, "MatMul", [x, weight(f"{p}_wq", HIDDEN, HEADS * HEAD)], f"{p}_q_proj"),
+                add(graph, "MatMul", [h, weight(f"{p}_wq", HIDDEN, HEADS * HEAD)], f"{p}_q_proj"),
                 HEADS,
                 f"{p}_q",
             ),
@@ -154,14 +169,14 @@ def kv_decoder() -> ir.Model:
         )
         k = rotate(
             heads_first(
-                add(graph, "MatMul", [x, weight(f"{p}_wk", HIDDEN, KV_HEADS * HEAD)], f"{p}_k_proj"),
+                add(graph, "MatMul", [h, weight(f"{p}_wk", HIDDEN, KV_HEADS * HEAD)], f"{p}_k_proj"),
                 KV_HEADS,
                 f"{p}_k",
             ),
             f"{p}_k",
         )
         v = heads_first(
-            add(graph, "MatMul", [x, weight(f"{p}_wv", HIDDEN, KV_HEADS * HEAD)], f"{p}_v_proj"),
+            add(graph, "MatMul", [h, weight(f"{p}_wv", HIDDEN, KV_HEADS * HEAD)], f"{p}_v_proj"),
             KV_HEADS,
             f"{p}_v",
         )
@@ -203,7 +218,7 @@ def kv_decoder() -> ir.Model:
             [x, add(graph, "MatMul", [merged, weight(f"{p}_wo", HEADS * HEAD, HIDDEN)], f"{p}_o_proj")],
             f"{p}_residual",
         )
-    logits = add(graph, "MatMul", [x, weight("lm_head", HIDDEN, VOCAB)], "lm_head")
+    logits = add(graph, "MatMul", [rms_norm(x, "final_norm"), weight("lm_head", HIDDEN, VOCAB)], "lm_head")
     logits.name = "logits"
     graph.outputs.insert(0, logits)
     return model_of(graph, 18)
@@ -244,19 +259,23 @@ def test_the_pass_fuses_every_layer_and_computes_the_same():
 
 
 def test_compile_fuses_attention_unless_asked_not_to():
-    """ort-cpu weight compression fuses by default (reported); --unfused-attention keeps the nodes."""
+    """ort-cpu weight compression fuses attention by default (reported); --unfused-attention keeps its
+    nodes (RMSNorms are fused either way: the rewrite is exact)."""
     options = qcompiler.CompressionOptions(format=qcompiler.WeightFormat.INT8, group_size=0)
     fused = qcompiler.compile(
         kv_decoder(), "ort-cpu", qcompiler.CompileOptions(compression=options), progress=False
     )
-    assert fused.report.compression["fused_attention_layers"] == LAYERS
+    assert fused.report.compression["fused"] == {
+        "GroupQueryAttention": LAYERS,
+        "SimplifiedLayerNormalization": LAYERS + 1,
+    }
     kept = qcompiler.CompressionOptions(
         format=qcompiler.WeightFormat.INT8, group_size=0, fuse_attention=False
     )
     unfused = qcompiler.compile(
         kv_decoder(), "ort-cpu", qcompiler.CompileOptions(compression=kept), progress=False
     )
-    assert "fused_attention_layers" not in unfused.report.compression
+    assert unfused.report.compression["fused"] == {"SimplifiedLayerNormalization": LAYERS + 1}  # exact
     assert sum(node.op_type == "Softmax" for node in unfused.model.graph) == LAYERS
     feed = _feed(4, 1)
     a = create_session(fused.model, session_options()).run(None, feed)
@@ -265,10 +284,29 @@ def test_compile_fuses_attention_unless_asked_not_to():
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
 
 
+def test_rms_norms_become_simplified_layer_normalization_and_compute_the_same():
+    from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
+
+    model = kv_decoder()
+    reference = create_session(model, session_options())
+    fused = model.clone()
+    assert fuse_rms_norms(fused) == LAYERS + 1
+    kinds = collections.Counter(node.op_type for node in fused.graph)
+    assert kinds["SimplifiedLayerNormalization"] == LAYERS + 1 and kinds["Pow"] == kinds["Sqrt"] == 0
+    norm = next(node for node in fused.graph if node.op_type == "SimplifiedLayerNormalization")
+    assert norm.attributes.get_float("epsilon") == pytest.approx(1e-5)
+    feed = _feed(3, 2)
+    session = create_session(fused, session_options())
+    for expected, actual in zip(reference.run(None, feed), session.run(None, feed), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_graph_without_the_pattern_is_left_alone():
+    from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
     from tests.test_compression import tiny_decoder
 
     model = tiny_decoder()
     before = [node.op_type for node in model.graph]
     assert fuse_group_query_attention(model) == 0
+    assert fuse_rms_norms(model) == 0  # LayerNormalization, not an RMSNorm
     assert [node.op_type for node in model.graph] == before

@@ -268,7 +268,7 @@ def _width(value: ir.Value) -> int:
         and producer.inputs[1] is not None
         and producer.inputs[1].const_value is not None
     ):
-        return int(producer.inputs[1].const_value.shape[-1])
+        return int(producer.inputs[1].const_value.numpy().shape[-1])
     return producer.attributes.get_int("N")  # MatMulNBits / MatMulBnb4 / MatMulFP4
 
 
