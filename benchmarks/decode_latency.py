@@ -147,6 +147,15 @@ def main() -> None:
                 fp32, "ort-cpu", qcompiler.CompileOptions(compression=compression), progress=False
             )
             qcompiler.save(result.model, path)
+        fp32_fused = work / "fp32-fused.onnx"  # the fusions alone, on float weights (no rounding noise)
+        from qcompiler.backends.onnxruntime import fuse_decoder
+        from qcompiler.rewrites.normalize import NormalizePass
+
+        float_model = qcompiler.load(fp32)
+        NormalizePass(rewrite=False)(float_model)
+        fuse_decoder(float_model)
+        qcompiler.save(float_model, fp32_fused)
+        del float_model
         theirs = work / "ort.onnx"
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=64, is_symmetric=True, accuracy_level=4)
         quantizer = nbits.MatMulNBitsQuantizer(
@@ -156,6 +165,11 @@ def main() -> None:
         quantizer.model.save_model_to_file(str(theirs), use_external_data_format=False)
         models = (
             ("fp32", fp32, "FP32 (optimum export)"),
+            (
+                "fp32-fused",
+                fp32_fused,
+                "FP32 with qcompiler's decoder fusions (GroupQueryAttention, RMSNorm)",
+            ),
             (
                 "qcompiler-int4",
                 ours,

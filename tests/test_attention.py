@@ -259,8 +259,8 @@ def test_the_pass_fuses_every_layer_and_computes_the_same():
 
 
 def test_compile_fuses_attention_unless_asked_not_to():
-    """ort-cpu weight compression fuses attention by default (reported); --unfused-attention keeps its
-    nodes (RMSNorms are fused either way: the rewrite is exact)."""
+    """ort-cpu weight compression fuses attention by default (reported), Q/K/V MatMulNBits packed into
+    one; --unfused-attention keeps its nodes (RMSNorms are fused either way: the rewrite is exact)."""
     options = qcompiler.CompressionOptions(format=qcompiler.WeightFormat.INT8, group_size=0)
     fused = qcompiler.compile(
         kv_decoder(), "ort-cpu", qcompiler.CompileOptions(compression=options), progress=False
@@ -276,6 +276,13 @@ def test_compile_fuses_attention_unless_asked_not_to():
         kv_decoder(), "ort-cpu", qcompiler.CompileOptions(compression=kept), progress=False
     )
     assert unfused.report.compression["fused"] == {"SimplifiedLayerNormalization": LAYERS + 1}  # exact
+    packed = [node for node in fused.model.graph if str(node.name).endswith("_QKV")]
+    assert len(packed) == LAYERS and packed[0].attributes.get_int("N") == (HEADS + 2 * KV_HEADS) * HEAD
+    assert all(
+        node.inputs[1] is None and node.inputs[2] is None
+        for node in fused.model.graph
+        if node.op_type == "GroupQueryAttention"
+    )
     assert sum(node.op_type == "Softmax" for node in unfused.model.graph) == LAYERS
     feed = _feed(4, 1)
     a = create_session(fused.model, session_options()).run(None, feed)

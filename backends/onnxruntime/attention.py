@@ -219,12 +219,12 @@ def fuse_group_query_attention(model: ir.Model) -> int:
     for index, layer in enumerate(layers):
         head_size = 2 * cos_cache.shape[1]
         heads, kv_heads = _width(layer.query) // head_size, _width(layer.key) // head_size
+        packed = _packed_projection(graph, [layer.query, layer.key, layer.value])
+        projections = [packed, None, None] if packed is not None else [layer.query, layer.key, layer.value]
         node = ir.node(
             "GroupQueryAttention",
             [
-                layer.query,
-                layer.key,
-                layer.value,
+                *projections,
                 layer.past_key,
                 layer.past_value,
                 seqlens,
@@ -255,6 +255,50 @@ def fuse_group_query_attention(model: ir.Model) -> int:
     ir.passes.common.RemoveUnusedNodesPass()(model)
     ir.passes.common.TopologicalSortPass()(model)
     return len(layers)
+
+
+def _packed_projection(graph: ir.Graph, outputs: list[ir.Value]) -> ir.Value | None:
+    """One MatMulNBits computing Q, K and V side by side (GroupQueryAttention's packed QKV input).
+
+    Only when the three are MatMulNBits of the same input with the same K, bits, block size and
+    accuracy level, without bias or g_idx: their packed rows, scales and zero points are laid out
+    per output channel, so they stack along N. Three kernels per layer become one.
+    """
+    nodes = [value.producer() for value in outputs]
+    if any(node is None or node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN for node in nodes):
+        return None
+    first = nodes[0]
+    assert first is not None
+    same = ("K", "bits", "block_size", "accuracy_level")
+    arity = {len(node.inputs) for node in nodes}  # type: ignore[union-attr]
+    if (
+        len({id(node.inputs[0]) for node in nodes}) != 1  # type: ignore[union-attr]
+        or any(len({node.attributes.get_int(name, -1) for node in nodes}) != 1 for name in same)  # type: ignore[union-attr]
+        or len(arity) != 1
+        or max(arity) > 4
+        or any(v is None or v.const_value is None for node in nodes for v in node.inputs[1:])  # type: ignore[union-attr]
+    ):
+        return None
+    stacked = [
+        np.concatenate([node.inputs[index].const_value.numpy() for node in nodes], axis=0)  # type: ignore[union-attr]
+        for index in range(1, len(first.inputs))
+    ]
+    base = str(first.name).removesuffix("_NBits")
+    kinds = ("packed", "scales", "zero_points")[: len(stacked)]
+    constants = [
+        add_initializer(graph, f"{base}_qkv_{kind}", array)
+        for kind, array in zip(kinds, stacked, strict=True)
+    ]
+    attributes = {name: first.attributes.get_int(name) for name in same}
+    attributes["N"] = sum(node.attributes.get_int("N") for node in nodes)  # type: ignore[union-attr, misc]
+    packed = ir.node(
+        "MatMulNBits", [first.inputs[0], *constants], attributes, domain=MS_DOMAIN, name=f"{base}_QKV"
+    )
+    packed.metadata_props.update(first.metadata_props)
+    packed.outputs[0].name = f"{base}_qkv_output"
+    packed.outputs[0].type = outputs[0].type
+    graph.insert_before(first, packed)
+    return packed.outputs[0]
 
 
 def _width(value: ir.Value) -> int:
