@@ -33,6 +33,7 @@ SHARED_TEST_SPLIT = ROOT.parent / "shared" / "data" / "python311-docs-en.test.tx
 QCOMPILER_TOOLS = {
     "qc-int8": (),
     "qc-rtn": (),
+    "qc-hqq": ("hqq",),
     "qc-awq": ("awq",),
     "qc-se": ("scale_estimation",),
     "qc-gptq": ("gptq",),

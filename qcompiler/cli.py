@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     weights.add_argument("--gptq", action="store_true", help="GPTQ error-feedback rounding (needs data)")
     weights.add_argument(
+        "--hqq", action="store_true", help="data-free HQQ scales/zero points instead of RTN (integer formats)"
+    )
+    weights.add_argument(
         "--ratio",
         type=float,
         default=1.0,
@@ -239,6 +242,7 @@ def compression_from_args(args: argparse.Namespace) -> CompressionOptions | None
                 ("--awq", args.awq),
                 ("--scale-estimation", args.scale_estimation),
                 ("--gptq", args.gptq),
+                ("--hqq", args.hqq),
                 ("--symmetric", args.symmetric),
                 ("--all-layers", args.all_layers),
                 ("--unfused-attention", args.unfused_attention),
@@ -255,6 +259,7 @@ def compression_from_args(args: argparse.Namespace) -> CompressionOptions | None
         awq=args.awq,
         scale_estimation=args.scale_estimation,
         gptq=args.gptq,
+        hqq=args.hqq,
         ratio=args.ratio,
         backup_layers=not args.all_layers,
         fuse_attention=not args.unfused_attention,

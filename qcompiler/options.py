@@ -178,6 +178,8 @@ class CompressionOptions:
         awq: per-channel scale search folded into the producer (AWQ), on calibration statistics.
         scale_estimation: refit every block's scale against the activation-weighted error.
         gptq: GPTQ's error-feedback rounding (Hessian from calibration data).
+        hqq: data-free HQQ (robust l_p fit of scales and zero points) instead of RTN for integer
+            formats, where scale estimation does not refit them.
         ratio: fraction of the compressible MatMul weights (by size) in `format`; the rest, the
             most sensitive ones, in INT8.
         backup_layers: keep the embeddings and the last MatMul in INT8 (NNCF's default policy).
@@ -196,6 +198,7 @@ class CompressionOptions:
     awq: bool = False
     scale_estimation: bool = False
     gptq: bool = False
+    hqq: bool = False
     ratio: float = 1.0
     backup_layers: bool = True
     damping: float = 0.01

@@ -124,7 +124,8 @@ def from_blocks(blocks: np.ndarray, rows: int) -> np.ndarray:
     return blocks.reshape(-1, blocks.shape[-1])[:rows]
 
 
-def _int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The codes of a `bits`-bit integer format: signed when symmetric, else unsigned."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
@@ -138,7 +139,7 @@ def rtn_scales(
     if fmt.is_integer and not symmetric:
         lo = np.minimum(blocks.min(axis=1), 0.0)
         hi = np.maximum(blocks.max(axis=1), 0.0)
-        qmin, qmax = _int_range(fmt.bits, False)
+        qmin, qmax = integer_range(fmt.bits, False)
         scales = np.maximum((hi - lo) / (qmax - qmin), SMALLEST_SCALE).astype(np.float32)
         zero_points = np.clip(np.rint(qmin - lo / scales), qmin, qmax).astype(np.uint8)
         return scales, zero_points
@@ -147,7 +148,7 @@ def rtn_scales(
         # a negative one uses -8 (-128): 8/7 finer steps than max|w| / 7 for those blocks, no
         # clipping (SmolLM2 INT4 g64 RTN perplexity 36.0 vs 38.8 on 8 windows).
         upper, lower = blocks.max(axis=1), blocks.min(axis=1)
-        qmin, qmax = _int_range(fmt.bits, True)
+        qmin, qmax = integer_range(fmt.bits, True)
         return snap_scales(np.where(-lower > upper, lower / qmin, upper / qmax), fmt), None
     absmax = np.abs(blocks).max(axis=1)
     if fmt is WeightFormat.MXFP4:  # the power of two at or above: the block maximum is not clipped
@@ -188,7 +189,7 @@ def encode(
     scaled = blocks / scales[:, None, :]
     if fmt.is_integer:
         symmetric = zero_points is None
-        qmin, qmax = _int_range(fmt.bits, symmetric)
+        qmin, qmax = integer_range(fmt.bits, symmetric)
         if not symmetric:
             scaled = scaled + zero_points[:, None, :]  # type: ignore[index]
         return np.clip(np.rint(scaled), qmin, qmax).astype(np.int8 if symmetric else np.uint8)
@@ -228,7 +229,7 @@ def code_units(
         ones = np.ones_like(scales)
         return decode(encode(blocks, scales, zero_points, fmt), ones, zero_points, fmt)
     symmetric = zero_points is None
-    qmin, qmax = _int_range(fmt.bits, symmetric)
+    qmin, qmax = integer_range(fmt.bits, symmetric)
     units = blocks / scales[:, None, :]
     if symmetric:
         np.rint(units, out=units)

@@ -36,6 +36,7 @@ from qcompiler.reducers import Gram
 from qcompiler.rewrites.awq import awq_scales
 from qcompiler.rewrites.canonical import write_canonical
 from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
+from qcompiler.rewrites.hqq import hqq
 from qcompiler.rewrites.scale_estimation import estimate_scales
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups, fold_precheck
 from qcompiler.weight_formats import CompressedWeight, quantize, resolve_block_size
@@ -263,6 +264,9 @@ def compress_unit(
     if main and options.scale_estimation:
         compressed = estimate_scales(weight, gram, unit.format, block, symmetric=unit.symmetric)  # type: ignore[arg-type]
         steps.append("scale_estimation")
+    elif options.hqq and unit.format.is_integer:
+        compressed = hqq(weight, unit.format, block, symmetric=unit.symmetric)
+        steps.append("hqq")
     else:
         compressed = quantize(weight, unit.format, block, symmetric=unit.symmetric)
         steps.append("rtn")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import qcompiler
 from qcompiler.options import WeightFormat
 from qcompiler.reducers import Gram, GramReducer
 from qcompiler.rewrites.awq import awq_scales
@@ -203,3 +204,43 @@ def test_in_graph_grams_of_several_tensors_and_block_sizes_land_in_their_slots(r
         np.testing.assert_allclose(
             result.blocks, expected.diagonal_blocks(request.size), rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_hqq_spends_its_error_on_the_outlier_and_never_loses_to_rtn_on_its_objective(symmetric):
+    """A block with one outlier row: RTN's step covers the outlier, HQQ's robust fit represents the
+    other weights more finely (lower error on them) and its l_0.7 error is never above RTN's."""
+    from qcompiler.rewrites.hqq import LP_NORM, hqq
+    from qcompiler.weight_formats import integer_range, quantize, to_blocks
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((128, 32)).astype(np.float32)
+    weight[5] = 12.0
+    rtn = quantize(weight, WeightFormat.INT4, 64, symmetric=symmetric)
+    fitted = hqq(weight, WeightFormat.INT4, 64, symmetric=symmetric)
+    inliers = np.ones(weight.shape, bool)
+    inliers[5] = False
+    rtn_error, hqq_error = rtn.dequantize() - weight, fitted.dequantize() - weight
+    assert np.mean(hqq_error[inliers] ** 2) < 0.92 * np.mean(rtn_error[inliers] ** 2)
+
+    def lp(error):
+        return np.mean(np.abs(to_blocks(error, 64)) ** LP_NORM, axis=1)
+
+    assert np.all(lp(hqq_error) <= lp(rtn_error) + 1e-6)
+    low, high = integer_range(4, symmetric)
+    assert fitted.codes.min() >= low and fitted.codes.max() <= high
+    if not symmetric:
+        assert fitted.zero_points is not None and fitted.zero_points.max() <= high
+
+
+def test_hqq_is_the_data_free_option_and_refuses_float_formats(tmp_path):
+    from qcompiler.rewrites.hqq import hqq
+
+    with pytest.raises(ValueError, match="integer codes"):
+        hqq(np.ones((32, 4), np.float32), WeightFormat.NF4, 32, symmetric=True)
+    from tests.test_compression import tiny_decoder
+
+    options = qcompiler.CompileOptions(compression=qcompiler.CompressionOptions(group_size=32, hqq=True))
+    result = qcompiler.compile(tiny_decoder(), "ort-cpu", options, progress=False)  # no data needed
+    hows = {layer["how"] for layer in result.report.compression["layers"].values()}
+    assert all(how.endswith("; hqq") for how in hows) and {how[:4] for how in hows} == {"int4", "int8"}
