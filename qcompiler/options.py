@@ -178,8 +178,9 @@ class CompressionOptions:
         awq: per-channel scale search folded into the producer (AWQ), on calibration statistics.
         scale_estimation: refit every block's scale against the activation-weighted error.
         gptq: GPTQ's error-feedback rounding (Hessian from calibration data).
-        hqq: data-free HQQ (robust l_p fit of scales and zero points) instead of RTN for integer
-            formats, where scale estimation does not refit them.
+        hqq: data-free HQQ (robust l_p fit of scales and zero points) instead of RTN for 4-bit
+            integer weights, where scale estimation does not refit them (INT8 backups stay RTN:
+            HQQ on MiniLM's 30522 x 384 embedding cost 6 s for no measurable gain).
         ratio: fraction of the compressible MatMul weights (by size) in `format`; the rest, the
             most sensitive ones, in INT8.
         backup_layers: keep the embeddings and the last MatMul in INT8 (NNCF's default policy).
