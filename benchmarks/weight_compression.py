@@ -59,6 +59,8 @@ PEERS = {
     "nncf-awq-se": "NNCF compress_weights (OpenVINO), awq=True, scale_estimation=True",
     "nncf-se": "NNCF compress_weights (OpenVINO), scale_estimation=True",
     "nncf-gptq": "NNCF compress_weights (OpenVINO), gptq=True",
+    "nncf-onnx-rtn": "NNCF compress_weights (ONNX backend), data-free",
+    "nncf-onnx-awq-se": "NNCF compress_weights (ONNX backend), awq=True, scale_estimation=True",
     "ort-rtn": "onnxruntime MatMulNBitsQuantizer, RTN",
     "ort-hqq": "onnxruntime MatMulNBitsQuantizer, HQQ",
 }
@@ -123,6 +125,23 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
             model, target, qcompiler.CompileOptions(compression=compression), data=feeds, progress=False
         )
         peers.save_result(result, output)
+    elif tool.startswith("nncf-onnx"):
+        import nncf
+        import onnx
+
+        mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
+        data_aware = tool != "nncf-onnx-rtn"
+        compressed = nncf.compress_weights(
+            onnx.load(str(model)),
+            mode=mode,
+            group_size=group,
+            ratio=1.0,
+            dataset=nncf.Dataset(feeds) if data_aware else None,
+            subset_size=len(feeds),
+            awq="awq" in tool,
+            scale_estimation="se" in tool,
+        )
+        onnx.save(compressed, str(output))
     elif tool.startswith("nncf"):
         import nncf
         import openvino as ov
@@ -265,7 +284,9 @@ def main() -> None:
                 ov.convert_model(str(evaluator.model_path)), str(openvino_ir), compress_to_fp16=False
             )
         for tool in tools:
-            openvino = tool.startswith("nncf") or tool in OPENVINO_TOOLS
+            openvino = (
+                tool.startswith("nncf") and not tool.startswith("nncf-onnx")
+            ) or tool in OPENVINO_TOOLS
             source = openvino_ir if tool in IR_INPUT_TOOLS else evaluator.model_path
             output = work / (f"{tool}.xml" if openvino else f"{tool}.onnx")
             command = [

@@ -264,8 +264,8 @@ def compress_unit(
     if main and options.scale_estimation:
         compressed = estimate_scales(weight, gram, unit.format, block, symmetric=unit.symmetric)  # type: ignore[arg-type]
         steps.append("scale_estimation")
-    elif options.hqq and unit.format.is_integer and unit.format.bits == 4:  # INT8 backups: RTN is near exact
-        compressed = hqq(weight, unit.format, block, symmetric=unit.symmetric)
+    elif options.hqq and unit.format.bits == 4 and not unit.symmetric:  # INT8 backups: RTN is near exact
+        compressed = hqq(weight, unit.format, block)
         steps.append("hqq")
     else:
         compressed = quantize(weight, unit.format, block, symmetric=unit.symmetric)

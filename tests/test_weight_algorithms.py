@@ -206,8 +206,7 @@ def test_in_graph_grams_of_several_tensors_and_block_sizes_land_in_their_slots(r
         )
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_hqq_spends_its_error_on_the_outlier_and_never_loses_to_rtn_on_its_objective(symmetric):
+def test_hqq_spends_its_error_on_the_outlier_and_never_loses_to_rtn_on_its_objective():
     """A block with one outlier row: RTN's step covers the outlier, HQQ's robust fit represents the
     other weights more finely (lower error on them) and its l_0.7 error is never above RTN's."""
     from qcompiler.rewrites.hqq import LP_NORM, hqq
@@ -216,8 +215,8 @@ def test_hqq_spends_its_error_on_the_outlier_and_never_loses_to_rtn_on_its_objec
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((128, 32)).astype(np.float32)
     weight[5] = 12.0
-    rtn = quantize(weight, WeightFormat.INT4, 64, symmetric=symmetric)
-    fitted = hqq(weight, WeightFormat.INT4, 64, symmetric=symmetric)
+    rtn = quantize(weight, WeightFormat.INT4, 64, symmetric=False)
+    fitted = hqq(weight, WeightFormat.INT4, 64)
     inliers = np.ones(weight.shape, bool)
     inliers[5] = False
     rtn_error, hqq_error = rtn.dequantize() - weight, fitted.dequantize() - weight
@@ -227,17 +226,18 @@ def test_hqq_spends_its_error_on_the_outlier_and_never_loses_to_rtn_on_its_objec
         return np.mean(np.abs(to_blocks(error, 64)) ** LP_NORM, axis=1)
 
     assert np.all(lp(hqq_error) <= lp(rtn_error) + 1e-6)
-    low, high = integer_range(4, symmetric)
+    low, high = integer_range(4, False)
     assert fitted.codes.min() >= low and fitted.codes.max() <= high
-    if not symmetric:
-        assert fitted.zero_points is not None and fitted.zero_points.max() <= high
+    assert fitted.zero_points is not None and fitted.zero_points.max() <= high
 
 
 def test_hqq_is_the_data_free_option_and_refuses_float_formats(tmp_path):
     from qcompiler.rewrites.hqq import hqq
 
     with pytest.raises(ValueError, match="integer codes"):
-        hqq(np.ones((32, 4), np.float32), WeightFormat.NF4, 32, symmetric=True)
+        hqq(np.ones((32, 4), np.float32), WeightFormat.NF4, 32)
+    with pytest.raises(qcompiler.errors.OptionError, match="--hqq fits each block's scale and zero point"):
+        qcompiler.CompressionOptions(symmetric=True, hqq=True)
     from tests.test_compression import tiny_decoder
 
     options = qcompiler.CompileOptions(compression=qcompiler.CompressionOptions(group_size=32, hqq=True))
