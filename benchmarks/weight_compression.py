@@ -308,11 +308,17 @@ def main() -> None:
                 print(tool, rows[tool], file=sys.stderr, flush=True)
                 continue
             measured = json.loads(process.stdout.strip().splitlines()[-1])
-            rows[tool] = {
-                "description": describe(tool, args.model_name),
-                **measured,
-                **evaluator.measure(output),
-            }
+            try:
+                evaluated = evaluator.measure(output)
+            except Exception as exc:  # a peer's artifact its runtime refuses is a result too
+                rows[tool] = {
+                    "description": describe(tool, args.model_name),
+                    **measured,
+                    "error": f"compiled, but does not run: {str(exc).splitlines()[-1][:250]}",
+                }
+                print(tool, rows[tool], file=sys.stderr, flush=True)
+                continue
+            rows[tool] = {"description": describe(tool, args.model_name), **measured, **evaluated}
             if "perplexity" in rows[tool]:
                 change = 100 * (rows[tool]["perplexity"] / rows["fp32"]["perplexity"] - 1)
                 rows[tool]["perplexity_vs_fp32"] = f"{change:+.1f} %"
