@@ -110,6 +110,26 @@ def describe(tool: str, model: str) -> str:
     return f"{PEERS[tool]}, {mode}" + ("; embeddings and last layer INT8 (default)" if "nncf" in tool else "")
 
 
+def nncf_int4(model, tool: str, symmetric: bool, group: int, feeds):
+    """NNCF compress_weights INT4 on `model` (an openvino.Model or onnx.ModelProto); the tool's
+    name says which algorithms (``rtn`` tools are data-free)."""
+    import nncf
+
+    data_aware = not tool.endswith("-rtn")
+    options = {"gptq": True} if "gptq" in tool else {}  # the ONNX backend has no GPTQ argument
+    return nncf.compress_weights(
+        model,
+        mode=nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM,
+        group_size=group,
+        ratio=1.0,
+        dataset=nncf.Dataset(feeds) if data_aware else None,
+        subset_size=len(feeds),
+        awq="awq" in tool,
+        scale_estimation="se" in tool,
+        **options,
+    )
+
+
 def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output: pathlib.Path) -> None:
     """Run one tool; writes `output` (.onnx, or .xml for NNCF and the openvino-cpu tools)."""
     fmt, symmetric, group = _mode(tool, model_name)
@@ -126,22 +146,9 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
         )
         peers.save_result(result, output)
     elif tool.startswith("nncf-onnx"):
-        import nncf
         import onnx
 
-        mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
-        data_aware = tool != "nncf-onnx-rtn"
-        compressed = nncf.compress_weights(
-            onnx.load(str(model)),
-            mode=mode,
-            group_size=group,
-            ratio=1.0,
-            dataset=nncf.Dataset(feeds) if data_aware else None,
-            subset_size=len(feeds),
-            awq="awq" in tool,
-            scale_estimation="se" in tool,
-        )
-        onnx.save(compressed, str(output))
+        onnx.save(nncf_int4(onnx.load(str(model)), tool, symmetric, group, feeds), str(output))
     elif tool.startswith("nncf"):
         import nncf
         import openvino as ov
@@ -151,19 +158,7 @@ def compile_with(tool: str, model_name: str, model: pathlib.Path, feeds, output:
                 ov.convert_model(str(model)), mode=nncf.CompressWeightsMode.INT8_ASYM
             )
         else:
-            mode = nncf.CompressWeightsMode.INT4_SYM if symmetric else nncf.CompressWeightsMode.INT4_ASYM
-            data_aware = tool != "nncf-rtn"
-            compressed = nncf.compress_weights(
-                ov.convert_model(str(model)),
-                mode=mode,
-                group_size=group,
-                ratio=1.0,
-                dataset=nncf.Dataset(feeds) if data_aware else None,
-                subset_size=len(feeds),
-                awq="awq" in tool,
-                scale_estimation="se" in tool,
-                gptq="gptq" in tool,
-            )
+            compressed = nncf_int4(ov.convert_model(str(model)), tool, symmetric, group, feeds)
         ov.save_model(compressed, str(output), compress_to_fp16=False)
     elif tool.startswith("ort"):
         import onnx

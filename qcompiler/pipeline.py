@@ -22,17 +22,23 @@ from qcompiler.accuracy import AccuracyBudgetError, budget_message, run_search
 from qcompiler.backends import backend_for
 from qcompiler.calibration import StatKey, StatKind, StatRequest
 from qcompiler.data import FeedIterable, input_specs, peek_check
-from qcompiler.errors import OptionError, UnsupportedModelError
+from qcompiler.errors import OptionError
 from qcompiler.evaluation import Evaluator, validation_evaluator
+from qcompiler.model_checks import check_openvino_input, refuse_quantized, require_opset
 from qcompiler.options import (
     CalibrationRuntime,
     CompileOptions,
     CompressionOptions,
     QuantType,
-    WeightFormat,
 )
 from qcompiler.report import Report, peak_rss_mb, versions
-from qcompiler.rewrites.compression import compress_weights, gram_statistics, plan_compression, stat_requests
+from qcompiler.rewrites.compression import (
+    compress_embedding_tables,
+    compress_weights,
+    gram_statistics,
+    plan_compression,
+    stat_requests,
+)
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
@@ -116,9 +122,9 @@ def compile(  # noqa: A001 - the public name the design promises
     if report.data["synthetic"]:
         report.warnings.append("calibrated on synthetic random inputs: accuracy is not representative")
 
-    _refuse_quantized(working)
-    _require_opset(working, resolved)
-    from_openvino = _check_openvino_input(working, resolved)
+    refuse_quantized(working)
+    require_opset(working, resolved)
+    from_openvino = check_openvino_input(working, resolved)
     if data is not None:
         specs = input_specs(working)
         with report.timed("validate_data"):
@@ -205,7 +211,7 @@ def _quantize_static(
     embeddings = None
     if resolved.int8_embeddings:  # before the fallback's float reference is compared with candidates
         with report.timed("embeddings"):
-            embeddings = _compress_embeddings(working, options, resolved)
+            embeddings = compress_embedding_tables(working, options.ignored)
     plan = plan_quantizers(working, resolved, options)
     requests = plan.stat_requests(options.activations.range_method, options.activations.sample_rows)  # type: ignore[arg-type]
     missing = [request for request in requests if request.key not in known]
@@ -360,20 +366,6 @@ def _compress_weights(
     return working
 
 
-def _compress_embeddings(working: ir.Model, options: CompileOptions, target: Target) -> dict[str, object]:
-    """Store the embedding tables INT8 (weight-only, the backup layers' blocks) in a W8A8 model.
-
-    Their Gathers compute nothing a quantizer would speed up; the table is most of a small
-    encoder's bytes (MiniLM: 47 of 90 MB).
-    """
-    # the backup layers' format: INT8 asymmetric in blocks (every OpenVINO device runs it, NPU included)
-    compression = CompressionOptions(format=WeightFormat.INT8, group_size=0, backup_layers=True)
-    units, _ = plan_compression(working, compression, options.ignored)
-    units = [unit for unit in units if unit.role == "embedding"]
-    fit_groups(units, target)
-    return compress_weights(working, units, {}, compression, options.ignored, progress=False)
-
-
 def smooth_quant(
     model: ir.Model, data: DataArg, options: CompileOptions, activation_type: QuantType, *, progress: bool
 ) -> tuple[dict[str, dict[str, object]], dict[StatKey, object], int]:
@@ -437,58 +429,6 @@ def smooth_quant(
         assert read is not None
         derived[StatRequest(read, StatKind.MINMAX).key] = ranges[id(group)]
     return summary, derived, statistics.batches
-
-
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "MatMulNBits",
-        "MatMulInteger",
-        "ConvInteger",
-        "QLinearMatMul",
-        "QLinearConv",
-        "QGemm",
-        "FakeQuantize",
-    }
-)
-
-
-def _refuse_quantized(model: ir.Model) -> None:
-    """A model that already holds quantized ops would be quantized twice: name the first one."""
-    for node in model.graph:
-        if node.op_type in QUANTIZED_OPS:
-            source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
-            raise UnsupportedModelError(
-                f"{source}: already quantized (node {node.name!r} is {node.op_type}); pass the float model"
-            )
-
-
-def _check_openvino_input(model: ir.Model, target: Target) -> bool:
-    """Whether `model` was read from OpenVINO IR; such a model compiles for OpenVINO targets only."""
-    from qcompiler.backends.openvino.dialect import is_openvino_dialect
-
-    if not is_openvino_dialect(model):
-        return False
-    if target.backend != "openvino":
-        source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
-        raise OptionError(
-            f"{source}: an OpenVINO IR model compiles for openvino-cpu/gpu/npu only, not {target.name}; "
-            "pass the ONNX model for onnxruntime targets"
-        )
-    return True
-
-
-def _require_opset(model: ir.Model, target: Target) -> None:
-    """Fail before any work when the model's opset is below what the target's form needs."""
-    opset = model.opset_imports.get("", 0)
-    if opset < target.min_opset:
-        source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
-        raise UnsupportedModelError(
-            f"{source}: opset {opset} < {target.min_opset}, the lowest {target.name} can quantize "
-            "(per-channel QuantizeLinear); re-export the model with a newer opset"
-        )
 
 
 def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:

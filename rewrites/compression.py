@@ -380,3 +380,15 @@ def _record(
         entry["sensitivity"] = sensitivity[str(unit.node.name)]
     layers[str(unit.node.name)] = entry
     write_canonical(model.graph, unit, compressed, how)
+
+
+def compress_embedding_tables(model: ir.Model, ignored: IgnoredScope) -> dict[str, object]:
+    """Store the embedding tables INT8 (weight-only, the backup layers' format and blocks) in place.
+
+    For a W8A8 model on targets that want it (`Target.int8_embeddings`): the Gathers compute
+    nothing a quantizer would speed up, but the table is most of a small encoder's bytes (MiniLM:
+    47 of 90 MB). Returns the report section of `compress_weights`.
+    """
+    options = CompressionOptions(format=WeightFormat.INT8, group_size=0, backup_layers=True)
+    units = [unit for unit in plan_compression(model, options, ignored)[0] if unit.role == "embedding"]
+    return compress_weights(model, units, {}, options, ignored, progress=False)
