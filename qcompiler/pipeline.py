@@ -208,10 +208,6 @@ def _quantize_static(
             report.smooth_quant, known, batches = smooth_quant(
                 working, data, options, activation_type, progress=progress
             )
-    embeddings = None
-    if resolved.int8_embeddings:  # before the fallback's float reference is compared with candidates
-        with report.timed("embeddings"):
-            embeddings = compress_embedding_tables(working, options.ignored)
     plan = plan_quantizers(working, resolved, options)
     requests = plan.stat_requests(options.activations.range_method, options.activations.sample_rows)  # type: ignore[arg-type]
     missing = [request for request in requests if request.key not in known]
@@ -229,6 +225,12 @@ def _quantize_static(
             ).with_results(known)
     report.data["batches"] = statistics.batches
     report.data["calibration_runs"] = int(bool(options.smooth_quant.enabled)) + int(bool(missing))
+    embeddings = None
+    # After calibration (onnxruntime's static calibration has no blocked DequantizeLinear before opset
+    # 21), before the fallback builds its candidates (their drops then include the tables' rounding).
+    if resolved.int8_embeddings:
+        with report.timed("embeddings"):
+            embeddings = compress_embedding_tables(working, options.ignored)
     if evaluator is not None:
         candidates = StaticCandidates(
             working, static_groups(plan, resolved), resolved, options, statistics, activation_type, backend

@@ -511,3 +511,29 @@ def test_w8a8_stores_embedding_tables_int8_on_openvino_only():
     assert [n.op_type for n in onnxruntime.model.graph if n.op_type == "Gather"] == ["Gather"]
     table = onnxruntime.model.graph.node("embed").inputs[0]
     assert table.const_value is not None and table.dtype == ir.DataType.FLOAT
+
+
+def test_embedding_tables_are_compressed_after_the_static_calibration_run():
+    """A blocked INT8 table (a DequantizeLinear with block_size, opset 21) must not reach
+    onnxruntime's static calibration of an opset-17 model: without SmoothQuant the ranges come from
+    that run, which used to fail on the compressed table."""
+    rng = np.random.default_rng(2)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", 6]))
+    graph = ir.Graph([ids], [], nodes=[], name="embedding_then_matmul")
+    table = const(graph, "table", rng.standard_normal((40, 256)).astype(np.float32))
+    hidden = add(graph, "Gather", [table, ids], "embed")
+    graph.outputs.append(
+        add(
+            graph,
+            "MatMul",
+            [hidden, const(graph, "w", rng.standard_normal((256, 8)).astype(np.float32))],
+            "fc",
+        )
+    )
+    options = CompileOptions(
+        preset=Preset.TRANSFORMER, smooth_quant=qcompiler.SmoothQuantOptions(enabled=False)
+    )
+    feeds = [{"ids": rng.integers(0, 40, (2, 6))} for _ in range(4)]
+    result = qcompiler.compile(model_of(graph), "openvino-cpu", options, data=feeds, progress=False)
+    assert result.report.compression["layers"]["embed"]["how"] == "int8 asym group 128; rtn"
+    assert result.report.data["calibration_runs"] == 1 and len(result.report.activation_quantizers) == 1
