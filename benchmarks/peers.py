@@ -83,6 +83,13 @@ def replace_section(path: pathlib.Path, heading: str, section: str) -> None:
     path.write_text(text)
 
 
+def write_table_section(heading: str, intro: str, table: list[str], rows: dict[str, dict]) -> None:
+    """Replace ``## heading`` in docs/benchmarks.md: the intro, the table lines, each row's description."""
+    legend = "\n".join(f"- `{name}`: {row['description']}" for name, row in rows.items())
+    section = f"## {heading}\n\n{intro}\n\n" + "\n".join(table) + f"\n\n{legend}\n"
+    replace_section(pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", heading, section)
+
+
 def version_of(name: str) -> str:
     """Installed version of a distribution, or "not installed"."""
     import importlib.metadata

@@ -155,31 +155,24 @@ def kv_decoder() -> ir.Model:
         gain = const(graph, f"{name}_weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
         return add(graph, "Mul", [gain, add(graph, "Mul", [value, inverse], f"{name}_mul")], f"{name}_scale")
 
+    def projection(value: ir.Value, prefix: str, kind: str, heads: int) -> ir.Value:
+        """value @ W -> [B, heads, S, HEAD] (the export's Reshape -> Transpose)."""
+        matmul = add(
+            graph,
+            "MatMul",
+            [value, weight(f"{prefix}_w{kind}", HIDDEN, heads * HEAD)],
+            f"{prefix}_{kind}_proj",
+        )
+        return heads_first(matmul, heads, f"{prefix}_{kind}")
+
     scale = const(graph, "root_scale", np.float32(HEAD**-0.25))
     for layer in range(LAYERS):
         p = f"l{layer}"
         h = rms_norm(x, f"{p}_norm")
-        q = rotate(
-            heads_first(
-                add(graph, "MatMul", [h, weight(f"{p}_wq", HIDDEN, HEADS * HEAD)], f"{p}_q_proj"),
-                HEADS,
-                f"{p}_q",
-            ),
-            f"{p}_q",
-        )
-        k = rotate(
-            heads_first(
-                add(graph, "MatMul", [h, weight(f"{p}_wk", HIDDEN, KV_HEADS * HEAD)], f"{p}_k_proj"),
-                KV_HEADS,
-                f"{p}_k",
-            ),
-            f"{p}_k",
-        )
-        v = heads_first(
-            add(graph, "MatMul", [h, weight(f"{p}_wv", HIDDEN, KV_HEADS * HEAD)], f"{p}_v_proj"),
-            KV_HEADS,
-            f"{p}_v",
-        )
+
+        q = rotate(projection(h, p, "q", HEADS), f"{p}_q")
+        k = rotate(projection(h, p, "k", KV_HEADS), f"{p}_k")
+        v = projection(h, p, "v", KV_HEADS)
         present = []
         for kind, new, past in (("key", k, caches[2 * layer]), ("value", v, caches[2 * layer + 1])):
             concat = add(graph, "Concat", [past, new], f"{p}_present_{kind}", axis=-2)
