@@ -3,7 +3,9 @@
 The package bundles ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers dequantizes it to an FP32
 Llama model (needs ``gguf`` and ``accelerate``), which is exported with the dynamo exporter at
 opset 17 (``logits = model(input_ids, attention_mask, use_cache=False)``, 542 MB) and checked
-against PyTorch. The tokenizer is saved as ``tokenizer.json`` beside the model.
+against PyTorch. The weights are stored as external data (``SmolLM2-135M-Instruct.onnx.data``,
+as LLM exports usually are), so loading memory-maps them instead of parsing 542 MB into memory.
+The tokenizer is saved as ``tokenizer.json`` beside the model.
 
 Caveat (../shared/MODELS.md): every Linear weight was stored as GGUF Q4_1 (asymmetric 4-bit, group
 32), so INT4 asymmetric group-32 RTN reproduces them almost exactly; judge INT4 methods at group
@@ -36,6 +38,7 @@ from qcompiler.models import build_cli, cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = "SmolLM2-135M-Instruct.onnx"
+DATA_NAME = FILE_NAME + ".data"
 TOKENIZER_FOLDER = "SmolLM2-135M-Instruct.tokenizer"
 HF_FOLDER = "SmolLM2-135M-Instruct.hf"
 EXPORT_TOLERANCE = 1e-3  # logits are O(30); float32 reassociation across 30 layers
@@ -105,8 +108,18 @@ def export(folder: pathlib.Path) -> pathlib.Path:
         error = float(np.abs(got - expected).max())
         if error > EXPORT_TOLERANCE:
             raise QCompileError(f"SmolLM2 export differs from PyTorch by {error:.2e} (> {EXPORT_TOLERANCE})")
-        staged.replace(path)
+        del session
+        externalize(staged, path)
     return path
+
+
+def externalize(source: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+    """Write the model at `source` to `path` with its weights in ``<name>.data`` (atomically)."""
+    import onnx_ir as ir
+
+    from qcompiler.io import save
+
+    return save(ir.load(source), path, external_data=True)
 
 
 def save_hf(folder: pathlib.Path | None = None) -> pathlib.Path:
@@ -147,6 +160,8 @@ def build(folder: pathlib.Path | None = None, *, force: bool = False) -> pathlib
     path = folder / FILE_NAME
     if force or not path.exists() or not (folder / TOKENIZER_FOLDER / "tokenizer.json").exists():
         export(folder)
+    elif not (folder / DATA_NAME).exists():  # built inline by an earlier version
+        externalize(path, path)
     return path
 
 

@@ -16,11 +16,13 @@ from typing import cast
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from tqdm.auto import tqdm
 
 from qcompiler.data import input_specs, validated
-from qcompiler.irutil import add_initializer
+from qcompiler.irutil import add_initializer, release_mapped
 from qcompiler.options import CalibrationRuntime
+from qcompiler.pieces import Piece, split, weight_bytes
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
     GramReducer,
@@ -310,6 +312,7 @@ def collect(
     progress: bool = True,
     description: str = "calibrating",
     runtime: CalibrationRuntime = CalibrationRuntime.ONNXRUNTIME,
+    piece_bytes: int | None = None,
 ) -> Statistics:
     """Run `data` once through `model` and reduce every requested statistic.
 
@@ -322,6 +325,9 @@ def collect(
         progress: show a tqdm bar.
         description: label of the progress bar.
         runtime: where the model runs (`CalibrationRuntime`).
+        piece_bytes: a model whose weights (those the statistics need) exceed this runs piece by
+            piece, each holding about this many bytes of weights (`qcompiler.pieces`); None runs it
+            whole.
     """
     merged: dict[StatKey, StatRequest] = {}
     for request in requests:
@@ -338,36 +344,115 @@ def collect(
         else:
             runtime_keys.append(key)
 
+    batches = 0
+    if runtime_keys:
+        batches = _run(
+            model,
+            merged,
+            runtime_keys,
+            reducers,
+            data,
+            max_batches,
+            progress,
+            description,
+            runtime,
+            piece_bytes,
+        )
+        for key in runtime_keys:
+            results[key] = reducers[key].result()
+    return Statistics(results, batches)
+
+
+def _run(
+    model: ir.Model,
+    merged: Mapping[StatKey, StatRequest],
+    runtime_keys: list[StatKey],
+    reducers: Mapping[StatKey, Reducer],
+    data: Iterable[Mapping[str, np.ndarray]],
+    max_batches: int | None,
+    progress: bool,
+    description: str,
+    runtime: CalibrationRuntime,
+    piece_bytes: int | None,
+) -> int:
+    """Run the data through the model (whole or piece by piece) into the reducers; return the batch count.
+
+    Piece by piece, each piece runs over every batch before the next is compiled, and the
+    tensors later pieces read are kept per batch in between.
+    """
     specs = input_specs(model)
     input_names = {spec.name for spec in specs}
     grams = [key for key in runtime_keys if merged[key].kind is StatKind.GRAM]
     rows = _rows_per_batch(next(iter(data))) if grams else 0  # the first batch stands for all
     in_graph = {key for key in grams if _gram_in_graph(merged[key], rows)}
     fetch = sorted({key[0] for key in runtime_keys if key not in in_graph} - input_names)
+    gram_sources = sorted({key[0] for key in in_graph} - input_names)
+    clone = _with_outputs(model, fetch + gram_sources)
+    common.RemoveUnusedNodesPass()(clone)
+    if piece_bytes is not None and weight_bytes(clone) > piece_bytes:
+        parts = split(clone, piece_bytes, keep=fetch)
+    else:
+        clone.graph.outputs[:] = [value for value in clone.graph.outputs if str(value.name) in fetch]
+        parts = [Piece(clone, sorted(input_names), [])]
+    del clone
+    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    bar = tqdm(
+        total=total * len(parts) if total is not None else None,
+        desc=description,
+        unit="batch",
+        disable=not progress,
+    )
+    stream: Iterable[Mapping[str, np.ndarray]] = validated(data, specs, "calibration data", limit=max_batches)
+    pending = {key: merged[key] for key in in_graph}
     batches = 0
-    if runtime_keys:
-        clone = _with_outputs(model, fetch)
-        gram_slots = _add_gram_outputs(clone, {key: merged[key] for key in in_graph})
-        names = fetch + sorted({slot.products for slot in gram_slots.values()})
-        names += [GRAM_COUNTS] if gram_slots else []
-        run = _runner(clone, runtime)
-        del clone
-        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-        if max_batches is not None and total is not None:
-            total = min(total, max_batches)
-        stream = validated(data, specs, "calibration data", limit=max_batches)
-        for feed in tqdm(stream, total=total, desc=description, unit="batch", disable=not progress):
-            outputs = dict(zip(names, run(names, feed), strict=True)) if names else {}
-            outputs.update({name: feed[name] for name in input_names})
-            for key in runtime_keys:
-                if key in gram_slots:
-                    slot = gram_slots[key]
+    for number, part in enumerate(parts):
+        available = {str(value.name) for value in part.model.graph.inputs}
+        available.update(str(output.name) for node in part.model.graph for output in node.outputs)
+        here = {key: request for key, request in pending.items() if key[0] in available}
+        for key in here:
+            del pending[key]
+        slots = _add_gram_outputs(part.model, here)
+        outputs_here = {str(value.name) for value in part.model.graph.outputs}
+        fetched = [name for name in fetch if name in outputs_here]
+        names = (
+            fetched + sorted({slot.products for slot in slots.values()}) + ([GRAM_COUNTS] if slots else [])
+        )
+        names += [name for name in part.carried if name not in names]
+        later = set().union(*(set(other.inputs) for other in parts[number + 1 :]))
+        reduce_keys = [
+            key for key in runtime_keys if key in slots or (key not in in_graph and key[0] in fetched)
+        ]
+        if number == 0:  # statistics of the model's inputs come from the feeds
+            reduce_keys += [key for key in runtime_keys if key[0] in input_names and key not in in_graph]
+        run = _runner(part.model, runtime) if names else None  # None: statistics of inputs only
+        for value in part.model.graph.initializers.values():  # the runtime holds its own copy
+            release_mapped(value.const_value)
+        kept: list[dict[str, np.ndarray]] = []
+        for feed in stream:
+            outputs = {}
+            if run is not None:
+                outputs = dict(
+                    zip(names, run(names, {name: feed[name] for name in part.inputs}), strict=True)
+                )
+            outputs.update({name: feed[name] for name in input_names if name in feed})
+            for key in reduce_keys:
+                if key in slots:
+                    slot = slots[key]
                     reducers[key].add_product(  # type: ignore[attr-defined]
                         outputs[slot.products][slot.start : slot.stop], int(outputs[GRAM_COUNTS][slot.count])
                     )
                 else:
                     reducers[key].update(outputs[key[0]])
-            batches += 1
-        for key in runtime_keys:
-            results[key] = reducers[key].result()
-    return Statistics(results, batches)
+            if later:
+                carry = {name: array for name, array in feed.items() if name in later}
+                carry.update({name: outputs[name] for name in part.carried if name in later})
+                kept.append(carry)
+            if number == 0:
+                batches += 1
+            bar.update()
+        del run
+        stream = kept
+    bar.close()
+    return batches

@@ -8,6 +8,36 @@ import numpy as np
 import onnx_ir as ir
 
 
+def release_mapped(tensor: object) -> None:
+    """Unmap a memory-mapped weight (`ir.ExternalTensor`): its pages stop counting as ours.
+
+    Reading it again maps it again, so this is safe whoever else holds the tensor; passes call it
+    once they have their own copy, keeping a large model's resident weights to those in use. While
+    an array still views the mapping it stays until that array goes (the tensor maps anew).
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # views of it are alive; the mapping closes with the last of them
+            pass
+
+
+def forget_removed_io(graph: ir.Graph) -> None:
+    """Drop onnx_ir's records of values that are no longer graph inputs or outputs.
+
+    onnx_ir 1.1's graph input / output lists count each value's appearances in a Counter and
+    decrement on removal without deleting the key, so a value that was once an input or output
+    (passes move initializers in and out of the inputs) stays referenced, with every tensor later
+    assigned to it, for the graph's lifetime. On SmolLM2 that kept the AWQ-scaled float weights
+    (450 MB) alive after they had been compressed.
+    """
+    for values in (graph.inputs, graph.outputs):
+        counter = getattr(values, "_ref_counter", None)
+        if counter is not None:
+            for value in [value for value, count in counter.items() if count <= 0]:
+                del counter[value]
+
+
 def add_initializer(
     graph: ir.Graph, name: str, array: np.ndarray | np.generic, dtype: ir.DataType | None = None
 ) -> ir.Value:

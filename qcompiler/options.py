@@ -264,17 +264,23 @@ class CalibrationOptions:
         histogram_bins: bins of each activation histogram (percentile and MSE ranges).
         runtime: where the model runs; None: onnxruntime for static quantization (activation
             ranges in fp32), OpenVINO bf16-where-available for weight compression.
+        piece_bytes: models with more weight bytes than this run piece by piece, each piece
+            holding about this many (peak memory: one piece's weights in the runtime, not all);
+            None runs every model whole.
     """
 
     max_batches: int | None = None
     histogram_bins: int = 2048
     runtime: CalibrationRuntime | None = None
+    piece_bytes: int | None = 96 * 2**20
 
     def __post_init__(self) -> None:
         if self.max_batches is not None and self.max_batches < 1:
             raise OptionError(f"max_batches must be >= 1, got {self.max_batches}")
         if self.histogram_bins < 16:
             raise OptionError(f"histogram_bins must be >= 16, got {self.histogram_bins}")
+        if self.piece_bytes is not None and self.piece_bytes < 1:
+            raise OptionError(f"piece_bytes must be >= 1 or None, got {self.piece_bytes}")
 
 
 class DropType(enum.Enum):

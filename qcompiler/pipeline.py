@@ -220,6 +220,7 @@ def _quantize_static(
                 data,
                 histogram_bins=options.calibration.histogram_bins,
                 max_batches=options.calibration.max_batches,
+                piece_bytes=options.calibration.piece_bytes,
                 progress=progress,
                 runtime=options.calibration.runtime or CalibrationRuntime.ONNXRUNTIME,
             ).with_results(known)
@@ -322,6 +323,7 @@ def _compress_weights(
                 requests,
                 data,  # type: ignore[arg-type]
                 max_batches=options.calibration.max_batches,
+                piece_bytes=options.calibration.piece_bytes,
                 progress=progress,
                 description="calibrating (weight compression)",
                 runtime=options.calibration.runtime or CalibrationRuntime.OPENVINO_FAST,
@@ -388,6 +390,7 @@ def smooth_quant(
         requests,
         data,
         max_batches=options.calibration.max_batches,
+        piece_bytes=options.calibration.piece_bytes,
         progress=progress,
         description="calibrating (SmoothQuant)",
         runtime=options.calibration.runtime or CalibrationRuntime.ONNXRUNTIME,

@@ -249,6 +249,37 @@ def fake_quantize(
     return code_units(blocks, scales, zero_points, fmt) * scales[:, None, :]
 
 
+SLICE_BYTES = 16 * 2**20
+"""Float32 bytes of weight the algorithms take at once (`column_slice`)."""
+
+
+def column_slice(shape: tuple[int, ...]) -> int:
+    """Columns of a [K, N] weight to process at once: all of them unless over twice `SLICE_BYTES`.
+
+    Every algorithm here treats output columns independently (blocks run along K), so a large
+    weight is done in slices and joined (`join_columns`), bounding the temporaries.
+    """
+    rows, columns = int(shape[0]), int(shape[1])
+    step = max(1, SLICE_BYTES // (4 * max(rows, 1)))
+    return columns if columns <= 2 * step else step
+
+
+def join_columns(parts: list[CompressedWeight]) -> CompressedWeight:
+    """The weight whose column slices are `parts`, in order (same format, blocks, global scale)."""
+    first = parts[0]
+    zeros = None
+    if first.zero_points is not None:
+        zeros = np.concatenate([part.zero_points for part in parts], axis=1)  # type: ignore[misc]
+    return CompressedWeight(
+        first.format,
+        np.concatenate([part.codes for part in parts], axis=1),
+        np.concatenate([part.scales for part in parts], axis=1),
+        zeros,
+        first.block_size,
+        first.global_scale,
+    )
+
+
 def quantize(
     weight: np.ndarray,
     fmt: WeightFormat,
@@ -262,11 +293,27 @@ def quantize(
     """Compress W [K, N]; round-to-nearest scales unless `scales` (and zero points) are given.
 
     Formats other than asymmetric integers are symmetric by definition (`symmetric` is ignored).
+    Columns are independent: a large weight (an LLM's embedding table) is done in slices of
+    columns, so the temporaries stay a few times `SLICE_BYTES` rather than a few times the weight.
     """
     weight = np.asarray(weight, np.float32)
     symmetric = symmetric or not fmt.is_integer
     if fmt is WeightFormat.NVFP4 and global_scale is None:
         global_scale = nvfp4_global_scale(weight)
+    step = column_slice(weight.shape)
+    if scales is None and step < weight.shape[1]:
+        return join_columns(
+            [
+                quantize(
+                    weight[:, start : start + step],
+                    fmt,
+                    block_size,
+                    symmetric=symmetric,
+                    global_scale=global_scale,
+                )
+                for start in range(0, weight.shape[1], step)
+            ]
+        )
     blocks = to_blocks(weight, block_size)
     if scales is None:
         scales, zero_points = rtn_scales(blocks, fmt, symmetric=symmetric, global_scale=global_scale)

@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from qcompiler.calibration import Statistics, StatRequest
+from qcompiler.irutil import release_mapped
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.awq import awq_scales
@@ -39,7 +40,13 @@ from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
 from qcompiler.rewrites.hqq import hqq
 from qcompiler.rewrites.scale_estimation import estimate_scales
 from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups, fold_precheck
-from qcompiler.weight_formats import CompressedWeight, quantize, resolve_block_size
+from qcompiler.weight_formats import (
+    CompressedWeight,
+    column_slice,
+    join_columns,
+    quantize,
+    resolve_block_size,
+)
 
 BACKUP_FORMAT = WeightFormat.INT8
 
@@ -77,7 +84,11 @@ class WeightUnit:
 
         A table's rows are quantized along H, one scale per block of a row.
         """
-        array = self.weight.const_value.numpy()  # type: ignore[union-attr]
+        tensor = self.weight.const_value
+        array = tensor.numpy()  # type: ignore[union-attr]
+        if isinstance(tensor, ir.ExternalTensor):  # a copy, so the file's pages can go
+            array = np.array(array, np.float32)
+            release_mapped(tensor)
         return np.asarray(array.T if self.role == "embedding" else array, np.float32)
 
     @property
@@ -259,6 +270,33 @@ def compress_unit(
     """
     weight = unit.matrix()  # read once: a lazy external weight is read from disk per call
     block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
+    # NVFP4's tensor scale is the whole weight's, so it is not sliced
+    step = weight.shape[1] if unit.format is WeightFormat.NVFP4 else column_slice(weight.shape)
+    parts, steps = [], []
+    error, energy = 0.0, 0.0
+    for start in range(0, weight.shape[1], step):
+        part = weight[:, start : start + step]
+        compressed, steps = _run_algorithms(part, block, unit, gram, options, prepared)
+        if gram is not None:
+            error += gram.weighted_error(compressed.dequantize() - part)
+            energy += gram.weighted_error(part)
+        parts.append(compressed)
+    compressed = join_columns(parts) if len(parts) > 1 else parts[0]
+    relative = error / max(energy, 1e-30) if gram is not None else None
+    symmetry = "sym" if compressed.symmetric else "asym"
+    group = "per-channel" if block >= weight.shape[0] else f"group {block}"
+    return compressed, f"{unit.format.value} {symmetry} {group}; {'+'.join(steps)}", relative
+
+
+def _run_algorithms(
+    weight: np.ndarray,
+    block: int,
+    unit: WeightUnit,
+    gram: Gram | None,
+    options: CompressionOptions,
+    prepared: PreparedHessian | None,
+) -> tuple[CompressedWeight, list[str]]:
+    """The requested algorithms on W [K, N'] (all of the unit's columns or a slice of them)."""
     steps = []
     main = unit.role != "embedding" and gram is not None
     if main and options.scale_estimation:
@@ -273,14 +311,7 @@ def compress_unit(
     if main and options.gptq:
         compressed = gptq(weight, gram, compressed, damping=options.damping, prepared=prepared)  # type: ignore[arg-type]
         steps.append("gptq")
-    error = None
-    if gram is not None:
-        error = gram.weighted_error(compressed.dequantize() - weight) / max(
-            gram.weighted_error(weight), 1e-30
-        )
-    symmetry = "sym" if compressed.symmetric else "asym"
-    group = "per-channel" if block >= weight.shape[0] else f"group {block}"
-    return compressed, f"{unit.format.value} {symmetry} {group}; {'+'.join(steps)}", error
+    return compressed, steps
 
 
 def gram_statistics(statistics: Statistics, requests: list[StatRequest]) -> dict[str, Gram]:

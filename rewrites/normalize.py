@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants, optimize_ir
 
-from qcompiler.irutil import add_initializer
+from qcompiler.irutil import add_initializer, forget_removed_io, release_mapped
 
 
 class FoldWeightTransposePass(ir.passes.InPlacePass):
@@ -48,6 +48,8 @@ class FoldWeightTransposePass(ir.passes.InPlacePass):
         folded = add_initializer(
             graph, f"{node.inputs[0].name}_transposed", np.ascontiguousarray(np.transpose(array, perm))
         )
+        del array
+        release_mapped(node.inputs[0].const_value)  # the Gather's table: read again when needed
         output.replace_all_uses_with(folded)
         graph.remove(node, safe=True)
         return True
@@ -85,6 +87,7 @@ class NormalizePass(ir.passes.InPlacePass):
         common.NameFixPass()(model)
         common.ShapeInferencePass()(model)
         common.TopologicalSortPass()(model)
+        forget_removed_io(model.graph)
         return ir.passes.PassResult(model, modified=True)
 
 

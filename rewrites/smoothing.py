@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.irutil import add_initializer
+from qcompiler.irutil import add_initializer, release_mapped
 from qcompiler.options import IgnoredScope
 from qcompiler.rewrites.placement import linear_weight_rows
 
@@ -106,10 +106,47 @@ class ApplySmoothingPass(ir.passes.InPlacePass):
 
 def _own_constant(graph: ir.Graph, value: ir.Value, reader: ir.Node, array: np.ndarray) -> None:
     """Give `reader` the constant `array` in place of `value` (copying if others read `value`)."""
+    dtype = value.const_value.numpy().dtype  # type: ignore[union-attr]
+    _own_tensor(graph, value, reader, ir.tensor(array.astype(dtype)))
+
+
+def _own_scaled_weight(
+    graph: ir.Graph, value: ir.Value, reader: ir.Node, factor: np.ndarray, *, divide: bool = False
+) -> None:
+    """Give `reader` its weight times `factor` (or divided by it; broadcast), computed when read.
+
+    The product is an `ir.LazyTensor`: an LLM's AWQ-scaled weights are then made one at a time
+    as compression reads them, never all at once (SmolLM2: 450 MB).
+    """
+    source = value.const_value
+    assert source is not None
+
+    def scaled() -> ir.TensorProtocol:
+        array = source.numpy()
+        result = (array / factor if divide else array * factor).astype(array.dtype)
+        del array
+        release_mapped(source)
+        return ir.tensor(result)
+
+    _own_tensor(graph, value, reader, ir.LazyTensor(scaled, dtype=source.dtype, shape=source.shape))
+
+
+def _own_tensor(graph: ir.Graph, value: ir.Value, reader: ir.Node, tensor: ir.TensorProtocol) -> None:
+    """Make `tensor` what `reader` reads in place of `value` (a new initializer if others read `value`)."""
     if all(use.node is reader for use in value.uses()) and value.is_initializer():
-        value.const_value = ir.tensor(array.astype(value.const_value.numpy().dtype), name=value.name)  # type: ignore[union-attr]
+        old = value.const_value
+        tensor.name = value.name
+        value.const_value = tensor
+        release_mapped(old)
         return
-    copy = add_initializer(graph, f"{value.name}_smoothed", array.astype(value.const_value.numpy().dtype))  # type: ignore[union-attr]
+    name = f"{value.name}_smoothed"
+    suffix = 1
+    while name in graph.initializers:
+        name = f"{value.name}_smoothed_{suffix}"
+        suffix += 1
+    tensor.name = name
+    copy = ir.Value(name=name, const_value=tensor, type=value.type, shape=value.shape)
+    graph.register_initializer(copy)
     for use in list(value.uses()):
         if use.node is reader:
             reader.replace_input_with(use.idx, copy)
@@ -118,11 +155,10 @@ def _own_constant(graph: ir.Graph, value: ir.Value, reader: ir.Node, array: np.n
 def _scale_weight_rows(graph: ir.Graph, node: ir.Node, scales: np.ndarray) -> None:
     weight = _linear_weight(node)
     assert weight is not None and weight.const_value is not None
-    array = weight.const_value.numpy()
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0:
-        _own_constant(graph, weight, node, array * scales[None, :])
+        _own_scaled_weight(graph, weight, node, scales[None, :])
     else:
-        _own_constant(graph, weight, node, array * scales[:, None])
+        _own_scaled_weight(graph, weight, node, scales[:, None])
 
 
 def _channel_vector(value: ir.Value, channels: int) -> np.ndarray | None:
@@ -235,14 +271,13 @@ def _try_fold_linear_columns(graph: ir.Graph, node: ir.Node, scales: np.ndarray)
     weight = _linear_weight(node)
     if weight is None:
         return f"{node.op_type} '{node.name}' has no constant 2-D weight"
-    array = weight.const_value.numpy()  # type: ignore[union-attr]
     trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) != 0
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = _channel_vector(node.inputs[2], len(scales))
         if bias is None:
             return "Gemm bias is not a constant channel vector"
         _own_constant(graph, node.inputs[2], node, bias / scales)
-    _own_constant(graph, weight, node, array / scales[:, None] if trans_b else array / scales[None, :])
+    _own_scaled_weight(graph, weight, node, scales[:, None] if trans_b else scales[None, :], divide=True)
     return None
 
 

@@ -255,3 +255,26 @@ def test_pipeline_derives_quantizer_ranges_from_smoothquant_statistics():
     ).minmax(q.inputs[0])
     assert quantizer["observed_lo"] == pytest.approx(measured[0], rel=1e-5)
     assert quantizer["observed_hi"] == pytest.approx(measured[1], rel=1e-5)
+
+
+def test_scaled_weights_are_made_when_read_from_a_memory_mapped_model(tmp_path):
+    """Scaled weights are lazy products of the original, which is unmapped once they are made."""
+    model = rms_norm_model()
+    path = tmp_path / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data")
+    loaded = ir.load(path)
+    sources = {name: value.const_value for name, value in loaded.graph.initializers.items()}
+    groups, _ = _apply(loaded)
+    scaled = [node.inputs[1] for node in groups[0].consumers]
+    for value in scaled:
+        assert isinstance(value.const_value, ir.LazyTensor)
+        source = sources[str(value.name)]
+        assert isinstance(source, ir.ExternalTensor)
+        first = value.const_value.numpy()
+        assert source.raw is None  # read, scaled, unmapped
+        np.testing.assert_array_equal(value.const_value.numpy(), first)  # made again the same
+    feed = {
+        "x": np.random.default_rng(3).standard_normal(model.graph.inputs[0].shape.numpy()).astype(np.float32)
+    }
+    for a, b in zip(run(model, feed), run(loaded, feed), strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
