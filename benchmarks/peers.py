@@ -11,6 +11,15 @@ import pathlib
 import numpy as np
 
 
+def artifact_mb(path: pathlib.Path) -> float:
+    """Size of a model with its weights file (OpenVINO ``.bin``, ONNX external ``.data``), MiB."""
+    companions = [
+        path,
+        path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data"),
+    ]
+    return round(sum(file.stat().st_size for file in companions if file.exists()) / 2**20, 1)
+
+
 def save_feeds(feeds, folder: pathlib.Path) -> None:
     """Write feeds as 0.npz, 1.npz, ... (read back in order by `load_feeds`)."""
     folder.mkdir(parents=True, exist_ok=True)

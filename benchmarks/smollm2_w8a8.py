@@ -116,7 +116,7 @@ def main() -> None:
     rows["fp32"] = {
         "description": "FP32 reference",
         "perplexity": round(perplexity(model_path, evaluation, threads=2), 3),
-        "size_mb": round(model_path.stat().st_size / 2**20, 1),
+        "size_mb": peers.artifact_mb(model_path),
     }
     rows["fp32"]["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - start), 1)
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-") as folder:
@@ -150,8 +150,7 @@ def main() -> None:
                 row["perplexity"] = round(perplexity(output, evaluation, threads=2), 3)
             row["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - begin), 1)
             row["perplexity_vs_fp32"] = f"{100 * (row['perplexity'] / rows['fp32']['perplexity'] - 1):+.1f} %"
-            extra = output.with_suffix(".bin").stat().st_size if output.suffix == ".xml" else 0
-            row["size_mb"] = round((output.stat().st_size + extra) / 2**20, 1)
+            row["size_mb"] = peers.artifact_mb(output)
             rows[tool] = row
             print(tool, row, file=sys.stderr)
     result = {

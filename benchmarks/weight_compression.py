@@ -230,10 +230,9 @@ class Evaluator:
         from qcompiler.metrics import fidelity
 
         start = time.perf_counter()
-        extra = path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0
         row: dict[str, object] = {
             "runtime": "openvino" if path.suffix == ".xml" else "onnxruntime",
-            "size_mb": round((path.stat().st_size + extra) / 2**20, 1),
+            "size_mb": peers.artifact_mb(path),
         }
         if self.model_name == "smollm2":
             perplexity, count = peers.Runner(path).perplexity(self.evaluation)

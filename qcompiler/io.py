@@ -122,6 +122,12 @@ def save(
         guarded.update(_external_files(model, pathlib.Path(source).parent))
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data and any(
+        isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values()
+    ):
+        # onnx_ir writes a lazy tensor as a reference to its file, relative to the new model:
+        # read them in (on a clone, so the caller's model stays lazy)
+        model = ir.external_data.load_to_model(model.clone())
     companions = [destination.parent / data_name] if external_data else []
     write_staged(
         destination,

@@ -97,3 +97,23 @@ def test_compiled_model_cannot_be_saved_over_its_input(tmp_path):
         io.save(result.model, path)
     assert path.read_bytes() == before
     assert io.save(result.model, tmp_path / "out.onnx").exists()
+
+
+def test_a_lazily_loaded_model_saved_inline_elsewhere_carries_its_weights(tmp_path):
+    """Weights still memory-mapped from the input's data file are written into the new model."""
+    from tests.graphs import random_feeds, run
+
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    model = mlp_with_attention_matmul()
+    io.save(model, source, external_data=True)
+    loaded = io.load(source)
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in loaded.graph.initializers.values())
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    io.save(loaded, out, external_data=False)
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in loaded.graph.initializers.values())
+    (source.parent / "model.onnx.data").rename(tmp_path / "moved.data")  # the input's weights are gone
+    feed = random_feeds(model, batches=1)[0]
+    for got, expected in zip(run(io.load(out), feed), run(model, feed), strict=True):
+        np.testing.assert_array_equal(got, expected)
