@@ -80,6 +80,8 @@ class QuantizedUnit:
     weight_axis: int | None
     bias_input: int | None
     quantize_output: bool
+    symmetric: bool = False
+    """Its activation quantizers are symmetric whatever the options say (attention scores)."""
 
 
 @dataclasses.dataclass
@@ -100,6 +102,15 @@ class QuantPlan:
             if unit.quantize_output:
                 seen.setdefault(id(unit.node.outputs[0]), unit.node.outputs[0])
         return list(seen.values())
+
+    def symmetric_values(self) -> set[str]:
+        """Names of the tensors whose quantizer a unit wants symmetric."""
+        return {
+            str(unit.node.inputs[index].name)  # type: ignore[union-attr]
+            for unit in self.units
+            if unit.symmetric
+            for index in unit.activation_inputs
+        }
 
     def stat_requests(self, method: RangeMethod, sample_rows: int = 512) -> list[StatRequest]:
         """What calibration must measure for this plan's activation quantizers."""
@@ -209,4 +220,50 @@ def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) ->
             skipped[str(node.name)] = outcome
         else:
             units.append(outcome)
+    if target.int8_attention_scores and options.preset is Preset.TRANSFORMER and "MatMul" in op_types:
+        for node in model.graph:
+            # an ONNX Q Kᵀ MatMul the preset skipped; from OpenVINO IR, a MatMul left in its own
+            # spelling (transpose_b of an activation) or the fused ScaledDotProductAttention
+            foreign = node.domain not in ("", "ai.onnx")
+            scores = node.op_type == "MatMul" and (str(node.name) in skipped or foreign)
+            if not (scores or node.op_type == "ScaledDotProductAttention") or options.ignored.matches(node):
+                continue
+            outcome = _attention_score_units(node)
+            if isinstance(outcome, str):
+                skipped[str(node.name)] = outcome
+            else:
+                units.extend(outcome)
+                skipped.pop(str(node.name), None)
     return QuantPlan(units, skipped)
+
+
+SHAPE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze"})
+"""Ops that only move values: a quantizer before them is one after them."""
+
+
+def _attention_score_units(matmul: ir.Node) -> list[QuantizedUnit] | str:
+    """Symmetric quantizers for Q and K of a Q Kᵀ MatMul or of an OpenVINO ScaledDotProductAttention.
+
+    Each is placed before the Reshape / Transpose chain that feeds the input (inputs 0 and 1; an
+    SDPA's V stays float). A reason comes back instead if the node stays float: probabilities x V
+    (an input coming from Softmax) does, as in NNCF's artifacts.
+    """
+    units = []
+    for index in (0, 1):
+        reader, position = matmul, index
+        value = matmul.inputs[index]
+        while (
+            value is not None
+            and value.producer() is not None
+            and value.producer().op_type in SHAPE_OPS  # type: ignore[union-attr]
+            and len(value.uses()) == 1
+        ):
+            reader, position = value.producer(), 0  # type: ignore[assignment]
+            value = reader.inputs[0]
+        if value is None or not _is_float(value) or value.const_value is not None:
+            return "no constant weight and an input that is not a float activation"
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Softmax":
+            return "attention probabilities x V stay float (OpenVINO runs Q Kᵀ in int8)"
+        units.append(QuantizedUnit(reader, (position,), None, None, None, False, symmetric=True))
+    return units

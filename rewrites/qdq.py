@@ -45,6 +45,7 @@ class ActivationQuantizer:
     observed_lo: float
     observed_hi: float
     method: str
+    symmetric: bool = False
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -102,15 +103,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _choose_activation_quantizers(self) -> None:
         options = self.activations
         method = options.range_method or RangeMethod.MINMAX
+        wanted_symmetric = self.plan.symmetric_values()
         for value in self.plan.activation_values():
+            symmetric = options.symmetric or str(value.name) in wanted_symmetric
             observed = self.statistics.minmax(value)
             histogram = None if method is RangeMethod.MINMAX else self.statistics.histogram(value)
             chosen = method.value
             if method is RangeMethod.SEARCH:
                 assert histogram is not None
-                candidates = candidate_ranges(
-                    observed, histogram, self.activation_type, symmetric=options.symmetric
-                )
+                candidates = candidate_ranges(observed, histogram, self.activation_type, symmetric=symmetric)
                 rows = self.statistics.get(StatRequest.row_sample(value, options.sample_rows))
                 chosen, (lo, hi), _ = search_range(
                     candidates,
@@ -118,7 +119,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     rows,
                     self.plan.consumer_weights(value),  # type: ignore[arg-type]
                     self.activation_type,
-                    symmetric=options.symmetric,
+                    symmetric=symmetric,
                 )
             else:
                 lo, hi = choose_range(
@@ -126,12 +127,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     observed,
                     histogram,
                     self.activation_type,
-                    symmetric=options.symmetric,
+                    symmetric=symmetric,
                     percentile=options.percentile,
                 )
-            scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=options.symmetric)
+            scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=symmetric)
             self.quantizers[str(value.name)] = ActivationQuantizer(
-                float(scale), zero_point, lo, hi, observed[0], observed[1], chosen
+                float(scale), zero_point, lo, hi, observed[0], observed[1], chosen, symmetric
             )
 
     def _unify_eltwise_scales(self) -> None:
@@ -206,7 +207,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _describe(self, params: ActivationQuantizer) -> str:
         return (
             f"activation {self.activation_type.value} per-tensor "
-            f"{'symmetric' if self.activations.symmetric else 'asymmetric'} "
+            f"{'symmetric' if params.symmetric else 'asymmetric'} "
             f"range={params.method} [{params.lo:.6g}, {params.hi:.6g}] "
             f"observed [{params.observed_lo:.6g}, {params.observed_hi:.6g}]"
         )

@@ -537,3 +537,33 @@ def test_embedding_tables_are_compressed_after_the_static_calibration_run():
     result = qcompiler.compile(model_of(graph), "openvino-cpu", options, data=feeds, progress=False)
     assert result.report.compression["layers"]["embed"]["how"] == "int8 asym group 128; rtn"
     assert result.report.data["calibration_runs"] == 1 and len(result.report.activation_quantizers) == 1
+
+
+def test_attention_query_and_key_reach_openvino_as_symmetric_fake_quantize_before_reshape():
+    """On the artifact: a FakeQuantize between each of Q's and K's bias Add and its Reshape, with a
+    signed symmetric range [-128 s, 127 s]; the weighted MatMuls keep theirs; V has none."""
+    from tests.test_placement import _attention_block
+
+    model = _attention_block()
+    result = qcompiler.compile(
+        model,
+        "openvino-cpu",
+        CompileOptions(preset=Preset.TRANSFORMER),
+        data=random_feeds(model, batches=4),
+        progress=False,
+    )
+    hoisted = []
+    for op in result.artifact.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        readers = {target.get_node().get_type_name() for target in op.output(0).get_target_inputs()}
+        if readers == {"Reshape"}:
+            low, high = (float(op.input_value(i).get_node().get_data().reshape(())) for i in (1, 2))
+            assert op.input_value(0).get_node().get_type_name() == "Add"
+            assert low == pytest.approx(-high * 128 / 127, rel=1e-5)
+            hoisted.append(op)
+    assert len(hoisted) == 2
+    assert (
+        collections.Counter(op.get_type_name() for op in result.artifact.get_ordered_ops())["FakeQuantize"]
+        == 3
+    )

@@ -72,3 +72,52 @@ def test_op_types_option_restricts_placement():
     """--op-types Gemm leaves Conv alone (not even listed as skipped)."""
     plan = _plan(gemm_conv_model(), op_types=("Gemm",))
     assert _names(plan) == ["gemm"] and "conv" not in plan.skipped
+
+
+def _attention_block():
+    """q, k, v projections -> Reshape/Transpose -> Q Kᵀ -> Softmax -> x V: a BERT self-attention."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from tests.graphs import add, const, float_input, model_of
+
+    rng = np.random.default_rng(3)
+    x = float_input("x", [2, 8, 16])
+    graph = ir.Graph([x], [], nodes=[], name="attention")
+    heads = const(graph, "heads", np.array([2, 8, 2, 8]))
+    projected = {}
+    for name in ("q", "k", "v"):
+        weight = const(graph, f"w_{name}", rng.standard_normal((16, 16)).astype(np.float32))
+        bias = const(graph, f"b_{name}", rng.standard_normal(16).astype(np.float32))
+        out = add(graph, "Add", [add(graph, "MatMul", [x, weight], f"{name}_proj"), bias], f"{name}_bias")
+        perm = [0, 2, 3, 1] if name == "k" else [0, 2, 1, 3]
+        projected[name] = add(
+            graph, "Transpose", [add(graph, "Reshape", [out, heads], f"{name}_heads")], f"{name}_t", perm=perm
+        )
+    scores = add(graph, "MatMul", [projected["q"], projected["k"]], "scores")
+    probs = add(graph, "Softmax", [scores], "softmax", axis=-1)
+    graph.outputs.append(add(graph, "MatMul", [probs, projected["v"]], "context"))
+    model = model_of(graph)
+    NormalizePass()(model)
+    return model
+
+
+def test_openvino_quantizes_query_and_key_before_their_reshape_symmetrically():
+    """NNCF's form, which OpenVINO runs as an int8 attention kernel: Q and K quantized symmetric on
+    the bias Add output (before Reshape / Transpose); probabilities x V left float; not on onnxruntime."""
+    from qcompiler.targets import OPENVINO_CPU
+
+    model = _attention_block()
+    options = CompileOptions(preset=Preset.TRANSFORMER).resolved()
+    plan = plan_quantizers(model, OPENVINO_CPU, options)
+    hoisted = {str(unit.node.name): unit for unit in plan.units if unit.symmetric}
+    assert sorted(hoisted) == ["k_heads", "q_heads"]
+    assert (
+        {str(u.node.inputs[0].name) for u in hoisted.values()}
+        == plan.symmetric_values()
+        == {"q_bias_out", "k_bias_out"}
+    )
+    assert "probabilities x V stay float" in plan.skipped["context"]
+    assert "scores" not in plan.skipped
+    ort_plan = plan_quantizers(model, ORT_CPU, options)
+    assert not any(unit.symmetric for unit in ort_plan.units) and "scores" in ort_plan.skipped
