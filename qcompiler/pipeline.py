@@ -262,6 +262,7 @@ def _quantize_static(
             activation_type,
             resolved.weight_type,
             unified_eltwise_scales=resolved.unified_eltwise_scales,
+            unsigned_midpoint=resolved.unsigned_midpoint,
         )
         with report.timed("quantize"):
             insert(working)

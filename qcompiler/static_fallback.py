@@ -100,6 +100,7 @@ class StaticCandidates:
             self.activation_type,
             self.target.weight_type,
             unified_eltwise_scales=self.target.unified_eltwise_scales,
+            unsigned_midpoint=self.target.unsigned_midpoint,
         )
         insert(model)
         self.backend.lower(model)

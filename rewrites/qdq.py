@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qcompiler.calibration import Statistics, StatRequest
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
-from qcompiler.numerics import activation_params, int32_bias, quantize, symmetric_weight_scales
+from qcompiler.numerics import activation_params, int32_bias, off_midpoint, quantize, symmetric_weight_scales
 from qcompiler.options import ActivationOptions, QuantType, RangeMethod
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
 from qcompiler.rewrites.ranges import candidate_ranges, choose_range, search_range
@@ -60,9 +60,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         weight_type: QuantType = QuantType.INT8,
         *,
         unified_eltwise_scales: bool = False,
+        unsigned_midpoint: bool = False,
     ) -> None:
         super().__init__()
         self.unified_eltwise_scales = unified_eltwise_scales
+        self.unsigned_midpoint = unsigned_midpoint
         self.plan = plan
         self.statistics = statistics
         self.activations = activations
@@ -131,6 +133,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     percentile=options.percentile,
                 )
             scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=symmetric)
+            if self.unsigned_midpoint and not symmetric:
+                scale, zero_point = off_midpoint(lo, hi, scale, zero_point, self.activation_type)
             self.quantizers[str(value.name)] = ActivationQuantizer(
                 float(scale), zero_point, lo, hi, observed[0], observed[1], chosen, symmetric
             )
@@ -164,6 +168,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             scale, zero_point = activation_params(
                 lo, hi, self.activation_type, symmetric=self.activations.symmetric
             )
+            if self.unsigned_midpoint and not self.activations.symmetric:
+                scale, zero_point = off_midpoint(lo, hi, scale, zero_point, self.activation_type)
             for name in members:
                 self.quantizers[name] = dataclasses.replace(
                     self.quantizers[name],

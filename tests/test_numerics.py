@@ -81,3 +81,18 @@ def test_int32_bias_scale_is_product():
     np.testing.assert_allclose(scales, [0.05, 0.1])
     np.testing.assert_array_equal(q, [20, -20])
     assert q.dtype == np.int32
+
+
+def test_off_midpoint_moves_zero_point_128_and_still_covers_the_range():
+    """A uint8 range that would read as signed int8 moves to 127 or 129, scale at most 1 % up."""
+    from qcompiler.numerics import activation_params, off_midpoint
+    from qcompiler.options import QuantType
+
+    for lo, hi in ((-1.1413862, 1.1394718), (-1.0, 1.0), (-2.0, 1.99)):
+        scale, zero = activation_params(lo, hi, QuantType.UINT8, symmetric=False)
+        assert zero == 128
+        moved, moved_zero = off_midpoint(lo, hi, scale, zero, QuantType.UINT8)
+        assert moved_zero in (127, 129)
+        assert -moved_zero * moved <= lo and (255 - moved_zero) * moved >= hi
+        assert scale <= moved <= 1.01 * scale
+    assert off_midpoint(-1.0, 3.0, np.float32(0.0157), 64, QuantType.UINT8) == (np.float32(0.0157), 64)
