@@ -9,9 +9,11 @@ of samples. Statistics of initializers are computed directly, without running an
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import cast
 
 import numpy as np
@@ -280,12 +282,13 @@ def _append(
     return created.outputs[0]
 
 
-def _runner(
-    model: ir.Model, runtime: CalibrationRuntime
-) -> Callable[[list[str], Mapping[str, np.ndarray]], list]:
-    """A function (output names, feed) -> outputs running `model` in the chosen runtime.
+def _runner(model: ir.Model, runtime: CalibrationRuntime, rows_per_batch: int) -> Runner:
+    """A function (output names, feeds) -> each feed's outputs, in order, running `model` in the chosen runtime.
 
     A model read from OpenVINO IR runs in OpenVINO whatever `runtime` says (f32 for onnxruntime's).
+    Short batches (a sentence) run on two OpenVINO streams, feeds in parallel, one thread each
+    (MiniLM scale estimation: calibration 4.7 -> 3.7 s); long ones (512-token windows) gain
+    nothing from it and would hold two batches' activations, so they keep one stream.
     """
     from qcompiler.backends.openvino.dialect import is_openvino_dialect
 
@@ -295,11 +298,27 @@ def _runner(
         from qcompiler.backends.onnxruntime.session import create_session, session_options
 
         session = create_session(model, session_options(lean=True))
-        return lambda names, feed: session.run(names, dict(feed))
+        return lambda names, feeds: (session.run(names, dict(feed)) for feed in feeds)
     from qcompiler.backends.openvino import OpenVINORunner, bf16_available
 
     precision = "bf16" if runtime is CalibrationRuntime.OPENVINO_FAST and bf16_available() else "f32"
-    return OpenVINORunner(model, precision=precision).run
+    streams = 2 if (os.cpu_count() or 1) >= 2 and rows_per_batch < SHORT_BATCH_ROWS else 1
+    return OpenVINORunner(model, precision=precision, streams=streams).run_all
+
+
+def _piece_inputs(
+    source: Iterable[Mapping[str, np.ndarray]], names: list[str], in_flight: collections.deque
+) -> Iterator[dict[str, np.ndarray]]:
+    """The named arrays of each feed, remembering each feed in `in_flight` until its outputs come back."""
+    for feed in source:
+        in_flight.append(feed)
+        yield {name: feed[name] for name in names}
+
+
+SHORT_BATCH_ROWS = 256
+"""Batches with fewer rows (tokens) than this run two at a time in OpenVINO (`_runner`)."""
+
+Runner = Callable[[list[str], Iterable[Mapping[str, np.ndarray]]], Iterator[list[np.ndarray]]]
 
 
 def collect(
@@ -383,7 +402,7 @@ def _run(
     specs = input_specs(model)
     input_names = {spec.name for spec in specs}
     grams = [key for key in runtime_keys if merged[key].kind is StatKind.GRAM]
-    rows = _rows_per_batch(next(iter(data))) if grams else 0  # the first batch stands for all
+    rows = _rows_per_batch(next(iter(data), {}))  # the first batch stands for all
     in_graph = {key for key in grams if _gram_in_graph(merged[key], rows)}
     fetch = sorted({key[0] for key in runtime_keys if key not in in_graph} - input_names)
     gram_sources = sorted({key[0] for key in in_graph} - input_names)
@@ -426,16 +445,16 @@ def _run(
         ]
         if number == 0:  # statistics of the model's inputs come from the feeds
             reduce_keys += [key for key in runtime_keys if key[0] in input_names and key not in in_graph]
-        run = _runner(part.model, runtime) if names else None  # None: statistics of inputs only
+        run = _runner(part.model, runtime, rows) if names else None  # None: statistics of inputs only
         for value in part.model.graph.initializers.values():  # the runtime holds its own copy
             release_mapped(value.const_value)
         kept: list[dict[str, np.ndarray]] = []
-        for feed in stream:
-            outputs = {}
-            if run is not None:
-                outputs = dict(
-                    zip(names, run(names, {name: feed[name] for name in part.inputs}), strict=True)
-                )
+        in_flight: collections.deque[Mapping[str, np.ndarray]] = collections.deque()
+        inputs = _piece_inputs(stream, part.inputs, in_flight)
+        results = run(names, inputs) if run is not None else (None for _ in inputs)
+        for result in results:
+            feed = in_flight.popleft()
+            outputs = {} if result is None else dict(zip(names, result, strict=True))
             outputs.update({name: feed[name] for name in input_names if name in feed})
             for key in reduce_keys:
                 if key in slots:

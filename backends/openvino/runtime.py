@@ -9,9 +9,12 @@ quantization keep onnxruntime's fp32 by default.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import pathlib
+import queue
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -35,13 +38,17 @@ class OpenVINORunner:
     "bf16" (the CPU plugin's inference precision hint).
     """
 
-    def __init__(self, model: object, *, precision: str = "f32", threads: int | None = None) -> None:
+    def __init__(
+        self, model: object, *, precision: str = "f32", threads: int | None = None, streams: int = 1
+    ) -> None:
         import openvino as ov
 
         core = ov.Core()
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if streams > 1:
+            config["NUM_STREAMS"] = streams
         if isinstance(model, ir.Model) and is_openvino_dialect(model):  # read from OpenVINO IR
             self._compiled = core.compile_model(to_openvino_model(model), "CPU", config)
         elif isinstance(model, ir.Model):
@@ -50,11 +57,48 @@ class OpenVINORunner:
                 self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         else:
             self._compiled = core.compile_model(model, "CPU", config)
-        self._request = self._compiled.create_infer_request()
+        self._requests = [self._compiled.create_infer_request() for _ in range(max(streams, 1))]
+        self._request = self._requests[0]
         self._outputs = {name: output for output in self._compiled.outputs for name in output.get_names()}
         self.precision = precision
 
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """The named outputs for one feed (float32 whatever the inference precision)."""
-        results = self._request.infer(dict(feed))
+        return self._run_on(self._request, names, feed)
+
+    def _run_on(self, request, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        results = request.infer(dict(feed))
         return [np.asarray(results[self._outputs[name]]) for name in names]
+
+    def run_all(
+        self, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
+    ) -> Iterator[list[np.ndarray]]:
+        """The named outputs of each feed, in order; with several streams, feeds run concurrently.
+
+        Small batches (one sentence) leave a core idle inside one inference; one request per
+        stream on its own thread keeps both busy (MiniLM, 300 one-sentence feeds: 1.8 -> 1.3 s).
+        At most two feeds per stream are in flight, so results never pile up.
+        """
+        if len(self._requests) == 1:
+            for feed in feeds:
+                yield self.run(names, feed)
+            return
+        idle: queue.Queue = queue.Queue()
+        for request in self._requests:
+            idle.put(request)
+
+        def infer(feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+            request = idle.get()
+            try:
+                return self._run_on(request, names, feed)
+            finally:
+                idle.put(request)
+
+        pending: collections.deque = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(self._requests)) as pool:
+            for feed in feeds:
+                pending.append(pool.submit(infer, feed))
+                if len(pending) >= 2 * len(self._requests):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
