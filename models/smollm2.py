@@ -143,10 +143,28 @@ def save_hf(folder: pathlib.Path | None = None) -> pathlib.Path:
         staged = pathlib.Path(staging) / HF_FOLDER
         plain.save_pretrained(str(staged), safe_serialization=True)
         tokenizer.save_pretrained(str(staged))
+        _add_legacy_rope_keys(staged / "config.json")
         if path.exists():
             shutil.rmtree(path)
         staged.replace(path)
     return path
+
+
+def _add_legacy_rope_keys(config_path: pathlib.Path) -> None:
+    """Also spell the rotary base the transformers 4.x way (``rope_theta`` at the top level).
+
+    transformers 5 writes it only inside ``rope_parameters``; optimum's environment (transformers
+    4.57) then falls back to 10000 instead of SmolLM2's 100000, and its export computes different
+    logits (by 6.6 here).
+    """
+    import json
+
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        config.setdefault("rope_scaling", None if rope.get("rope_type", "default") == "default" else rope)
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build(folder: pathlib.Path | None = None, *, force: bool = False) -> pathlib.Path:
