@@ -315,6 +315,9 @@ def _piece_inputs(
         yield {name: feed[name] for name in names}
 
 
+SPLIT_FACTOR = 4
+"""Models with fewer weight bytes than this many pieces run whole (a piece costs a compile)."""
+
 SHORT_BATCH_ROWS = 256
 """Batches with fewer rows (tokens) than this run two at a time in OpenVINO (`_runner`)."""
 
@@ -332,6 +335,7 @@ def collect(
     description: str = "calibrating",
     runtime: CalibrationRuntime = CalibrationRuntime.ONNXRUNTIME,
     piece_bytes: int | None = None,
+    on_piece: Callable[[Statistics], None] | None = None,
 ) -> Statistics:
     """Run `data` once through `model` and reduce every requested statistic.
 
@@ -344,9 +348,12 @@ def collect(
         progress: show a tqdm bar.
         description: label of the progress bar.
         runtime: where the model runs (`CalibrationRuntime`).
-        piece_bytes: a model whose weights (those the statistics need) exceed this runs piece by
-            piece, each holding about this many bytes of weights (`qcompiler.pieces`); None runs it
-            whole.
+        piece_bytes: a model whose weights (those the statistics need) exceed `SPLIT_FACTOR` times
+            this runs piece by piece, each holding about this many bytes of weights
+            (`qcompiler.pieces`); None runs it whole.
+        on_piece: called after each piece with the statistics it finished (its tensors are not
+            read by later pieces); those are handed over and left out of the returned ones, so a
+            caller can use and drop them before the next piece runs.
     """
     merged: dict[StatKey, StatRequest] = {}
     for request in requests:
@@ -376,9 +383,11 @@ def collect(
             description,
             runtime,
             piece_bytes,
+            on_piece,
         )
         for key in runtime_keys:
-            results[key] = reducers[key].result()
+            if key in reducers:
+                results[key] = reducers[key].result()
     return Statistics(results, batches)
 
 
@@ -386,13 +395,14 @@ def _run(
     model: ir.Model,
     merged: Mapping[StatKey, StatRequest],
     runtime_keys: list[StatKey],
-    reducers: Mapping[StatKey, Reducer],
+    reducers: dict[StatKey, Reducer],
     data: Iterable[Mapping[str, np.ndarray]],
     max_batches: int | None,
     progress: bool,
     description: str,
     runtime: CalibrationRuntime,
     piece_bytes: int | None,
+    on_piece: Callable[[Statistics], None] | None = None,
 ) -> int:
     """Run the data through the model (whole or piece by piece) into the reducers; return the batch count.
 
@@ -408,7 +418,7 @@ def _run(
     gram_sources = sorted({key[0] for key in in_graph} - input_names)
     clone = _with_outputs(model, fetch + gram_sources)
     common.RemoveUnusedNodesPass()(clone)
-    if piece_bytes is not None and weight_bytes(clone) > piece_bytes:
+    if piece_bytes is not None and weight_bytes(clone) > SPLIT_FACTOR * piece_bytes:
         parts = split(clone, piece_bytes, keep=fetch)
     else:
         clone.graph.outputs[:] = [value for value in clone.graph.outputs if str(value.name) in fetch]
@@ -473,5 +483,7 @@ def _run(
             bar.update()
         del run
         stream = kept
+        if on_piece is not None and reduce_keys:
+            on_piece(Statistics({key: reducers.pop(key).result() for key in reduce_keys}, batches))
     bar.close()
     return batches

@@ -33,6 +33,7 @@ from qcompiler.options import (
 )
 from qcompiler.report import Report, peak_rss_mb, versions
 from qcompiler.rewrites.compression import (
+    LayerwiseCompression,
     compress_embedding_tables,
     compress_weights,
     gram_statistics,
@@ -317,8 +318,11 @@ def _compress_weights(
         planned = [dataclasses.replace(unit, group_size=smallest) for unit in units]
     requests = stat_requests(planned, compression)
     grams = {}
+    layerwise = None
+    if requests and not accuracy.enabled and LayerwiseCompression.applies(compression):
+        layerwise = LayerwiseCompression(working, units, requests, compression, options.ignored)
     if requests:
-        with report.timed("calibrate"):
+        with report.timed("calibrate"):  # with layer-wise compression, compression happens inside
             statistics = calibration.collect(
                 working,
                 requests,
@@ -328,6 +332,7 @@ def _compress_weights(
                 progress=progress,
                 description="calibrating (weight compression)",
                 runtime=options.calibration.runtime or CalibrationRuntime.OPENVINO_FAST,
+                on_piece=layerwise,
             )
         report.data["batches"] = statistics.batches
         grams = gram_statistics(statistics, requests)
@@ -348,9 +353,12 @@ def _compress_weights(
         )
     else:
         with report.timed("compress"):
-            report.compression = compress_weights(
-                working, units, grams, compression, options.ignored, progress=progress
-            )
+            if layerwise is not None:
+                report.compression = layerwise.finish(grams)
+            else:
+                report.compression = compress_weights(
+                    working, units, grams, compression, options.ignored, progress=progress
+                )
         del grams
         with report.timed("lower"):
             report.compression["kernels"] = backend.lower_weights(

@@ -410,6 +410,55 @@ def compress_weights(
     return {"layers": layers, "awq": awq_report}
 
 
+class LayerwiseCompression:
+    """Compress each layer as soon as calibration has finished its statistics (`collect`'s `on_piece`).
+
+    For algorithms that treat every weight on its own (RTN, scale estimation, GPTQ, HQQ), nothing
+    needs the whole model's statistics at once, so a piece's Gram matrices are used and dropped
+    before the next piece runs: GPTQ's full matrices (SmolLM2: 400 MB) never all exist. AWQ
+    (folds into producers) and `--ratio` (ranks all layers) need them all and do not stream.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        units: list[WeightUnit],
+        requests: list[StatRequest],
+        options: CompressionOptions,
+        ignored: IgnoredScope,
+    ) -> None:
+        self.model = model
+        self.order = [str(unit.node.name) for unit in units]
+        self.remaining = list(units)
+        self.requests = requests
+        self.options = options
+        self.ignored = ignored
+        self.layers: dict[str, dict[str, object]] = {}
+
+    @staticmethod
+    def applies(options: CompressionOptions) -> bool:
+        """Whether the requested algorithms can run layer by layer."""
+        return not options.awq and options.ratio >= 1.0
+
+    def __call__(self, statistics: Statistics) -> None:
+        """Compress the units whose input statistics `statistics` holds."""
+        grams = gram_statistics(statistics, self.requests)
+        ready = [unit for unit in self.remaining if _input_name(unit) in grams]
+        if ready:
+            self._compress(ready, grams)
+
+    def finish(self, grams: dict[str, Gram]) -> dict[str, object]:
+        """Compress what is left (weights without statistics); the report section, in plan order."""
+        self._compress(self.remaining, grams)
+        return {"layers": {name: self.layers[name] for name in self.order if name in self.layers}, "awq": {}}
+
+    def _compress(self, units: list[WeightUnit], grams: dict[str, Gram]) -> None:
+        section = compress_weights(self.model, units, grams, self.options, self.ignored, progress=False)
+        self.layers.update(section["layers"])  # type: ignore[arg-type]
+        done = {id(unit) for unit in units}
+        self.remaining = [unit for unit in self.remaining if id(unit) not in done]
+
+
 def _input_name(unit: WeightUnit) -> str | None:
     return None if unit.activation is None else str(unit.activation.name)
 

@@ -276,3 +276,41 @@ def test_canonical_form_reads_back_what_was_written(fmt):
         assert read.format is expected.format and read.block_size == expected.block_size
         np.testing.assert_array_equal(read.dequantize(), expected.dequantize())
     assert dequantize_canonical(model) == len(units)
+
+
+def test_gptq_compresses_each_piece_as_calibration_finishes_it():
+    """With scale estimation + GPTQ (no AWQ), a model calibrated piece by piece has each layer
+    compressed when its piece is done, and comes out as when every statistic is collected first."""
+    from qcompiler.calibration import Statistics
+    from qcompiler.options import CalibrationOptions, CalibrationRuntime
+    from qcompiler.rewrites import compression as compression_module
+
+    model, feeds = tiny_decoder(), _feeds(6)
+    calls: list[int] = []
+    original = compression_module.LayerwiseCompression.__call__
+
+    def counting(self, statistics: Statistics) -> None:
+        calls.append(len(self.remaining))
+        original(self, statistics)
+
+    results = {}
+    for name, piece_bytes in (("whole", None), ("pieces", 1)):
+        options = qcompiler.CompileOptions(
+            compression=CompressionOptions(group_size=16, symmetric=True, scale_estimation=True, gptq=True),
+            calibration=CalibrationOptions(runtime=CalibrationRuntime.ONNXRUNTIME, piece_bytes=piece_bytes),
+        )
+        calls.clear()
+        compression_module.LayerwiseCompression.__call__ = counting  # type: ignore[method-assign]
+        try:
+            results[name] = qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False)
+        finally:
+            compression_module.LayerwiseCompression.__call__ = original  # type: ignore[method-assign]
+        results[name + "_calls"] = list(calls)
+    assert len(results["whole_calls"]) == 1 and len(results["pieces_calls"]) >= 3
+    assert results["pieces_calls"] == sorted(results["pieces_calls"], reverse=True)  # units left shrink
+    whole, pieces = results["whole"], results["pieces"]
+    assert whole.report.compression["layers"].keys() == pieces.report.compression["layers"].keys()
+    for name, value in whole.model.graph.initializers.items():
+        np.testing.assert_array_equal(
+            pieces.model.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
+        )

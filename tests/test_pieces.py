@@ -95,7 +95,7 @@ def test_piecewise_statistics_equal_whole_model(runtime):
     feeds = random_feeds(model, batches=3, batch=2)
     whole = calibration.collect(model, requests, feeds, progress=False, runtime=runtime)
     piecewise = calibration.collect(
-        model, requests, feeds, progress=False, runtime=runtime, piece_bytes=BLOCK_BYTES
+        model, requests, feeds, progress=False, runtime=runtime, piece_bytes=BLOCK_BYTES // 4
     )
     assert piecewise.batches == whole.batches == 3
     for request in requests:
