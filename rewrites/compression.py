@@ -413,10 +413,12 @@ def compress_weights(
 class LayerwiseCompression:
     """Compress each layer as soon as calibration has finished its statistics (`collect`'s `on_piece`).
 
-    For algorithms that treat every weight on its own (RTN, scale estimation, GPTQ, HQQ), nothing
-    needs the whole model's statistics at once, so a piece's Gram matrices are used and dropped
-    before the next piece runs: GPTQ's full matrices (SmolLM2: 400 MB) never all exist. AWQ
-    (folds into producers) and `--ratio` (ranks all layers) need them all and do not stream.
+    Scale estimation, GPTQ, RTN and HQQ treat every weight on its own, and AWQ needs one input
+    group's statistics and the weights it folds into, which pieces cut between blocks keep
+    together; so a piece's Gram matrices are used and dropped before the next piece runs, and
+    GPTQ's full matrices (SmolLM2: 400 MB) never all exist. (An AWQ group whose producer sits in
+    an earlier, already compressed piece is left unscaled, with the reason in the report.)
+    `--ratio` ranks all layers against each other and does not stream.
     """
 
     def __init__(
@@ -434,11 +436,12 @@ class LayerwiseCompression:
         self.options = options
         self.ignored = ignored
         self.layers: dict[str, dict[str, object]] = {}
+        self.awq: dict[str, object] = {}
 
     @staticmethod
     def applies(options: CompressionOptions) -> bool:
         """Whether the requested algorithms can run layer by layer."""
-        return not options.awq and options.ratio >= 1.0
+        return options.ratio >= 1.0
 
     def __call__(self, statistics: Statistics) -> None:
         """Compress the units whose input statistics `statistics` holds."""
@@ -450,11 +453,15 @@ class LayerwiseCompression:
     def finish(self, grams: dict[str, Gram]) -> dict[str, object]:
         """Compress what is left (weights without statistics); the report section, in plan order."""
         self._compress(self.remaining, grams)
-        return {"layers": {name: self.layers[name] for name in self.order if name in self.layers}, "awq": {}}
+        return {
+            "layers": {name: self.layers[name] for name in self.order if name in self.layers},
+            "awq": self.awq,
+        }
 
     def _compress(self, units: list[WeightUnit], grams: dict[str, Gram]) -> None:
         section = compress_weights(self.model, units, grams, self.options, self.ignored, progress=False)
         self.layers.update(section["layers"])  # type: ignore[arg-type]
+        self.awq.update(section["awq"])  # type: ignore[arg-type]
         done = {id(unit) for unit in units}
         self.remaining = [unit for unit in self.remaining if id(unit) not in done]
 

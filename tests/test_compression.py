@@ -314,3 +314,31 @@ def test_gptq_compresses_each_piece_as_calibration_finishes_it():
         np.testing.assert_array_equal(
             pieces.model.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
         )
+
+
+def test_awq_runs_piece_by_piece_too_and_skips_folds_into_compressed_pieces():
+    """AWQ + SE + GPTQ piece by piece (every weight its own piece): the norm group is searched and
+    folded as when all statistics come first; the head's group, whose producer (o_proj) was
+    compressed in an earlier piece, is left unscaled with that reason; outputs stay as close."""
+    from qcompiler.options import CalibrationOptions, CalibrationRuntime
+
+    model, feeds = tiny_decoder(), _feeds(6)
+    reference = np.concatenate([run(model, feed)[0] for feed in feeds])
+    results, errors = {}, {}
+    for name, piece_bytes in (("whole", None), ("pieces", 1)):
+        options = qcompiler.CompileOptions(
+            compression=CompressionOptions(
+                group_size=16, symmetric=True, awq=True, scale_estimation=True, gptq=True
+            ),
+            calibration=CalibrationOptions(runtime=CalibrationRuntime.ONNXRUNTIME, piece_bytes=piece_bytes),
+        )
+        results[name] = qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False)
+        got = np.concatenate([run(results[name].model, feed)[0] for feed in feeds])
+        errors[name] = float(np.mean((got - reference) ** 2))
+    whole, pieces = (results[name].report.compression["awq"] for name in ("whole", "pieces"))
+    assert pieces["norm_out"] == whole["norm_out"] and whole["norm_out"]["applied"].startswith("folded")
+    assert whole["o_proj_out"]["applied"] == "folded into MatMul 'o_proj'"
+    assert pieces["o_proj_out"]["applied"].startswith("not applied (MatMul 'o_proj' has no constant")
+        "o_proj_out"
+    ) != whole.get("o_proj_out")
+    assert errors["pieces"] <= 1.5 * errors["whole"], errors
