@@ -149,17 +149,17 @@ def split(model: ir.Model, max_bytes: int, keep: Collection[str] = ()) -> list[P
     model.graph.outputs.clear()
     model.graph.inputs.clear()
     result = []
-    for members, inputs, initializers, outputs, carried in pieces:
+    for members, stand_ins, constants, outputs, carried in pieces:
         for node in reversed(members):
             model.graph.remove(node)
         graph = ir.Graph(
-            inputs,
+            stand_ins,
             outputs,
             nodes=members,
-            initializers=initializers,
+            initializers=constants,
             opset_imports=dict(model.opset_imports),
             name=model.graph.name,
         )
         piece = ir.Model(graph, ir_version=model.ir_version, producer_name="qcompiler.pieces")
-        result.append(Piece(piece, [str(value.name) for value in inputs], carried))
+        result.append(Piece(piece, [str(value.name) for value in stand_ins], carried))
     return result

@@ -33,13 +33,13 @@ from qcompiler.options import (
 )
 from qcompiler.report import Report, peak_rss_mb, versions
 from qcompiler.rewrites.compression import (
-    LayerwiseCompression,
     compress_embedding_tables,
     compress_weights,
     gram_statistics,
     plan_compression,
     stat_requests,
 )
+from qcompiler.rewrites.layerwise import LayerwiseCompression
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass

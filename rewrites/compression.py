@@ -273,7 +273,8 @@ def compress_unit(
     block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
     # NVFP4's tensor scale is the whole weight's, so it is not sliced
     step = weight.shape[1] if unit.format is WeightFormat.NVFP4 else column_slice(weight.shape)
-    parts, steps = [], []
+    parts: list[CompressedWeight] = []
+    steps: list[str] = []
     error, energy = 0.0, 0.0
     for start in range(0, weight.shape[1], step):
         part = weight[:, start : start + step]
@@ -386,7 +387,7 @@ def compress_weights(
     awq_report = apply_awq(model, units, grams, ignored, progress) if options.awq and grams else {}
     layers: dict[str, dict[str, object]] = {}
     compressor = UnitCompressor(grams, options)
-    readers = collections.Counter(_input_name(unit) for unit in units)
+    readers = collections.Counter(input_name(unit) for unit in units)
     # Units are independent: numpy releases the GIL in the algorithms' array work, so a thread per
     # core overlaps what one thread leaves serial (rounding, clipping, selection), with BLAS at one
     # thread each (SmolLM2 AWQ + SE: 9.0 -> 7.8 s; with BLAS threads as well: 11.6 s). Results
@@ -404,69 +405,14 @@ def compress_weights(
             disable=not progress,
         ):
             _record(model, unit, compressed, how, error, sensitivity, layers)
-            readers[_input_name(unit)] -= 1
-            if readers[_input_name(unit)] == 0:
+            readers[input_name(unit)] -= 1
+            if readers[input_name(unit)] == 0:
                 compressor.forget(unit)
     return {"layers": layers, "awq": awq_report}
 
 
-class LayerwiseCompression:
-    """Compress each layer as soon as calibration has finished its statistics (`collect`'s `on_piece`).
-
-    Scale estimation, GPTQ, RTN and HQQ treat every weight on its own, and AWQ needs one input
-    group's statistics and the weights it folds into, which pieces cut between blocks keep
-    together; so a piece's Gram matrices are used and dropped before the next piece runs, and
-    GPTQ's full matrices (SmolLM2: 400 MB) never all exist. (An AWQ group whose producer sits in
-    an earlier, already compressed piece is left unscaled, with the reason in the report.)
-    `--ratio` ranks all layers against each other and does not stream.
-    """
-
-    def __init__(
-        self,
-        model: ir.Model,
-        units: list[WeightUnit],
-        requests: list[StatRequest],
-        options: CompressionOptions,
-        ignored: IgnoredScope,
-    ) -> None:
-        self.model = model
-        self.order = [str(unit.node.name) for unit in units]
-        self.remaining = list(units)
-        self.requests = requests
-        self.options = options
-        self.ignored = ignored
-        self.layers: dict[str, dict[str, object]] = {}
-        self.awq: dict[str, object] = {}
-
-    @staticmethod
-    def applies(options: CompressionOptions) -> bool:
-        """Whether the requested algorithms can run layer by layer."""
-        return options.ratio >= 1.0
-
-    def __call__(self, statistics: Statistics) -> None:
-        """Compress the units whose input statistics `statistics` holds."""
-        grams = gram_statistics(statistics, self.requests)
-        ready = [unit for unit in self.remaining if _input_name(unit) in grams]
-        if ready:
-            self._compress(ready, grams)
-
-    def finish(self, grams: dict[str, Gram]) -> dict[str, object]:
-        """Compress what is left (weights without statistics); the report section, in plan order."""
-        self._compress(self.remaining, grams)
-        return {
-            "layers": {name: self.layers[name] for name in self.order if name in self.layers},
-            "awq": self.awq,
-        }
-
-    def _compress(self, units: list[WeightUnit], grams: dict[str, Gram]) -> None:
-        section = compress_weights(self.model, units, grams, self.options, self.ignored, progress=False)
-        self.layers.update(section["layers"])  # type: ignore[arg-type]
-        self.awq.update(section["awq"])  # type: ignore[arg-type]
-        done = {id(unit) for unit in units}
-        self.remaining = [unit for unit in self.remaining if id(unit) not in done]
-
-
-def _input_name(unit: WeightUnit) -> str | None:
+def input_name(unit: WeightUnit) -> str | None:
+    """The name of the tensor whose statistics `unit` uses (None for an embedding)."""
     return None if unit.activation is None else str(unit.activation.name)
 
 

@@ -228,11 +228,11 @@ def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) ->
             scores = node.op_type == "MatMul" and (str(node.name) in skipped or foreign)
             if not (scores or node.op_type == "ScaledDotProductAttention") or options.ignored.matches(node):
                 continue
-            outcome = _attention_score_units(node)
-            if isinstance(outcome, str):
-                skipped[str(node.name)] = outcome
+            found = _attention_score_units(node)
+            if isinstance(found, str):
+                skipped[str(node.name)] = found
             else:
-                units.extend(outcome)
+                units.extend(found)
                 skipped.pop(str(node.name), None)
     return QuantPlan(units, skipped)
 

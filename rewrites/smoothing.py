@@ -128,7 +128,9 @@ def _own_scaled_weight(
         release_mapped(source)
         return ir.tensor(result)
 
-    _own_tensor(graph, value, reader, ir.LazyTensor(scaled, dtype=source.dtype, shape=source.shape))
+    _own_tensor(
+        graph, value, reader, ir.LazyTensor(scaled, dtype=source.dtype, shape=ir.Shape(source.shape.numpy()))
+    )
 
 
 def _own_tensor(graph: ir.Graph, value: ir.Value, reader: ir.Node, tensor: ir.TensorProtocol) -> None:

@@ -283,7 +283,7 @@ def test_gptq_compresses_each_piece_as_calibration_finishes_it():
     compressed when its piece is done, and comes out as when every statistic is collected first."""
     from qcompiler.calibration import Statistics
     from qcompiler.options import CalibrationOptions, CalibrationRuntime
-    from qcompiler.rewrites import compression as compression_module
+    from qcompiler.rewrites import layerwise as compression_module
 
     model, feeds = tiny_decoder(), _feeds(6)
     calls: list[int] = []
