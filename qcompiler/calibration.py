@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import cast
 
@@ -21,6 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from tqdm.auto import tqdm
 
+from qcompiler.calibration_runtime import runner_for
 from qcompiler.data import input_specs, validated
 from qcompiler.irutil import add_initializer, release_mapped
 from qcompiler.options import CalibrationRuntime
@@ -282,30 +282,6 @@ def _append(
     return created.outputs[0]
 
 
-def _runner(model: ir.Model, runtime: CalibrationRuntime, rows_per_batch: int) -> Runner:
-    """A function (output names, feeds) -> each feed's outputs, in order, running `model` in the chosen runtime.
-
-    A model read from OpenVINO IR runs in OpenVINO whatever `runtime` says (f32 for onnxruntime's).
-    Short batches (a sentence) run on two OpenVINO streams, feeds in parallel, one thread each
-    (MiniLM scale estimation: calibration 4.7 -> 3.7 s); long ones (512-token windows) gain
-    nothing from it and would hold two batches' activations, so they keep one stream.
-    """
-    from qcompiler.backends.openvino.dialect import is_openvino_dialect
-
-    if runtime is CalibrationRuntime.ONNXRUNTIME and is_openvino_dialect(model):
-        runtime = CalibrationRuntime.OPENVINO
-    if runtime is CalibrationRuntime.ONNXRUNTIME:
-        from qcompiler.backends.onnxruntime.session import create_session, session_options
-
-        session = create_session(model, session_options(lean=True))
-        return lambda names, feeds: (session.run(names, dict(feed)) for feed in feeds)
-    from qcompiler.backends.openvino import OpenVINORunner, bf16_available
-
-    precision = "bf16" if runtime is CalibrationRuntime.OPENVINO_FAST and bf16_available() else "f32"
-    streams = 2 if (os.cpu_count() or 1) >= 2 and rows_per_batch < SHORT_BATCH_ROWS else 1
-    return OpenVINORunner(model, precision=precision, streams=streams).run_all
-
-
 def _piece_inputs(
     source: Iterable[Mapping[str, np.ndarray]], names: list[str], in_flight: collections.deque
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -317,11 +293,6 @@ def _piece_inputs(
 
 SPLIT_FACTOR = 4
 """Models with fewer weight bytes than this many pieces run whole (a piece costs a compile)."""
-
-SHORT_BATCH_ROWS = 256
-"""Batches with fewer rows (tokens) than this run two at a time in OpenVINO (`_runner`)."""
-
-Runner = Callable[[list[str], Iterable[Mapping[str, np.ndarray]]], Iterator[list[np.ndarray]]]
 
 
 def collect(
@@ -455,7 +426,7 @@ def _run(
         ]
         if number == 0:  # statistics of the model's inputs come from the feeds
             reduce_keys += [key for key in runtime_keys if key[0] in input_names and key not in in_graph]
-        run = _runner(part.model, runtime, rows) if names else None  # None: statistics of inputs only
+        run = runner_for(part.model, runtime, rows) if names else None  # None: statistics of inputs only
         for value in part.model.graph.initializers.values():  # the runtime holds its own copy
             release_mapped(value.const_value)
         kept: list[dict[str, np.ndarray]] = []
