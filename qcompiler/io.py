@@ -8,6 +8,7 @@ half-written model, and the input model's files are never written.
 
 from __future__ import annotations
 
+import enum
 import os
 import pathlib
 import shutil
@@ -18,12 +19,38 @@ import onnx
 import onnx_ir as ir
 
 from qcompiler.errors import ModelLoadError, ModelSaveError
+from qcompiler.frontends import openvino_ir
+
+
+class SourceFormat(enum.Enum):
+    """What a model was read from; an OpenVINO IR model keeps OpenVINO ops and runs in OpenVINO only."""
+
+    ONNX = "onnx"
+    OPENVINO_IR = "openvino-ir"
+
+
+def source_format(model: ir.Model) -> SourceFormat:
+    """The format `load` stamped on `model` (read from the graph for a model built in memory or cloned)."""
+    stamped = model.meta.get(SOURCE_FORMAT_KEY)
+    if stamped is not None:
+        return SourceFormat(stamped)
+    return SourceFormat.OPENVINO_IR if openvino_ir.is_openvino_dialect(model) else SourceFormat.ONNX
+
+
+def clone(model: ir.Model) -> ir.Model:
+    """A deep copy of `model` that keeps its `meta` (source path and format: `clone` alone drops them)."""
+    copy = model.clone()
+    copy.meta.update(model.meta)
+    return copy
 
 SOURCE_PATH_KEY = "qcompiler.source_path"
 """`ir.Model.meta` key holding the file a model was loaded from (used to refuse overwriting it).
 
 `compile` carries it over to the compiled model, so saving a result onto its input is refused
 for API users as well as for the CLI."""
+
+SOURCE_FORMAT_KEY = "qcompiler.source_format"
+"""`ir.Model.meta` key holding the format the model was read from (`SourceFormat`), stamped once by `load`."""
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 """Initializer bytes above which `save` writes external data by itself (protobuf's limit is 2 GB)."""
@@ -44,8 +71,11 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model
         raise ModelLoadError(f"{path}: model file not found")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, expected an .onnx file")
-    if path.suffix == ".xml":
-        return _load_openvino_ir(path)
+    return _READERS.get(path.suffix, _load_onnx)(path)
+
+
+def _load_onnx(path: pathlib.Path) -> ir.Model:
+    """An ``.onnx`` file; external data stays lazy and must live inside the model's folder."""
     try:
         loaded = ir.load(path)
     except Exception as exc:  # protobuf raises several unrelated types for garbage input
@@ -54,18 +84,22 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph outputs)")
     _check_external_data_inside(loaded, path)
     loaded.meta[SOURCE_PATH_KEY] = str(path.resolve())
+    loaded.meta[SOURCE_FORMAT_KEY] = SourceFormat.ONNX.value
     return loaded
 
 
 def _load_openvino_ir(path: pathlib.Path) -> ir.Model:
     """OpenVINO IR (``.xml`` + ``.bin``) in the OpenVINO dialect, its MatMul / Mul / Add / Gather as ONNX ops."""
-    from qcompiler.backends.openvino.dialect import read_openvino_ir
-
     if not path.with_suffix(".bin").exists():
         raise ModelLoadError(f"{path}: its weights file {path.with_suffix('.bin').name} is missing")
-    loaded = read_openvino_ir(path)
+    loaded = openvino_ir.read_openvino_ir(path)
     loaded.meta[SOURCE_PATH_KEY] = str(path.resolve())
+    loaded.meta[SOURCE_FORMAT_KEY] = SourceFormat.OPENVINO_IR.value
     return loaded
+
+
+_READERS: dict[str, Callable[[pathlib.Path], ir.Model]] = {".xml": _load_openvino_ir}
+"""Frontends by file suffix; anything else is read as ONNX."""
 
 
 def _check_external_data_inside(model: ir.Model, path: pathlib.Path) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from qcompiler.errors import OptionError
+from qcompiler.formats import WeightFormat as WeightFormat  # re-exported: `--weights` names a format
 
 
 class Preset(enum.Enum):
@@ -43,32 +44,6 @@ class QuantType(enum.Enum):
 
     INT8 = "int8"
     UINT8 = "uint8"
-
-
-class WeightFormat(enum.Enum):
-    """Weight-only formats (`--weights`)."""
-
-    INT8 = "int8"
-    INT4 = "int4"
-    NF4 = "nf4"
-    MXFP4 = "mxfp4"
-    NVFP4 = "nvfp4"
-    FP8 = "fp8"
-
-    @property
-    def bits(self) -> int:
-        """Bits per weight code."""
-        return {"int8": 8, "fp8": 8}.get(self.value, 4)
-
-    @property
-    def is_integer(self) -> bool:
-        """INT8 / INT4: integer codes with an optional zero point."""
-        return self in (WeightFormat.INT8, WeightFormat.INT4)
-
-    @property
-    def fixed_block(self) -> int | None:
-        """Block size the format defines (None: the user's group size; 0: per-channel)."""
-        return {"mxfp4": 32, "nvfp4": 16, "fp8": 0}.get(self.value)
 
 
 class NodeLike(Protocol):

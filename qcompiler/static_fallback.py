@@ -18,7 +18,7 @@ from qcompiler.calibration import Statistics
 from qcompiler.evaluation import Evaluator, stream_outputs
 from qcompiler.numerics import dequantize, quantize
 from qcompiler.options import CompileOptions, QuantType, WeightFormat
-from qcompiler.rewrites.canonical import write_canonical
+from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.rewrites.compression import WeightUnit
 from qcompiler.rewrites.fallback import (
     Decision,
@@ -109,9 +109,8 @@ class StaticCandidates:
         for unit in weight_only:
             weight = unit.matrix()
             compressed = quantize_weight(weight, WeightFormat.INT8, weight.shape[0], symmetric=True)
-            write_canonical(
-                model.graph, unit, compressed, "int8 sym per-channel; rtn (fallback: float activations)"
-            )
+            record = CompressionRecord.of(compressed, ("rtn",), note="fallback: float activations")
+            write_canonical(model.graph, unit.node, compressed, record)
         if weight_only:
             self.backend.lower_weights(model, 0, 0)
         self.backend.check(model)

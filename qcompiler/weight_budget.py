@@ -20,7 +20,7 @@ from qcompiler.evaluation import Evaluator
 from qcompiler.options import AccuracyOptions, CompileOptions, CompressionOptions, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.report import Report
-from qcompiler.rewrites.canonical import write_canonical
+from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.rewrites.compression import (
     UnitCompressor,
     WeightUnit,
@@ -80,7 +80,7 @@ class WeightCandidates:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        self._cache: dict[tuple[str, str], tuple[CompressedWeight, str, float | None]] = {}
+        self._cache: dict[tuple[str, str], tuple[CompressedWeight, CompressionRecord, float | None]] = {}
         self._errors: dict[tuple[str, int], float] = {}
         self._by_name = {str(unit.node.name): unit for unit in self.units}
 
@@ -96,7 +96,7 @@ class WeightCandidates:
             return dataclasses.replace(unit, format=WeightFormat(fmt), group_size=int(group))
         raise ValueError(f"no weight variant for rung {rung!r}")
 
-    def compressed(self, name: str, rung: str) -> tuple[CompressedWeight, str, float | None]:
+    def compressed(self, name: str, rung: str) -> tuple[CompressedWeight, CompressionRecord, float | None]:
         """The unit compressed at `rung` (cached).
 
         The INT8 fallback rung uses RTN (near-lossless already); group-size variants run the
@@ -130,10 +130,9 @@ class WeightCandidates:
             if rung == "float":
                 layers[name] = {"role": unit.role, "how": "float (fallback)"}
                 continue
-            compressed, how, error = self.compressed(name, rung)
-            clone_unit = dataclasses.replace(self.variant(unit, rung), node=nodes[name])
-            write_canonical(model.graph, clone_unit, compressed, how)
-            layers[name] = layer_entry(unit, how, error)
+            compressed, record, error = self.compressed(name, rung)
+            write_canonical(model.graph, nodes[name], compressed, record)
+            layers[name] = layer_entry(unit, record, error)
         kernels = self.backend.lower_weights(model, self.accuracy_level, self.int8_accuracy_level)
         self.backend.check(model)
         return model, layers, kernels

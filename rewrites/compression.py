@@ -36,7 +36,7 @@ from qcompiler.irutil import release_mapped
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.awq import awq_scales
-from qcompiler.rewrites.canonical import write_canonical
+from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
 from qcompiler.rewrites.hqq import hqq
 from qcompiler.rewrites.scale_estimation import estimate_scales
@@ -262,10 +262,10 @@ def apply_awq(
 
 def compress_unit(
     unit: WeightUnit, gram: Gram | None, options: CompressionOptions, prepared: PreparedHessian | None = None
-) -> tuple[CompressedWeight, str, float | None]:
+) -> tuple[CompressedWeight, CompressionRecord, float | None]:
     """Compress one weight with the requested algorithms (those needing data skip without it).
 
-    Returns the weight, how it was made, and its Gram-weighted relative output error (None
+    Returns the weight, the record of how it was made, and its Gram-weighted relative output error (None
     without statistics). `prepared`: GPTQ's inverse Hessian of this input, when another layer
     already computed it.
     """
@@ -285,9 +285,7 @@ def compress_unit(
         parts.append(compressed)
     compressed = join_columns(parts) if len(parts) > 1 else parts[0]
     relative = error / max(energy, 1e-30) if gram is not None else None
-    symmetry = "sym" if compressed.symmetric else "asym"
-    group = "per-channel" if block >= weight.shape[0] else f"group {block}"
-    return compressed, f"{unit.format.value} {symmetry} {group}; {'+'.join(steps)}", relative
+    return compressed, CompressionRecord.of(compressed, tuple(steps)), relative
 
 
 def _run_algorithms(
@@ -337,7 +335,7 @@ class UnitCompressor:
 
     def __call__(
         self, unit: WeightUnit, options: CompressionOptions | None = None
-    ) -> tuple[CompressedWeight, str, float | None]:
+    ) -> tuple[CompressedWeight, CompressionRecord, float | None]:
         """`compress_unit` with this unit's Gram matrix (`options` overrides the algorithms)."""
         options = options or self.options
         gram = _gram_of(unit, self.grams)
@@ -359,9 +357,9 @@ class UnitCompressor:
                 self._hessians.pop(key, None)
 
 
-def layer_entry(unit: WeightUnit, how: str, error: float | None) -> dict[str, object]:
+def layer_entry(unit: WeightUnit, record: CompressionRecord, error: float | None) -> dict[str, object]:
     """The report's entry for one compressed unit."""
-    entry: dict[str, object] = {"role": unit.role, "how": how}
+    entry: dict[str, object] = {"role": unit.role, "how": record.line}
     if error is not None:
         entry["relative_error"] = round(error, 8)
     return entry
@@ -397,14 +395,14 @@ def compress_weights(
         concurrent.futures.ThreadPoolExecutor(max_workers=COMPRESSION_THREADS) as pool,
     ):
         results = pool.map(compressor, units)
-        for unit, (compressed, how, error) in tqdm(
+        for unit, (compressed, record, error) in tqdm(
             zip(units, results, strict=True),
             total=len(units),
             desc="compressing weights",
             unit="weight",
             disable=not progress,
         ):
-            _record(model, unit, compressed, how, error, sensitivity, layers)
+            _write(model, unit, compressed, record, error, sensitivity, layers)
             readers[input_name(unit)] -= 1
             if readers[input_name(unit)] == 0:
                 compressor.forget(unit)
@@ -416,21 +414,21 @@ def input_name(unit: WeightUnit) -> str | None:
     return None if unit.activation is None else str(unit.activation.name)
 
 
-def _record(
+def _write(
     model: ir.Model,
     unit: WeightUnit,
     compressed: CompressedWeight,
-    how: str,
+    record: CompressionRecord,
     error: float | None,
     sensitivity: Mapping[str, object],
     layers: dict[str, dict[str, object]],
 ) -> None:
     """Write one unit's canonical form and its report entry."""
-    entry = layer_entry(unit, how, error)
+    entry = layer_entry(unit, record, error)
     if str(unit.node.name) in sensitivity:
         entry["sensitivity"] = sensitivity[str(unit.node.name)]
     layers[str(unit.node.name)] = entry
-    write_canonical(model.graph, unit, compressed, how)
+    write_canonical(model.graph, unit.node, compressed, record)
 
 
 def compress_embedding_tables(model: ir.Model, ignored: IgnoredScope) -> dict[str, object]:

@@ -15,7 +15,7 @@ from qcompiler.backends.onnxruntime.session import create_session, session_optio
 from qcompiler.calibration import collect
 from qcompiler.cli import main
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
-from qcompiler.rewrites.canonical import (
+from qcompiler.canonical import (
     canonical_consumer,
     dequantize_canonical,
     read_canonical,
@@ -241,7 +241,7 @@ def test_fp4_weights_run_in_onnxruntime_through_our_packed_op(tmp_path, fmt):
 def test_opset_upgrade_moves_reduce_axes_to_an_input():
     """onnxscript's converter leaves ReduceL2's `axes` attribute at opset 18+; upgrade_opset moves
     it to an input and the model computes the same in onnxruntime."""
-    from qcompiler.rewrites.opset import upgrade_opset
+    from qcompiler.opset import upgrade_opset
     from tests.graphs import float_input
 
     x = float_input("x", [2, 5])
@@ -267,7 +267,7 @@ def test_canonical_form_reads_back_what_was_written(fmt):
         compressed, how, error = compress_unit(unit, None, options)
         assert error is None
         written[str(unit.node.name)] = compressed
-        write_canonical(model.graph, unit, compressed, how)
+        write_canonical(model.graph, unit.node, compressed, how)
     for dq in list(model.graph):
         consumer = canonical_consumer(dq)
         if consumer is None:

@@ -19,7 +19,7 @@ from qcompiler.backends.openvino.lower import pack_nibbles
 from qcompiler.cli import main
 from qcompiler.errors import LegalityError, ModelSaveError
 from qcompiler.options import CompileOptions, CompressionOptions, Preset, WeightFormat
-from qcompiler.rewrites.canonical import dequantize_canonical
+from qcompiler.canonical import dequantize_canonical
 from qcompiler.targets import OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU, adapt_options
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds, run
 from tests.test_compression import tiny_decoder
@@ -374,7 +374,8 @@ def _small_openvino_model():
 
 
 def test_openvino_dialect_round_trip_is_exact():
-    from qcompiler.backends.openvino.dialect import DOMAIN, from_openvino, to_openvino_model
+    from qcompiler.backends.openvino.dialect import to_openvino_model
+    from qcompiler.frontends.openvino_ir import DOMAIN, from_openvino
 
     original = _small_openvino_model()
     dialect = from_openvino(original)
@@ -400,7 +401,8 @@ def _saved(model, path):
 
 
 def test_openvino_ir_loads_with_the_ops_the_passes_read_as_onnx_ops(tmp_path):
-    from qcompiler.backends.openvino.dialect import DOMAIN, to_openvino_model
+    from qcompiler.backends.openvino.dialect import to_openvino_model
+    from qcompiler.frontends.openvino_ir import DOMAIN
 
     path = _saved(_small_openvino_model(), tmp_path / "m.xml")
     model = qcompiler.load(path)

@@ -29,8 +29,8 @@ from qcompiler.backends.onnxruntime.packing import (
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.rewrites.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
-from qcompiler.rewrites.opset import upgrade_opset
+from qcompiler.canonical import COMPRESSION_KEY, RECORD_KEY, canonical_consumer, read_canonical
+from qcompiler.opset import upgrade_opset
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
@@ -54,7 +54,7 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         for dq in list(model.graph):
             # Only weights written by compression: a static W8A8 unit's weight DQ looks the same
             # but feeds a MatMul whose input is quantized too (MatMulIntegerToFloat's pattern).
-            consumer = canonical_consumer(dq) if COMPRESSION_KEY in dq.metadata_props else None
+            consumer = canonical_consumer(dq) if RECORD_KEY in dq.metadata_props else None
             if consumer is None:
                 continue
             weight = read_canonical(dq)
@@ -76,7 +76,7 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         graph = model.graph
         kernel.metadata_props.update(dq.metadata_props)
         kernel.metadata_props.update(
-            {key: value for key, value in consumer.metadata_props.items() if key != COMPRESSION_KEY}
+            {key: value for key, value in consumer.metadata_props.items() if key not in (COMPRESSION_KEY, RECORD_KEY)}
         )
         output = consumer.outputs[0]
         graph.insert_before(consumer, kernel)

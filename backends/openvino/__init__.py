@@ -21,7 +21,7 @@ from qcompiler.backends.openvino.lower import (
 )
 from qcompiler.backends.openvino.runtime import OpenVINORunner, bf16_available
 from qcompiler.backends.openvino.save import save_openvino
-from qcompiler.rewrites.canonical import canonical_consumer, read_canonical
+from qcompiler.canonical import canonical_consumer, read_canonical
 from qcompiler.targets import Target
 
 __all__ = [

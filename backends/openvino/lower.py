@@ -30,7 +30,7 @@ from qcompiler.backends.openvino.dialect import is_openvino_dialect, to_openvino
 from qcompiler.io import save
 from qcompiler.irutil import drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.rewrites.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
+from qcompiler.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
 from qcompiler.weight_formats import CompressedWeight, to_blocks
 
 WEIGHT_INPUT_PREFIX = "qcompiler.weight::"

@@ -7,53 +7,97 @@ Canonical form: blocked ``DequantizeLinear`` (``axis=0, block_size``; opset 21 s
 node's own version) or per-axis (``axis=1``) for MatMul weights [K, N]; for an embedding table
 [V, H], blocks along H (``axis=1``). NF4 has no ONNX element type: its DQ is
 ``qcompiler.DequantizeNF4`` (uint4 table indices, block scales), lowered per backend. The
-algorithm and parameters are in each DQ node's ``qcompiler.compression`` metadata.
+DQ node's ``qcompiler.compression.record`` metadata is the machine-readable `CompressionRecord`
+(format, symmetry, block, algorithms, global scale, JSON); ``qcompiler.compression`` beside it is
+the same in words, for Netron. Backends read the record, never the words.
 """
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING
+import dataclasses
+import json
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.formats import FORMATS, WeightFormat
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
-from qcompiler.options import WeightFormat
 from qcompiler.weight_formats import CompressedWeight
 
-if TYPE_CHECKING:
-    from qcompiler.rewrites.compression import WeightUnit
-
 COMPRESSION_KEY = "qcompiler.compression"
+"""Node metadata: how the weight was compressed, in words."""
+RECORD_KEY = "qcompiler.compression.record"
+"""Node metadata: the `CompressionRecord` as JSON."""
 NF4_DOMAIN = "qcompiler"
-MIN_DQ_OPSET = {
-    WeightFormat.INT8: 13,
-    WeightFormat.INT4: 21,
-    WeightFormat.FP8: 19,
-    WeightFormat.MXFP4: 23,
-    WeightFormat.NVFP4: 23,
-    WeightFormat.NF4: 0,
-}
-"""The DequantizeLinear version that first accepts each format's element type (blocks: 21)."""
 
 
-_CODE_TYPES = {
-    (WeightFormat.INT4, True): ir.DataType.INT4,
-    (WeightFormat.INT4, False): ir.DataType.UINT4,
-    (WeightFormat.INT8, True): ir.DataType.INT8,
-    (WeightFormat.INT8, False): ir.DataType.UINT8,
-    (WeightFormat.FP8, True): ir.DataType.FLOAT8E4M3FN,
-    (WeightFormat.MXFP4, True): ir.DataType.FLOAT4E2M1,
-    (WeightFormat.NVFP4, True): ir.DataType.FLOAT4E2M1,
-    (WeightFormat.NF4, True): ir.DataType.UINT4,
-}
+@dataclasses.dataclass(frozen=True)
+class CompressionRecord:
+    """What made one compressed weight (stored on its DequantizeLinear; nothing is parsed from words).
+
+    Attributes:
+        format: the weight format.
+        symmetric: no zero point.
+        block_size: rows of K per scale; 0 for one scale per output channel.
+        algorithms: what ran, in order (``rtn``, ``hqq``, ``scale_estimation``, ``gptq``).
+        global_scale: NVFP4's tensor scale, folded into the stored block scales and kept here exactly.
+        note: why, when not the plan's default (e.g. a fallback).
+    """
+
+    format: WeightFormat
+    symmetric: bool
+    block_size: int
+    algorithms: tuple[str, ...]
+    global_scale: float | None = None
+    note: str = ""
+
+    @classmethod
+    def of(cls, weight: CompressedWeight, algorithms: tuple[str, ...], note: str = "") -> CompressionRecord:
+        """The record of `weight` made by `algorithms`."""
+        per_channel = weight.block_size >= weight.shape[0]
+        return cls(
+            weight.format,
+            weight.symmetric,
+            0 if per_channel else weight.block_size,
+            tuple(algorithms),
+            weight.global_scale,
+            note,
+        )
+
+    @property
+    def line(self) -> str:
+        """The record in words (the report's ``how``; Netron shows it on the node)."""
+        symmetry = "sym" if self.symmetric else "asym"
+        group = "per-channel" if self.block_size == 0 else f"group {self.block_size}"
+        text = f"{self.format.value} {symmetry} {group}; {'+'.join(self.algorithms)}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def to_json(self) -> str:
+        """The record as stored in node metadata."""
+        fields = dataclasses.asdict(self)
+        fields["format"] = self.format.value
+        fields["algorithms"] = list(self.algorithms)
+        return json.dumps(fields, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompressionRecord:
+        """The inverse of `to_json`."""
+        fields = json.loads(text)
+        fields["format"] = WeightFormat(fields["format"])
+        fields["algorithms"] = tuple(fields["algorithms"])
+        return cls(**fields)
+
+
+def record_of(dq: ir.Node) -> CompressionRecord | None:
+    """The record `write_canonical` stored on `dq` (None on a DQ it did not write)."""
+    text = dq.metadata_props.get(RECORD_KEY)
+    return CompressionRecord.from_json(text) if text else None
 
 
 def _add_codes(graph: ir.Graph, name: str, codes: np.ndarray, fmt: WeightFormat, symmetric: bool) -> ir.Value:
     """Register codes as an initializer of the format's ONNX element type."""
-    dtype = _CODE_TYPES[(fmt, symmetric)]
+    dtype = fmt.spec.code_type(symmetric)
     if dtype == ir.DataType.FLOAT8E4M3FN:
         codes = codes.view(ml_dtypes.float8_e4m3fn)
     elif dtype == ir.DataType.FLOAT4E2M1:
@@ -61,11 +105,18 @@ def _add_codes(graph: ir.Graph, name: str, codes: np.ndarray, fmt: WeightFormat,
     return add_initializer(graph, name, codes, dtype)
 
 
-def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWeight, how: str) -> ir.Node:
-    """Replace the unit's float weight by codes -> DequantizeLinear (see the module docstring)."""
-    weight = unit.weight
+def write_canonical(
+    graph: ir.Graph, reader: ir.Node, compressed: CompressedWeight, record: CompressionRecord
+) -> ir.Node:
+    """Replace the float weight `reader` reads by codes -> DequantizeLinear (see the module docstring).
+
+    `reader` is a MatMul (weight = input 1, [K, N]) or a Gather (table = input 0, [V, H];
+    `compressed` is its transpose).
+    """
+    embedding = reader.op_type == "Gather"
+    weight = reader.inputs[0 if embedding else 1]
+    assert weight is not None
     base = str(weight.name)
-    embedding = unit.role == "embedding"
     rows = compressed.shape[0]
     blocked = compressed.block_size < rows
     codes = compressed.codes.T if embedding else compressed.codes
@@ -86,13 +137,13 @@ def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWei
     attributes: dict[str, int] = {"axis": axis}
     if blocked:
         attributes["block_size"] = compressed.block_size
-    metadata = {COMPRESSION_KEY: how}
+    metadata = {COMPRESSION_KEY: record.line, RECORD_KEY: record.to_json()}
     if compressed.global_scale is not None:
         metadata[COMPRESSION_KEY] += f"; global scale {compressed.global_scale:.9g} folded into block scales"
     index = 0 if embedding else 1
     dq = insert_dequantize(
         graph,
-        unit.node,
+        reader,
         index,
         inputs,
         name=f"{base}/DequantizeLinear",
@@ -103,21 +154,18 @@ def write_canonical(graph: ir.Graph, unit: WeightUnit, compressed: CompressedWei
     if compressed.format is WeightFormat.NF4:
         dq.domain, dq.op_type = NF4_DOMAIN, "DequantizeNF4"
     elif blocked or compressed.format is not WeightFormat.INT8:
-        dq.version = (
-            MIN_DQ_OPSET[compressed.format] if not blocked else max(21, MIN_DQ_OPSET[compressed.format])
-        )
+        opset = compressed.format.spec.min_dq_opset
+        dq.version = max(21, opset) if blocked else opset
     drop_if_unused(graph, weight)
     return dq
 
 
-_FORMAT_OF_TYPE = {
-    ir.DataType.INT4: WeightFormat.INT4,
-    ir.DataType.UINT4: WeightFormat.INT4,
-    ir.DataType.INT8: WeightFormat.INT8,
-    ir.DataType.UINT8: WeightFormat.INT8,
-    ir.DataType.FLOAT8E4M3FN: WeightFormat.FP8,
-    ir.DataType.FLOAT4E2M1: WeightFormat.MXFP4,  # NVFP4 when the metadata says so
-}
+def format_of_code(dtype: ir.DataType) -> WeightFormat:
+    """The first registered format whose codes have this type (FP4 codes alone read as MXFP4)."""
+    for fmt, spec in FORMATS.items():
+        if dtype in (spec.signed_code, spec.unsigned_code) and spec.min_dq_opset:
+            return fmt
+    raise ValueError(f"no weight format stores {dtype} codes")
 
 
 def canonical_consumer(dq: ir.Node) -> ir.Node | None:
@@ -144,12 +192,12 @@ def read_canonical(dq: ir.Node) -> CompressedWeight:
     assert consumer is not None, f"{dq.name} is not a canonical weight DequantizeLinear"
     codes_value = dq.inputs[0]
     assert codes_value is not None and codes_value.const_value is not None
-    if dq.op_type == "DequantizeNF4":
-        fmt = WeightFormat.NF4
-    else:
-        fmt = _FORMAT_OF_TYPE[codes_value.dtype]  # type: ignore[index]
-        if fmt is WeightFormat.MXFP4 and dq.metadata_props.get(COMPRESSION_KEY, "").startswith("nvfp4"):
-            fmt = WeightFormat.NVFP4
+    record = record_of(dq)
+    if record is not None:
+        fmt, global_scale = record.format, record.global_scale
+    else:  # a static W8A8 weight (InsertQDQPass): the codes' type says it
+        fmt = WeightFormat.NF4 if dq.op_type == "DequantizeNF4" else format_of_code(codes_value.dtype)  # type: ignore[arg-type]
+        global_scale = None
     codes = codes_value.const_value.numpy()
     if fmt.is_integer:
         signed = codes_value.dtype in (ir.DataType.INT4, ir.DataType.INT8)
@@ -168,10 +216,6 @@ def read_canonical(dq: ir.Node) -> CompressedWeight:
         zeros = None if zeros is None else zeros[None, :]
     rows = codes.shape[0]
     block_size = dq.attributes.get_int("block_size", 0) or rows
-    global_scale = None
-    if fmt is WeightFormat.NVFP4:  # folded into the float scales; kept in the metadata (exact, %.9g)
-        found = re.search(r"global scale (\S+) folded", dq.metadata_props.get(COMPRESSION_KEY, ""))
-        global_scale = float(found.group(1)) if found else None
     return CompressedWeight(
         fmt, np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros, block_size, global_scale
     )
