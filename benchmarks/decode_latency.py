@@ -157,12 +157,12 @@ def main() -> None:
             )
             qcompiler.save(result.model, path)
         fp32_fused = work / "fp32-fused.onnx"  # the fusions alone, on float weights (no rounding noise)
-        from qcompiler.backends.onnxruntime import fuse_decoder
+        from qcompiler.registry import backend_named
         from qcompiler.rewrites.normalize import NormalizePass
 
         float_model = qcompiler.load(fp32)
         NormalizePass(rewrite=False)(float_model)
-        fuse_decoder(float_model)
+        backend_named("onnxruntime").fuse_decoder(float_model)
         qcompiler.save(float_model, fp32_fused)
         del float_model
         theirs = work / "ort.onnx"

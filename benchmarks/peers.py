@@ -52,14 +52,7 @@ def qcompiler_w8a8(
 
 def save_result(result, output: pathlib.Path) -> None:
     """Write a compile result: its OpenVINO artifact as .xml, else the ONNX model."""
-    import qcompiler
-
-    if result.artifact is not None:
-        from qcompiler.backends.openvino import save_openvino
-
-        save_openvino(result.artifact, output)
-    else:
-        qcompiler.save(result.model, output)
+    result.save(output)
 
 
 def nncf_openvino(model: pathlib.Path, feeds, output: pathlib.Path) -> None:
@@ -123,27 +116,18 @@ class Runner:
     """Runs an artifact in its runtime: onnxruntime for .onnx, OpenVINO CPU (f32) for .xml; 2 threads."""
 
     def __init__(self, path: pathlib.Path) -> None:
+        from qcompiler.registry import backend_for_artifact
+
         self.path = path
-        if path.suffix == ".xml":
-            import openvino as ov
+        runner = backend_for_artifact(path).runner(path, threads=2)
+        names = list(runner.output_names)
 
-            compiled = ov.Core().compile_model(
-                str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
-            )
-            request = compiled.create_infer_request()
-            names = {name for port in compiled.outputs for name in port.get_names()}
+        def run(feed, output: str) -> np.ndarray:
+            # A single output is taken whatever an exporter named it.
+            name = output if output in names or len(names) != 1 else names[0]
+            return runner.run([name], feed)[0]
 
-            def run(feed, output: str) -> np.ndarray:
-                # A single output is taken whatever an exporter named it.
-                port = compiled.output(output if output in names or len(compiled.outputs) != 1 else 0)
-                return request.infer(feed)[port]
-
-            self.run = run
-        else:
-            from qcompiler.backends.onnxruntime.session import create_session, session_options
-
-            session = create_session(path, session_options(threads=2))
-            self.run = lambda feed, output: session.run([output], feed)[0]
+        self.run = run
 
     def outputs(self, feeds, output: str) -> np.ndarray:
         """One output over all feeds, concatenated along the batch."""

@@ -33,6 +33,12 @@ TOOLS = {
 }
 
 
+def _ort_runner(path: pathlib.Path):
+    from qcompiler.registry import backend_named
+
+    return backend_named("onnxruntime").runner(path, threads=2)
+
+
 def transposed_weight_matmuls(model) -> list[str]:
     """MatMuls whose weight is computed by a Transpose (the tied lm_head of this export)."""
     producers = {output: node for node in model.graph.node for output in node.output}
@@ -115,7 +121,7 @@ def main() -> None:
     start = time.perf_counter()
     rows["fp32"] = {
         "description": "FP32 reference",
-        "perplexity": round(perplexity(model_path, evaluation, threads=2), 3),
+        "perplexity": round(perplexity(_ort_runner(model_path), evaluation), 3),
         "size_mb": peers.artifact_mb(model_path),
     }
     rows["fp32"]["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - start), 1)
@@ -147,7 +153,7 @@ def main() -> None:
                 row["perplexity"] = round(peers.Runner(output).perplexity(evaluation)[0], 3)
                 row["runtime"] = "openvino"
             else:
-                row["perplexity"] = round(perplexity(output, evaluation, threads=2), 3)
+                row["perplexity"] = round(perplexity(_ort_runner(output), evaluation), 3)
             row["tokens_per_s"] = round(len(evaluation) * 511 / (time.perf_counter() - begin), 1)
             row["perplexity_vs_fp32"] = f"{100 * (row['perplexity'] / rows['fp32']['perplexity'] - 1):+.1f} %"
             row["size_mb"] = peers.artifact_mb(output)

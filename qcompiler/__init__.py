@@ -8,8 +8,8 @@ The API takes and returns models: ``qcompiler.compile(model, "ort-cpu", options,
 returns a `CompileResult` whose ``model`` is an ``onnx_ir.Model``; ``qcompiler.save`` writes it.
 """
 
-from qcompiler.accuracy import AccuracyBudgetError
-from qcompiler.errors import QCompileError
+from qcompiler.drivers.pipeline import CompileResult, compile
+from qcompiler.errors import AccuracyBudgetError, QCompileError
 from qcompiler.io import load, save
 from qcompiler.options import (
     AccuracyOptions,
@@ -26,7 +26,6 @@ from qcompiler.options import (
     WeightFormat,
     WeightOptions,
 )
-from qcompiler.pipeline import CompileResult, compile
 from qcompiler.targets import TARGETS, Target, get_target
 
 __all__ = [

@@ -1,8 +1,10 @@
 """Calibration engine: passes declare the statistics they need; one run of the data serves them all.
 
-A pass returns `StatRequest`s (a tensor and a kind of statistic). `collect` merges the requests,
-adds the requested intermediate tensors as outputs of a clone of the model, runs the data through
-onnxruntime once, and folds each batch into a streaming reducer as it arrives. Memory is bounded
+A pass returns `StatRequest`s (a tensor and a kind of statistic). `stream` merges the requests,
+adds the requested intermediate tensors as outputs of a clone of the model, runs the data once
+through the runners the driver hands it (the runtime is the driver's choice), folds each batch
+into a streaming reducer as it arrives, and yields the statistics each piece of the model
+finishes; `collect` gathers them all. Memory is bounded
 by the reducers' state (a min/max pair, a histogram, one vector per channel), never by the number
 of samples. Statistics of initializers are computed directly, without running anything.
 """
@@ -13,17 +15,16 @@ import collections
 import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from tqdm.auto import tqdm
 
-from qcompiler.calibration_runtime import runner_for
+from qcompiler.backend import Runner
 from qcompiler.data import input_specs, validated
 from qcompiler.irutil import add_initializer, release_mapped
-from qcompiler.options import CalibrationRuntime
 from qcompiler.pieces import Piece, split, weight_bytes
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
@@ -117,6 +118,11 @@ class Statistics:
 
     def __getitem__(self, request: StatRequest) -> object:
         return self._results[request.key]
+
+    @property
+    def results(self) -> Mapping[StatKey, object]:
+        """Every statistic, by key."""
+        return self._results
 
     def minmax(self, value: ir.Value) -> tuple[float, float]:
         """Min and max of `value`."""
@@ -295,166 +301,210 @@ SPLIT_FACTOR = 4
 """Models with fewer weight bytes than this many pieces run whole (a piece costs a compile)."""
 
 
+RunnerMaker = Callable[[ir.Model, int], Runner]
+"""(a piece of the model, rows per batch) -> the runner calibration runs it with (the driver's choice)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    """How one calibration run reads the data.
+
+    Attributes:
+        histogram_bins: bins per histogram.
+        max_batches: stop after this many batches.
+        piece_bytes: a model whose weights (those the statistics need) exceed `SPLIT_FACTOR` times
+            this runs piece by piece, each holding about this many bytes of weights
+            (`qcompiler.pieces`); None runs it whole.
+        progress: show a tqdm bar.
+        description: label of the progress bar.
+    """
+
+    histogram_bins: int = 2048
+    max_batches: int | None = None
+    piece_bytes: int | None = None
+    progress: bool = True
+    description: str = "calibrating"
+
+
 def collect(
     model: ir.Model,
     requests: Iterable[StatRequest],
     data: Iterable[Mapping[str, np.ndarray]],
-    *,
-    histogram_bins: int = 2048,
-    max_batches: int | None = None,
-    progress: bool = True,
-    description: str = "calibrating",
-    runtime: CalibrationRuntime = CalibrationRuntime.ONNXRUNTIME,
-    piece_bytes: int | None = None,
-    on_piece: Callable[[Statistics], None] | None = None,
+    runners: RunnerMaker,
+    **settings: Any,
 ) -> Statistics:
-    """Run `data` once through `model` and reduce every requested statistic.
+    """Every statistic of `stream`, gathered (`settings`: the fields of `CalibrationSettings`)."""
+    results: dict[StatKey, object] = {}
+    batches = 0
+    for finished in stream(model, requests, data, runners, CalibrationSettings(**settings)):
+        results.update(finished.results)
+        batches = max(batches, finished.batches)
+    return Statistics(results, batches)
+
+
+def stream(
+    model: ir.Model,
+    requests: Iterable[StatRequest],
+    data: Iterable[Mapping[str, np.ndarray]],
+    runners: RunnerMaker,
+    settings: CalibrationSettings | None = None,
+) -> Iterator[Statistics]:
+    """Run `data` once through `model`; yield the statistics as each piece of the model finishes them.
+
+    The first yield holds the statistics of constants (no run); then one per piece, holding the
+    statistics of the tensors that piece computes (later pieces do not read them): a consumer can
+    use and drop them before the next piece runs. Each yield's ``batches`` is the number of
+    batches read.
 
     Args:
         model: the float model (not modified).
         requests: statistics wanted, possibly with duplicates across passes.
         data: batches (feed dicts); each is validated against the model's inputs.
-        histogram_bins: bins per histogram.
-        max_batches: stop after this many batches.
-        progress: show a tqdm bar.
-        description: label of the progress bar.
-        runtime: where the model runs (`CalibrationRuntime`).
-        piece_bytes: a model whose weights (those the statistics need) exceed `SPLIT_FACTOR` times
-            this runs piece by piece, each holding about this many bytes of weights
-            (`qcompiler.pieces`); None runs it whole.
-        on_piece: called after each piece with the statistics it finished (its tensors are not
-            read by later pieces); those are handed over and left out of the returned ones, so a
-            caller can use and drop them before the next piece runs.
+        runners: makes the runner of each piece.
+        settings: how the data is read.
     """
+    settings = settings or CalibrationSettings()
     merged: dict[StatKey, StatRequest] = {}
     for request in requests:
         merged.setdefault(request.key, request)
-    reducers = {key: make_reducer(req, histogram_bins) for key, req in merged.items()}
-    results: dict[StatKey, object] = {}
-
-    # Constant tensors need no run.
+    constants: dict[StatKey, object] = {}
     runtime_keys = []
     for key, request in merged.items():
-        if request.value.const_value is not None:
-            reducers[key].update(request.value.const_value.numpy())
-            results[key] = reducers[key].result()
+        if request.value.const_value is not None:  # constant tensors need no run
+            reducer = make_reducer(request, settings.histogram_bins)
+            reducer.update(request.value.const_value.numpy())
+            constants[key] = reducer.result()
         else:
             runtime_keys.append(key)
-
-    batches = 0
+    yield Statistics(constants, 0)
     if runtime_keys:
-        batches = _run(
-            model,
-            merged,
-            runtime_keys,
-            reducers,
-            data,
-            max_batches,
-            progress,
-            description,
-            runtime,
-            piece_bytes,
-            on_piece,
-        )
-        for key in runtime_keys:
-            if key in reducers:
-                results[key] = reducers[key].result()
-    return Statistics(results, batches)
+        yield from _PieceRun(model, merged, runtime_keys, runners, settings).run(data)
 
 
-def _run(
-    model: ir.Model,
-    merged: Mapping[StatKey, StatRequest],
-    runtime_keys: list[StatKey],
-    reducers: dict[StatKey, Reducer],
-    data: Iterable[Mapping[str, np.ndarray]],
-    max_batches: int | None,
-    progress: bool,
-    description: str,
-    runtime: CalibrationRuntime,
-    piece_bytes: int | None,
-    on_piece: Callable[[Statistics], None] | None = None,
-) -> int:
-    """Run the data through the model (whole or piece by piece) into the reducers; return the batch count.
+class _PieceRun:
+    """One run of the data through the model, whole or piece by piece, for `stream`.
 
     Piece by piece, each piece runs over every batch before the next is compiled, and the
     tensors later pieces read are kept per batch in between.
     """
-    specs = input_specs(model)
-    input_names = {spec.name for spec in specs}
-    grams = [key for key in runtime_keys if merged[key].kind is StatKind.GRAM]
-    rows = _rows_per_batch(next(iter(data), {}))  # the first batch stands for all
-    in_graph = {key for key in grams if _gram_in_graph(merged[key], rows)}
-    fetch = sorted({key[0] for key in runtime_keys if key not in in_graph} - input_names)
-    gram_sources = sorted({key[0] for key in in_graph} - input_names)
-    clone = _with_outputs(model, fetch + gram_sources)
-    common.RemoveUnusedNodesPass()(clone)
-    if piece_bytes is not None and weight_bytes(clone) > SPLIT_FACTOR * piece_bytes:
-        parts = split(clone, piece_bytes, keep=fetch)
-    else:
+
+    def __init__(
+        self,
+        model: ir.Model,
+        merged: Mapping[StatKey, StatRequest],
+        runtime_keys: list[StatKey],
+        runners: RunnerMaker,
+        settings: CalibrationSettings,
+    ) -> None:
+        self.model = model
+        self.merged = merged
+        self.runtime_keys = runtime_keys
+        self.runners = runners
+        self.settings = settings
+        self.specs = input_specs(model)
+        self.input_names = {spec.name for spec in self.specs}
+        self.reducers = {key: make_reducer(merged[key], settings.histogram_bins) for key in runtime_keys}
+
+    def run(self, data: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Statistics]:
+        """Yield each piece's finished statistics (see `stream`)."""
+        settings, merged = self.settings, self.merged
+        grams = [key for key in self.runtime_keys if merged[key].kind is StatKind.GRAM]
+        rows = _rows_per_batch(next(iter(data), {}))  # the first batch stands for all
+        in_graph = {key for key in grams if _gram_in_graph(merged[key], rows)}
+        fetch = sorted({key[0] for key in self.runtime_keys if key not in in_graph} - self.input_names)
+        gram_sources = sorted({key[0] for key in in_graph} - self.input_names)
+        parts = self._pieces(fetch, gram_sources)
+        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+        if settings.max_batches is not None and total is not None:
+            total = min(total, settings.max_batches)
+        bar = tqdm(
+            total=total * len(parts) if total is not None else None,
+            desc=settings.description,
+            unit="batch",
+            disable=not settings.progress,
+        )
+        source: Iterable[Mapping[str, np.ndarray]] = validated(
+            data, self.specs, "calibration data", limit=settings.max_batches
+        )
+        pending = {key: merged[key] for key in in_graph}
+        batches = 0
+        for number, part in enumerate(parts):
+            available = {str(value.name) for value in part.model.graph.inputs}
+            available.update(str(output.name) for node in part.model.graph for output in node.outputs)
+            here = {key: request for key, request in pending.items() if key[0] in available}
+            for key in here:
+                del pending[key]
+            slots = _add_gram_outputs(part.model, here)
+            outputs_here = {str(value.name) for value in part.model.graph.outputs}
+            fetched = [name for name in fetch if name in outputs_here]
+            reduce_keys = [
+                key
+                for key in self.runtime_keys
+                if key in slots or (key not in in_graph and key[0] in fetched)
+            ]
+            if number == 0:  # statistics of the model's inputs come from the feeds
+                reduce_keys += [
+                    key for key in self.runtime_keys if key[0] in self.input_names and key not in in_graph
+                ]
+            later = set().union(*(set(other.inputs) for other in parts[number + 1 :]))
+            source, read = self._run_piece(part, source, fetched, slots, reduce_keys, later, rows, bar)
+            batches = batches or read
+            yield Statistics({key: self.reducers.pop(key).result() for key in reduce_keys}, batches)
+        bar.close()
+        if self.reducers:  # nothing should be left; never lose a statistic if a piece missed one
+            yield Statistics({key: reducer.result() for key, reducer in self.reducers.items()}, batches)
+
+    def _pieces(self, fetch: list[str], gram_sources: list[str]) -> list[Piece]:
+        """The model with the needed tensors as outputs, whole or cut into pieces."""
+        clone = _with_outputs(self.model, fetch + gram_sources)
+        common.RemoveUnusedNodesPass()(clone)
+        piece_bytes = self.settings.piece_bytes
+        if piece_bytes is not None and weight_bytes(clone) > SPLIT_FACTOR * piece_bytes:
+            return split(clone, piece_bytes, keep=fetch)
         clone.graph.outputs[:] = [value for value in clone.graph.outputs if str(value.name) in fetch]
-        parts = [Piece(clone, sorted(input_names), [])]
-    del clone
-    total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    if max_batches is not None and total is not None:
-        total = min(total, max_batches)
-    bar = tqdm(
-        total=total * len(parts) if total is not None else None,
-        desc=description,
-        unit="batch",
-        disable=not progress,
-    )
-    stream: Iterable[Mapping[str, np.ndarray]] = validated(data, specs, "calibration data", limit=max_batches)
-    pending = {key: merged[key] for key in in_graph}
-    batches = 0
-    for number, part in enumerate(parts):
-        available = {str(value.name) for value in part.model.graph.inputs}
-        available.update(str(output.name) for node in part.model.graph for output in node.outputs)
-        here = {key: request for key, request in pending.items() if key[0] in available}
-        for key in here:
-            del pending[key]
-        slots = _add_gram_outputs(part.model, here)
-        outputs_here = {str(value.name) for value in part.model.graph.outputs}
-        fetched = [name for name in fetch if name in outputs_here]
+        return [Piece(clone, sorted(self.input_names), [])]
+
+    def _run_piece(
+        self,
+        part: Piece,
+        source: Iterable[Mapping[str, np.ndarray]],
+        fetched: list[str],
+        slots: Mapping[StatKey, _GramSlot],
+        reduce_keys: list[StatKey],
+        later: set[str],
+        rows: int,
+        bar: tqdm,
+    ) -> tuple[list[dict[str, np.ndarray]], int]:
+        """Run every batch through one piece into the reducers; the tensors later pieces read, per batch."""
         names = (
             fetched + sorted({slot.products for slot in slots.values()}) + ([GRAM_COUNTS] if slots else [])
         )
         names += [name for name in part.carried if name not in names]
-        later = set().union(*(set(other.inputs) for other in parts[number + 1 :]))
-        reduce_keys = [
-            key for key in runtime_keys if key in slots or (key not in in_graph and key[0] in fetched)
-        ]
-        if number == 0:  # statistics of the model's inputs come from the feeds
-            reduce_keys += [key for key in runtime_keys if key[0] in input_names and key not in in_graph]
-        run = runner_for(part.model, runtime, rows) if names else None  # None: statistics of inputs only
+        runner = self.runners(part.model, rows) if names else None  # None: statistics of inputs only
         for value in part.model.graph.initializers.values():  # the runtime holds its own copy
             release_mapped(value.const_value)
         kept: list[dict[str, np.ndarray]] = []
         in_flight: collections.deque[Mapping[str, np.ndarray]] = collections.deque()
-        inputs = _piece_inputs(stream, part.inputs, in_flight)
-        results = run(names, inputs) if run is not None else (None for _ in inputs)
+        inputs = _piece_inputs(source, part.inputs, in_flight)
+        results = runner.run_all(names, inputs) if runner is not None else (None for _ in inputs)
+        read = 0
         for result in results:
             feed = in_flight.popleft()
             outputs = {} if result is None else dict(zip(names, result, strict=True))
-            outputs.update({name: feed[name] for name in input_names if name in feed})
+            outputs.update({name: feed[name] for name in self.input_names if name in feed})
             for key in reduce_keys:
                 if key in slots:
                     slot = slots[key]
-                    reducers[key].add_product(  # type: ignore[attr-defined]
+                    self.reducers[key].add_product(  # type: ignore[attr-defined]
                         outputs[slot.products][slot.start : slot.stop], int(outputs[GRAM_COUNTS][slot.count])
                     )
                 else:
-                    reducers[key].update(outputs[key[0]])
+                    self.reducers[key].update(outputs[key[0]])
             if later:
                 carry = {name: array for name, array in feed.items() if name in later}
                 carry.update({name: outputs[name] for name in part.carried if name in later})
                 kept.append(carry)
-            if number == 0:
-                batches += 1
+            read += 1
             bar.update()
-        del run
-        stream = kept
-        if on_piece is not None and reduce_keys:
-            on_piece(Statistics({key: reducers.pop(key).result() for key in reduce_keys}, batches))
-    bar.close()
-    return batches
+        del runner
+        return kept, read

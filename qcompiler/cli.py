@@ -17,8 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from qcompiler import io
-from qcompiler.accuracy import AccuracyBudgetError
-from qcompiler.errors import OptionError, QCompileError
+from qcompiler.errors import AccuracyBudgetError, OptionError, QCompileError
 from qcompiler.options import (
     AccuracyOptions,
     ActivationOptions,
@@ -345,7 +344,7 @@ def best_effort_path(output: pathlib.Path) -> pathlib.Path:
 
 def run_compile(args: argparse.Namespace) -> int:
     """Compile one model as the arguments say; returns the exit code."""
-    from qcompiler.pipeline import compile as compile_model
+    from qcompiler.drivers.pipeline import compile as compile_model
 
     options = options_from_args(args)
     if args.target not in TARGETS:
@@ -374,15 +373,8 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def _write(args: argparse.Namespace, result, output: pathlib.Path, report_path: pathlib.Path) -> None:
     """Save the model (the target's artifact where it has one) and its report atomically; print the summary."""
-    if result.artifact is not None:
-        from qcompiler.backends.openvino import save_openvino
-
-        protected = (args.model, args.model.with_suffix(".bin"))
-        saved = save_openvino(result.artifact, output, protected=protected)
-    else:
-        saved = io.save(
-            result.model, output, external_data=args.external_data or None, protected=(args.model,)
-        )
+    protected = (args.model, args.model.with_suffix(".bin"))  # an OpenVINO IR input has its weights there
+    saved = result.save(output, external_data=args.external_data or None, protected=protected)
     result.report.data["output"] = str(saved)
     io.atomic_write_text(report_path, result.report.to_json())
     if not args.quiet:

@@ -14,26 +14,22 @@ import pathlib
 import numpy as np
 
 from qcompiler import io
+from qcompiler.backend import Runner, median_latency_ms
 from qcompiler.data import TextSource, input_specs
+from qcompiler.drivers.pipeline import compile as compile_model
+from qcompiler.registry import backend_for
 from qcompiler.metrics import compare_models
 from qcompiler.options import CompileOptions, Preset
-from qcompiler.pipeline import compile as compile_model
 
 
-def _latency_ratio(reference, candidate, batch: int = 8, seq: int = 128) -> tuple[float, float]:
-    from qcompiler.backends.onnxruntime.session import create_session, median_latency_ms, session_options
-
+def _latency_ratio(reference: Runner, candidate: Runner, batch: int = 8, seq: int = 128) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     feed = {
         "input_ids": rng.integers(1000, 20000, (batch, seq)),
         "attention_mask": np.ones((batch, seq), np.int64),
         "token_type_ids": np.zeros((batch, seq), np.int64),
     }
-    options = session_options(threads=2)
-    return (
-        median_latency_ms(create_session(reference, options), feed, repeats=10),
-        median_latency_ms(create_session(candidate, options), feed, repeats=10),
-    )
+    return median_latency_ms(reference, feed, repeats=10), median_latency_ms(candidate, feed, repeats=10)
 
 
 def run(argv: list[str] | None = None) -> list[str]:
@@ -59,8 +55,10 @@ def run(argv: list[str] | None = None) -> list[str]:
     io.atomic_write_text(output.with_suffix(".report.json"), result.report.to_json())
 
     evaluation = list(TextSource(EVALUATION_TEXT, tokenizer, specs, samples=600, batch_size=16))
-    fidelity = compare_models(model, result.model, evaluation, "sentence_embedding", progress=not args.quiet)
-    fp32_ms, int8_ms = _latency_ratio(model, result.model)
+    backend = backend_for("ort-cpu")
+    reference, candidate = backend.runner(model, threads=2), backend.runner(result.model, threads=2)
+    fidelity = compare_models(reference, candidate, evaluation, "sentence_embedding", progress=not args.quiet)
+    fp32_ms, int8_ms = _latency_ratio(reference, candidate)
     return [
         result.report.summary(),
         f"sentence_embedding vs FP32 on {fidelity.samples} held-out paragraphs: "

@@ -33,3 +33,11 @@ class UnsupportedModelError(QCompileError):
 
 class LegalityError(QCompileError):
     """An artifact breaks a rule of its target backend; raised before saving."""
+
+
+class AccuracyBudgetError(QCompileError):
+    """`--max-drop` could not be met; `result` holds the best model found and its report."""
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result

@@ -2,28 +2,25 @@
 
 A metric scores a candidate model's outputs on the validation data, given the float model's
 outputs on the same batches. `Evaluator` runs the float model once, then scores candidates in the
-target's runtime (onnxruntime CPU by default; OpenVINO CPU for ``openvino-*``) and turns a score
-into a drop against the float model's score.
+target's runtime (the runner factory the driver hands it) and turns a score into a drop against
+the float model's score.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.backend import Feed, RunnerFactory
 from qcompiler.data import input_specs, peek_check
 from qcompiler.errors import OptionError
 from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
 from qcompiler.options import AccuracyOptions, DropType
 
-Feed = Mapping[str, np.ndarray]
-Run = Callable[[Sequence[str], Feed], list[np.ndarray]]
-Runtime = Callable[[ir.Model], Run]
-"""Makes a runner for a model: the target's runtime (`backend.runner`), onnxruntime by default."""
 SQNR_CAP_DB = 100.0
 """The float model's own SQNR is infinite; drops in dB are measured from this cap."""
 
@@ -139,26 +136,25 @@ def resolve_metric(spec: str | Callable[..., float] | Metric) -> Metric:
 
 
 def model_outputs(
-    model: ir.Model, feeds: Sequence[Feed], names: Sequence[str], runtime: Runtime | None = None
+    model: ir.Model, feeds: Sequence[Feed], names: Sequence[str], runners: RunnerFactory
 ) -> list[dict[str, np.ndarray]]:
-    """The named outputs (or intermediate tensors) of `model` on every batch (`runtime`, default onnxruntime)."""
-    return list(stream_outputs(model, feeds, names, runtime))
+    """The named outputs (or intermediate tensors) of `model` on every batch, run by `runners(model)`."""
+    return list(stream_outputs(model, feeds, names, runners))
 
 
 def stream_outputs(
-    model: ir.Model, feeds: Iterable[Feed], names: Sequence[str], runtime: Runtime | None = None
+    model: ir.Model, feeds: Iterable[Feed], names: Sequence[str], runners: RunnerFactory
 ) -> Iterator[dict[str, np.ndarray]]:
     """`model_outputs` one batch at a time (many intermediate tensors need not fit at once)."""
+    inputs = {str(value.name) for value in model.graph.inputs}
+    computed = [name for name in names if name not in inputs]  # inputs come from the feed, not a runtime
     graph_outputs = {str(value.name) for value in model.graph.outputs}
-    if not set(names) <= graph_outputs:
-        model = _exposing(model, names)
-    if runtime is None:
-        from qcompiler.backends.onnxruntime import runner as onnxruntime_runner
-
-        runtime = onnxruntime_runner
-    run = runtime(model)
-    for feed in feeds:
-        yield dict(zip(names, run(list(names), dict(feed)), strict=True))
+    if not set(computed) <= graph_outputs:
+        model = _exposing(model, computed)
+    feeds = list(feeds) if any(name in inputs for name in names) else feeds
+    for feed, outputs in zip(feeds, runners(model).run_all(computed, feeds), strict=True):
+        found = dict(zip(computed, outputs, strict=True))
+        yield {name: found[name] if name in found else np.asarray(feed[name]) for name in names}
 
 
 def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
@@ -181,8 +177,8 @@ class Evaluator:
         reference: the float model (run once, here).
         feeds: validation batches.
         metric: the metric.
+        runners: where models run (the target's runtime).
         drop_type: absolute or relative drop.
-        runtime: where models run (the target's runtime; onnxruntime CPU by default).
     """
 
     def __init__(
@@ -190,10 +186,10 @@ class Evaluator:
         reference: ir.Model,
         feeds: Sequence[Feed],
         metric: Metric,
+        runners: RunnerFactory,
         drop_type: DropType = DropType.ABSOLUTE,
-        runtime: Runtime | None = None,
     ) -> None:
-        self.runtime = runtime
+        self.runners = runners
         if not feeds:
             raise OptionError("validation data is empty")
         self.feeds = list(feeds)
@@ -206,7 +202,7 @@ class Evaluator:
                 f"--metric {metric.name}: the model has no output {self.output!r} (outputs: {', '.join(outputs)})"
             )
         self.reference = [
-            batch[self.output] for batch in model_outputs(reference, self.feeds, [self.output], runtime)
+            batch[self.output] for batch in model_outputs(reference, self.feeds, [self.output], runners)
         ]
         self.float_score = self._score(self.reference, self.feeds, self.reference)
 
@@ -218,7 +214,7 @@ class Evaluator:
     def score(self, model: ir.Model, batches: int | None = None) -> float:
         """The metric of `model` on the validation data (the first `batches` only, if given)."""
         feeds = self.feeds[:batches] if batches else self.feeds
-        outputs = [batch[self.output] for batch in model_outputs(model, feeds, [self.output], self.runtime)]
+        outputs = [batch[self.output] for batch in model_outputs(model, feeds, [self.output], self.runners)]
         return self._score(outputs, feeds, self.reference[: len(feeds)])
 
     def subset_float_score(self, batches: int) -> float:
@@ -235,7 +231,7 @@ class Evaluator:
 
 
 def validation_evaluator(
-    model: ir.Model, validation: Iterable[Feed], accuracy: AccuracyOptions, runtime: Runtime | None = None
+    model: ir.Model, validation: Iterable[Feed], accuracy: AccuracyOptions, runners: RunnerFactory
 ) -> Evaluator:
     """The validation metric on the float model (default: perplexity for an LM, else cosine)."""
     spec = accuracy.metric
@@ -248,4 +244,4 @@ def validation_evaluator(
         metric = dataclasses.replace(metric, output=accuracy.metric_output)
     feeds = list(validation)
     peek_check(feeds, input_specs(model), "validation data")
-    return Evaluator(model, feeds, metric, accuracy.drop_type, runtime)
+    return Evaluator(model, feeds, metric, runners, accuracy.drop_type)

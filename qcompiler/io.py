@@ -43,6 +43,7 @@ def clone(model: ir.Model) -> ir.Model:
     copy.meta.update(model.meta)
     return copy
 
+
 SOURCE_PATH_KEY = "qcompiler.source_path"
 """`ir.Model.meta` key holding the file a model was loaded from (used to refuse overwriting it).
 

@@ -11,8 +11,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-import onnx_ir as ir
 from tqdm.auto import tqdm
+
+from qcompiler.backend import Runner
 
 
 def row_cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -91,40 +92,30 @@ def next_token_nll(logits: np.ndarray, input_ids: np.ndarray) -> tuple[float, in
 
 
 def perplexity(
-    model: ir.Model | str,
+    runner: Runner,
     feeds: Iterable[Mapping[str, np.ndarray]],
     *,
     output: str = "logits",
     progress: bool = False,
-    threads: int | None = None,
 ) -> float:
-    """exp(mean next-token NLL) over token windows (onnxruntime CPU)."""
-    from qcompiler.backends.onnxruntime import create_session, session_options
-
-    session = create_session(model, session_options(threads=threads))
+    """exp(mean next-token NLL) over token windows, run by `runner`."""
     total, count = 0.0, 0
     for feed in tqdm(feeds, desc="perplexity", disable=not progress):
-        nll, tokens = next_token_nll(session.run([output], dict(feed))[0], np.asarray(feed["input_ids"]))
+        nll, tokens = next_token_nll(runner.run([output], feed)[0], np.asarray(feed["input_ids"]))
         total, count = total + nll, count + tokens
     return float(np.exp(total / max(count, 1)))
 
 
 def run_outputs(
-    model: ir.Model,
+    runner: Runner,
     feeds: Iterable[Mapping[str, np.ndarray]],
     output: str,
     *,
     progress: bool = False,
     description: str = "evaluating",
-    threads: int | None = None,
 ) -> np.ndarray:
-    """Concatenate one output of `model` over all batches (onnxruntime CPU, full optimizations)."""
-    from qcompiler.backends.onnxruntime import create_session, session_options
-
-    session = create_session(model, session_options(threads=threads))
-    chunks = [
-        session.run([output], dict(feed))[0] for feed in tqdm(feeds, desc=description, disable=not progress)
-    ]
+    """Concatenate one output over all batches, run by `runner`."""
+    chunks = [runner.run([output], feed)[0] for feed in tqdm(feeds, desc=description, disable=not progress)]
     return np.concatenate(chunks, axis=0)
 
 
@@ -135,14 +126,14 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:
 
 
 def compare_models(
-    reference: ir.Model,
-    candidate: ir.Model,
+    reference: Runner,
+    candidate: Runner,
     feeds: Sequence[Mapping[str, np.ndarray]],
     output: str,
     *,
     progress: bool = False,
 ) -> Fidelity:
-    """Fidelity of `candidate`'s `output` against `reference` on the same batches."""
+    """Fidelity of `candidate`'s `output` against `reference`'s on the same batches."""
     expected = run_outputs(reference, feeds, output, progress=progress, description="float model")
     got = run_outputs(candidate, feeds, output, progress=progress, description="quantized model")
     return fidelity(expected, got)

@@ -38,13 +38,11 @@ def refuse_quantized(model: ir.Model) -> None:
             )
 
 
-def check_openvino_input(model: ir.Model, target: Target) -> bool:
+def check_openvino_input(model: ir.Model, target: Target, runs_openvino_ir: bool) -> bool:
     """Whether `model` was read from OpenVINO IR; such a model compiles for OpenVINO targets only."""
-    from qcompiler.backends.openvino.dialect import is_openvino_dialect
-
-    if not is_openvino_dialect(model):
+    if io.source_format(model) is not io.SourceFormat.OPENVINO_IR:
         return False
-    if target.backend != "openvino":
+    if not runs_openvino_ir:
         source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
         raise OptionError(
             f"{source}: an OpenVINO IR model compiles for openvino-cpu/gpu/npu only, not {target.name}; "

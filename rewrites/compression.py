@@ -32,11 +32,11 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from qcompiler.calibration import Statistics, StatRequest
+from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.irutil import release_mapped
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.awq import awq_scales
-from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
 from qcompiler.rewrites.hqq import hqq
 from qcompiler.rewrites.scale_estimation import estimate_scales

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.drivers.runtimes import calibration_runners
 from qcompiler.irutil import add_initializer
+from qcompiler.options import CalibrationRuntime
+
+ORT_RUNNERS = calibration_runners(CalibrationRuntime.ONNXRUNTIME)
+"""Calibration in onnxruntime, as the W8A8 driver runs it."""
 
 
 def const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

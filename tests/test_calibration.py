@@ -5,7 +5,7 @@ from qcompiler import calibration, reducers
 from qcompiler.calibration import StatKind, StatRequest
 from qcompiler.errors import DataError
 from qcompiler.rewrites.normalize import NormalizePass
-from tests.graphs import mlp_with_attention_matmul, random_feeds
+from tests.graphs import ORT_RUNNERS, mlp_with_attention_matmul, random_feeds
 
 
 def test_minmax_reducer_matches_numpy_over_batches():
@@ -67,7 +67,7 @@ def test_collect_merges_requests_and_matches_numpy():
         StatRequest(weight, StatKind.MINMAX),
     ]
     feeds = random_feeds(model, batches=3)
-    stats = calibration.collect(model, requests, feeds, progress=False)
+    stats = calibration.collect(model, requests, feeds, ORT_RUNNERS, progress=False)
     assert len(stats) == 3 and stats.batches == 3
     w1 = weight.const_value.numpy()
     expected = np.concatenate([np.maximum(feed["x"] @ w1, 0) for feed in feeds])
@@ -86,6 +86,7 @@ def test_collect_rejects_wrong_data_before_running():
             model,
             [StatRequest(relu, StatKind.MINMAX)],
             [{"y": np.zeros((1, 6, 8), np.float32)}],
+            ORT_RUNNERS,
             progress=False,
         )
 

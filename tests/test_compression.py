@@ -13,14 +13,14 @@ import qcompiler
 from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.backends.onnxruntime.session import create_session, session_options
 from qcompiler.calibration import collect
-from qcompiler.cli import main
-from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.canonical import (
     canonical_consumer,
     dequantize_canonical,
     read_canonical,
     write_canonical,
 )
+from qcompiler.cli import main
+from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
 from qcompiler.rewrites.compression import (
     apply_awq,
     compress_unit,
@@ -29,7 +29,7 @@ from qcompiler.rewrites.compression import (
     stat_requests,
 )
 from qcompiler.rewrites.normalize import NormalizePass
-from tests.graphs import add, const, model_of, run
+from tests.graphs import ORT_RUNNERS, add, const, model_of, run
 
 VOCAB, HIDDEN, INNER = 40, 64, 32
 
@@ -134,7 +134,7 @@ def test_awq_folds_into_the_layernorm_exactly():
     reference = run(model, _feeds(1)[0])[0]
     options = CompressionOptions(group_size=32, symmetric=True, awq=True)
     units, _ = plan_compression(model, options, IgnoredScope())
-    statistics = collect(model, stat_requests(units, options), _feeds(), progress=False)
+    statistics = collect(model, stat_requests(units, options), _feeds(), ORT_RUNNERS, progress=False)
     grams = {str(r.value.name): statistics[r] for r in stat_requests(units, options)}
     report = apply_awq(model, units, grams, IgnoredScope(), progress=False)
     folded = report[str(units[1].activation.name)]

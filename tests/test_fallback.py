@@ -8,20 +8,22 @@ import onnx_ir as ir
 import pytest
 
 import qcompiler
-from qcompiler.accuracy import static_ladder, weight_ladder
 from qcompiler.cli import EXIT_BUDGET_NOT_MET, main
+from qcompiler.drivers.accuracy import static_ladder, weight_ladder
+from qcompiler.drivers.runtimes import target_runners
+from qcompiler.drivers.static_fallback import static_groups
+from qcompiler.drivers.weight_budget import weight_groups
 from qcompiler.errors import OptionError
 from qcompiler.evaluation import Evaluator, resolve_metric
 from qcompiler.options import CompileOptions, CompressionOptions, DropType, IgnoredScope, Preset, WeightFormat
+from qcompiler.registry import backend_named
 from qcompiler.rewrites.compression import plan_compression
 from qcompiler.rewrites.fallback import QuantGroup, rank, search
 from qcompiler.rewrites.mixed_precision import choose_formats
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.smoothing import find_groups
-from qcompiler.static_fallback import static_groups
 from qcompiler.targets import ORT_CPU
-from qcompiler.weight_budget import weight_groups
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds
 from tests.test_compression import _feeds as decoder_feeds
 from tests.test_compression import tiny_decoder
@@ -198,7 +200,9 @@ def test_user_metric_loader_errors_name_the_flag(tmp_path, monkeypatch):
 def test_drop_directions_and_relative_drops():
     model = mlp_with_attention_matmul()
     feeds = random_feeds(model, batches=2)
-    evaluator = Evaluator(model, feeds, resolve_metric("cosine"))
+    evaluator = Evaluator(
+        model, feeds, resolve_metric("cosine"), target_runners(backend_named("onnxruntime"))
+    )
     assert evaluator.float_score == pytest.approx(1.0)
     assert evaluator.drop(0.98) == pytest.approx(0.02)
     perplexity = Evaluator.__new__(Evaluator)

@@ -11,6 +11,7 @@ import qcompiler.metrics
 from qcompiler.data import TextSource, input_specs, read_text_lines
 from qcompiler.metrics import compare_models, query_document_pairs, retrieval, run_outputs
 from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, VALIDATION_TEXT, minilm
+from qcompiler.registry import backend_named
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +41,12 @@ def _evaluation(model) -> list:
     )
 
 
+def _ort(model):
+    return backend_named("onnxruntime").runner(model)
+
+
 def _fidelity(model, quantized):
-    fidelity = compare_models(model, quantized, _evaluation(model), "sentence_embedding")
+    fidelity = compare_models(_ort(model), _ort(quantized), _evaluation(model), "sentence_embedding")
     assert fidelity.samples == EVALUATION_LINES
     return fidelity
 
@@ -76,7 +81,7 @@ def test_retrieval_within_half_a_point_of_fp32(compiled):
                 texts, minilm.tokenizer_path(), input_specs(model), seq_len=256, samples=None, batch_size=16
             )
         )
-        return run_outputs(candidate, feeds, "sentence_embedding")
+        return run_outputs(_ort(candidate), feeds, "sentence_embedding")
 
     scores = {}
     for name, candidate in (("fp32", model), ("w8a8", result.model)):
@@ -185,7 +190,7 @@ def test_max_drop_recovers_a_harmful_configuration():
 
 
 def _openvino_embeddings(artifact, model) -> np.ndarray:
-    from qcompiler.backends.openvino import OpenVINORunner
+    from qcompiler.backends.openvino.runtime import OpenVINORunner
 
     runner = OpenVINORunner(artifact)
     return np.concatenate([runner.run(["sentence_embedding"], feed)[0] for feed in _evaluation(model)])
@@ -209,7 +214,7 @@ def test_openvino_cpu_w8a8_fidelity_in_openvino(openvino_compiled):
     """openvino-cpu artifact, run in OpenVINO CPU on 600 held-out paragraphs: mean >= 0.998, min >= 0.99
     (NNCF OpenVINO with SmoothQuant measured 0.9980 / 0.9834 in the same benchmark run)."""
     model, results = openvino_compiled
-    reference = run_outputs(model, _evaluation(model), "sentence_embedding")
+    reference = run_outputs(_ort(model), _evaluation(model), "sentence_embedding")
     fidelity = qcompiler.metrics.fidelity(
         reference, _openvino_embeddings(results["openvino-cpu"].artifact, model)
     )
@@ -262,7 +267,7 @@ def test_openvino_ir_input_compiles_to_the_accuracy_of_the_onnx(openvino_compile
     )
     options = qcompiler.CompileOptions(preset=qcompiler.Preset.TRANSFORMER, count_fusion=False)
     from_ir = qcompiler.compile(xml, "openvino-cpu", options, data=calibration, progress=False)
-    reference = run_outputs(model, _evaluation(model), "sentence_embedding")
+    reference = run_outputs(_ort(model), _evaluation(model), "sentence_embedding")
     fidelity = {
         name: qcompiler.metrics.fidelity(reference, _openvino_embeddings(result.artifact, model))
         for name, result in (("xml", from_ir), ("onnx", results["openvino-cpu"]))

@@ -13,13 +13,14 @@ import openvino.opset13 as ops
 import pytest
 
 import qcompiler
-from qcompiler.backends.openvino import check_artifact, save_openvino, to_openvino
+from qcompiler.backends.openvino.checker import check as check_artifact
 from qcompiler.backends.openvino.checker import decompressions
-from qcompiler.backends.openvino.lower import pack_nibbles
+from qcompiler.backends.openvino.lower import pack_nibbles, to_openvino
+from qcompiler.backends.openvino.save import save_openvino
+from qcompiler.canonical import dequantize_canonical
 from qcompiler.cli import main
 from qcompiler.errors import LegalityError, ModelSaveError
 from qcompiler.options import CompileOptions, CompressionOptions, Preset, WeightFormat
-from qcompiler.canonical import dequantize_canonical
 from qcompiler.targets import OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU, adapt_options
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds, run
 from tests.test_compression import tiny_decoder
@@ -317,16 +318,16 @@ def test_save_refuses_to_overwrite_a_protected_model(tmp_path):
 @pytest.mark.parametrize("source", ["onnx", "openvino-ir"])
 def test_max_drop_measures_in_openvino(monkeypatch, tmp_path, source):
     """The float model and every candidate run in OpenVINO; an OpenVINO IR input takes the same path."""
-    from qcompiler.backends import openvino as backend
+    from qcompiler.backends.openvino.backend import OpenVINOBackend
 
     calls = []
-    original = backend.runner
+    original = OpenVINOBackend.runner
 
-    def counting(model):
+    def counting(self, model, **settings):
         calls.append(model)
-        return original(model)
+        return original(self, model, **settings)
 
-    monkeypatch.setattr(backend, "runner", counting)
+    monkeypatch.setattr(OpenVINOBackend, "runner", counting)
     from tests.test_fallback import _harmful_options, _outlier_model
 
     model = _outlier_model()

@@ -2,8 +2,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompiler.backends.onnxruntime import check, count_fusion, lower
-from qcompiler.backends.onnxruntime.lower import DedicateDequantizePass, RequantizeSharedOutputPass
+from qcompiler.backends.onnxruntime.fusion import count_fusion
+from qcompiler.backends.onnxruntime.legality import check
+from qcompiler.backends.onnxruntime.lower import DedicateDequantizePass, RequantizeSharedOutputPass, lower
 from qcompiler.errors import LegalityError
 from tests.graphs import const, float_input, model_of, run
 

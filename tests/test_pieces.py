@@ -9,6 +9,7 @@ import pytest
 
 from qcompiler import calibration, pieces
 from qcompiler.calibration import StatKind, StatRequest
+from qcompiler.drivers.runtimes import calibration_runners
 from qcompiler.irutil import forget_removed_io
 from qcompiler.options import CalibrationRuntime
 from qcompiler.rewrites.normalize import NormalizePass
@@ -93,9 +94,9 @@ def test_piecewise_statistics_equal_whole_model(runtime):
         StatRequest(values["residual3_out"], StatKind.MINMAX_PER_CHANNEL),
     ]
     feeds = random_feeds(model, batches=3, batch=2)
-    whole = calibration.collect(model, requests, feeds, progress=False, runtime=runtime)
+    whole = calibration.collect(model, requests, feeds, calibration_runners(runtime), progress=False)
     piecewise = calibration.collect(
-        model, requests, feeds, progress=False, runtime=runtime, piece_bytes=BLOCK_BYTES // 4
+        model, requests, feeds, calibration_runners(runtime), progress=False, piece_bytes=BLOCK_BYTES // 4
     )
     assert piecewise.batches == whole.batches == 3
     for request in requests:
@@ -126,7 +127,7 @@ def test_forgotten_graph_inputs_can_be_freed():
 
 def test_openvino_streams_return_every_feed_in_order():
     """Two streams run feeds concurrently; results come back in feed order, equal to one stream's."""
-    from qcompiler.backends.openvino import OpenVINORunner
+    from qcompiler.backends.openvino.runtime import OpenVINORunner
 
     model = residual_blocks()
     feeds = random_feeds(model, batches=9, batch=1)

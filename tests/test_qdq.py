@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 
 from qcompiler import calibration
-from qcompiler.backends import onnxruntime as ort_backend
+from qcompiler.backends.onnxruntime.backend import BACKEND as ort_backend
+from qcompiler.backends.onnxruntime.fusion import count_fusion
 from qcompiler.options import ActivationOptions, CompileOptions, Preset, QuantType
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
 from qcompiler.targets import ORT_CPU
-from tests.graphs import gemm_conv_model, mlp_with_attention_matmul, random_feeds, run
+from tests.graphs import ORT_RUNNERS, gemm_conv_model, mlp_with_attention_matmul, random_feeds, run
 
 
 def _quantize(model, **options):
@@ -20,7 +21,11 @@ def _quantize(model, **options):
     plan = plan_quantizers(model, ORT_CPU, compile_options)
     feeds = random_feeds(model, batches=4)
     stats = calibration.collect(
-        model, plan.stat_requests(compile_options.activations.range_method), feeds, progress=False
+        model,
+        plan.stat_requests(compile_options.activations.range_method),
+        feeds,
+        ORT_RUNNERS,
+        progress=False,
     )
     result = InsertQDQPass(plan, stats, compile_options.activations, QuantType.UINT8)(model)
     return reference, model, plan, feeds, result
@@ -100,7 +105,7 @@ def test_every_unit_fuses_in_onnxruntime(builder, preset, kernels):
     _, model, plan, _, _ = _quantize(builder(), preset=preset)
     ort_backend.lower(model)
     ort_backend.check(model)
-    report = ort_backend.count_fusion(model, [str(unit.node.name) for unit in plan.units])
+    report = count_fusion(model, [str(unit.node.name) for unit in plan.units])
     assert report.not_fused == {}
     assert len(report.fused) == len(plan.units)
     assert set(report.fused.values()) <= kernels

@@ -8,7 +8,7 @@ import pytest
 from qcompiler.options import QuantType
 from qcompiler.rewrites.smoothing import SMOOTHQUANT_KEY, ApplySmoothingPass, find_groups
 from qcompiler.rewrites.smoothquant import choose_alpha, smoothing_scales
-from tests.graphs import add, const, float_input, model_of, run
+from tests.graphs import ORT_RUNNERS, add, const, float_input, model_of, run
 
 C = 16
 
@@ -251,7 +251,7 @@ def test_pipeline_derives_quantizer_ranges_from_smoothquant_statistics():
     # The QuantizeLinear's float input is the smoothed LayerNorm output, exact in the compiled graph.
     q = next(node for node in result.model.graph if node.op_type == "QuantizeLinear")
     measured = collect(
-        result.model, [StatRequest(q.inputs[0], StatKind.MINMAX)], feeds, progress=False
+        result.model, [StatRequest(q.inputs[0], StatKind.MINMAX)], feeds, ORT_RUNNERS, progress=False
     ).minmax(q.inputs[0])
     assert quantizer["observed_lo"] == pytest.approx(measured[0], rel=1e-5)
     assert quantizer["observed_hi"] == pytest.approx(measured[1], rel=1e-5)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import qcompiler
+from qcompiler.drivers.runtimes import calibration_runners
 from qcompiler.options import WeightFormat
 from qcompiler.reducers import Gram, GramReducer
 from qcompiler.rewrites.awq import awq_scales
@@ -165,7 +166,9 @@ def test_gram_computed_in_the_graph_matches_numpy(runtime, block):
     feeds = [{"x": rng.standard_normal((4, 5, 8)).astype(np.float32)} for _ in range(3)]
     request = StatRequest.gram(hidden, block)
     assert _gram_in_graph(request, _rows_per_batch(feeds[0])) == (block == 4)  # 20 rows >= 4 x 4
-    result = collect(model, [request], feeds, progress=False, runtime=CalibrationRuntime(runtime))[request]
+    result = collect(
+        model, [request], feeds, calibration_runners(CalibrationRuntime(runtime)), progress=False
+    )[request]
     rows = np.concatenate([2 * f["x"].reshape(-1, 8) for f in feeds])
     expected = Gram.full(rows.T @ rows / len(rows), len(rows))
     assert result.rows == 60 and result.channels == 8
@@ -195,7 +198,9 @@ def test_in_graph_grams_of_several_tensors_and_block_sizes_land_in_their_slots(r
     feeds = [{"x": rng.standard_normal((4, 5, 8)).astype(np.float32)} for _ in range(3)]
     requests = [StatRequest.gram(hidden, 4), StatRequest.gram(relu, 4), StatRequest.gram(hidden, 3)]
     assert all(_gram_in_graph(request, _rows_per_batch(feeds[0])) for request in requests)
-    statistics = collect(model, requests, feeds, progress=False, runtime=CalibrationRuntime(runtime))
+    statistics = collect(
+        model, requests, feeds, calibration_runners(CalibrationRuntime(runtime)), progress=False
+    )
     rows = np.concatenate([f["x"].reshape(-1, 8) @ weight for f in feeds])
     for request, values in zip(requests, (rows, np.maximum(rows, 0), rows), strict=True):
         expected = Gram.full(values.T @ values / len(values), len(values))

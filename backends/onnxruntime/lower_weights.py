@@ -26,11 +26,11 @@ from qcompiler.backends.onnxruntime.packing import (
     pack_matmul_bnb4,
     pack_matmul_nbits,
 )
+from qcompiler.canonical import COMPRESSION_KEY, RECORD_KEY, canonical_consumer, read_canonical
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused
-from qcompiler.options import WeightFormat
-from qcompiler.canonical import COMPRESSION_KEY, RECORD_KEY, canonical_consumer, read_canonical
 from qcompiler.opset import upgrade_opset
+from qcompiler.options import WeightFormat
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
@@ -76,7 +76,11 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         graph = model.graph
         kernel.metadata_props.update(dq.metadata_props)
         kernel.metadata_props.update(
-            {key: value for key, value in consumer.metadata_props.items() if key not in (COMPRESSION_KEY, RECORD_KEY)}
+            {
+                key: value
+                for key, value in consumer.metadata_props.items()
+                if key not in (COMPRESSION_KEY, RECORD_KEY)
+            }
         )
         output = consumer.outputs[0]
         graph.insert_before(consumer, kernel)

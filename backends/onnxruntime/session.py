@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -71,25 +73,20 @@ def create_session(
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def median_latency_ms(
-    session: ort.InferenceSession, feed: dict, *, warmup: int = 3, repeats: int = 20
-) -> float:
-    """Median wall time of one `session.run` on `feed`, in milliseconds."""
-    import time
+class OnnxRuntimeRunner:
+    """A `qcompiler.backend.Runner` over one CPU session."""
 
-    import numpy as np
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.output_names = [output.name for output in session.get_outputs()]
 
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The named outputs for one feed."""
+        return self.session.run(list(names), dict(feed))
 
-
-def runner(model: ir.Model):  # -> (names, feed) -> list of arrays
-    """Run `model` on onnxruntime CPU (all graph optimizations): the evaluator's default runtime."""
-    session = create_session(model, session_options())
-    return lambda names, feed: session.run(list(names), dict(feed))
+    def run_all(
+        self, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
+    ) -> Iterator[list[np.ndarray]]:
+        """The named outputs of each feed, in order (onnxruntime parallelizes inside one run)."""
+        for feed in feeds:
+            yield self.run(names, feed)

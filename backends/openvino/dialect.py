@@ -12,7 +12,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qcompiler.errors import UnsupportedModelError
-from qcompiler.frontends.openvino_ir import DOMAIN, ELEMENT_TYPES, VERSION_KEY, attributes_of, is_openvino_dialect
+from qcompiler.frontends.openvino_ir import (
+    DOMAIN,
+    ELEMENT_TYPES,
+    VERSION_KEY,
+    attributes_of,
+    is_openvino_dialect,
+)
 
 __all__ = ["DOMAIN", "is_openvino_dialect", "to_openvino_model"]
 

@@ -27,10 +27,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.backends.openvino.dialect import is_openvino_dialect, to_openvino_model
+from qcompiler.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
 from qcompiler.io import save
 from qcompiler.irutil import drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
 from qcompiler.weight_formats import CompressedWeight, to_blocks
 
 WEIGHT_INPUT_PREFIX = "qcompiler.weight::"

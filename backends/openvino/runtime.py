@@ -31,7 +31,7 @@ def bf16_available() -> bool:
 
 
 class OpenVINORunner:
-    """Compiles a model for OpenVINO CPU and runs feeds.
+    """Compiles a model for OpenVINO CPU and runs feeds (a `qcompiler.backend.Runner`).
 
     `model` is an `openvino.Model` (a lowered artifact) or an ONNX model, read by OpenVINO's ONNX
     frontend through a temporary file (float models for calibration). `precision` is "f32" or
@@ -60,6 +60,7 @@ class OpenVINORunner:
         self._requests = [self._compiled.create_infer_request() for _ in range(max(streams, 1))]
         self._request = self._requests[0]
         self._outputs = {name: output for output in self._compiled.outputs for name in output.get_names()}
+        self.output_names = [output.get_any_name() for output in self._compiled.outputs]
         self.precision = precision
 
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:

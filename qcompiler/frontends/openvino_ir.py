@@ -173,7 +173,6 @@ def _key(output) -> tuple[str, int]:  # openvino.Output -> a dictionary key
     return (output.get_node().get_name(), output.get_index())
 
 
-
 _ELEMENTWISE = {"Multiply": "Mul", "Add": "Add"}
 
 

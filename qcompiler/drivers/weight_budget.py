@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from types import ModuleType
 
 import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qcompiler.accuracy import mark_decision, run_search, rung_bits, weight_ladder
-from qcompiler.evaluation import Evaluator
-from qcompiler.options import AccuracyOptions, CompileOptions, CompressionOptions, WeightFormat
-from qcompiler.reducers import Gram
-from qcompiler.report import Report
+from qcompiler import io
+from qcompiler.backend import Backend
 from qcompiler.canonical import CompressionRecord, write_canonical
+from qcompiler.drivers.accuracy import mark_decision, run_search, rung_bits, rungs_of, weight_ladder
+from qcompiler.drivers.context import CompileContext
+from qcompiler.options import AccuracyOptions, CompressionOptions, WeightFormat
+from qcompiler.reducers import Gram
 from qcompiler.rewrites.compression import (
     UnitCompressor,
     WeightUnit,
@@ -74,7 +74,7 @@ class WeightCandidates:
     units: list[WeightUnit]
     groups: list[QuantGroup]
     compressor: UnitCompressor
-    backend: ModuleType
+    backend: Backend
     accuracy_level: int
     int8_accuracy_level: int = 0
     progress: bool = False
@@ -114,14 +114,11 @@ class WeightCandidates:
 
     def rung_of(self, decision: Decision) -> dict[str, str]:
         """Unit name -> its rung in `decision`."""
-        return {
-            name: group.ladder[decision[i]] for i, group in enumerate(self.groups) for name in group.members
-        }
+        return rungs_of(self.groups, decision)
 
     def build(self, decision: Decision) -> tuple[ir.Model, dict[str, dict[str, object]], dict[str, str]]:
         """The lowered model for `decision`, the per-layer report entries and the kernels."""
-        model = self.base.clone()
-        model.meta.update(self.base.meta)
+        model = io.clone(self.base)
         mark_decision(model, self.groups, decision)  # before lowering, which carries node metadata over
         nodes = {str(node.name): node for node in model.graph}
         layers: dict[str, dict[str, object]] = {}
@@ -195,12 +192,11 @@ def measure_sensitivity(
 
     Perturbed: only that group's weights take their `rungs` value; on one calibration batch.
 
-    One onnxruntime session serves every group: the compressed weights become graph inputs, and
-    each run feeds the float weights except one group's dequantized ones.
+    One runner of the target's backend serves every group (a model read from OpenVINO IR runs
+    nowhere else): the compressed weights become graph inputs, and each run feeds the float
+    weights except one group's dequantized ones.
     """
-    from qcompiler.backends.onnxruntime import create_session, session_options
-
-    model = candidates.base.clone()
+    model = io.clone(candidates.base)
     floats: dict[str, np.ndarray] = {}
     for node in model.graph:
         for unit in candidates.units:
@@ -216,12 +212,12 @@ def measure_sensitivity(
         if "logits" in {str(v.name) for v in model.graph.outputs}
         else str(model.graph.outputs[0].name)
     )
-    session = create_session(model, session_options())
+    runner = candidates.backend.runner(model)
     del model
     # A short prefix of the batch is enough to rank groups (and 4x cheaper than 512 tokens).
     short = {name: (a[:, :SENSITIVITY_TOKENS] if a.ndim >= 2 else a) for name, a in feed.items()}
     base_feed = {**short, **floats}
-    reference = _log_softmax(session.run([output], base_feed)[0])
+    reference = _log_softmax(runner.run([output], base_feed)[0])
     weight_of = {str(unit.node.name): str(unit.weight.name) for unit in candidates.units}
     scores = []
     for group, rung in tqdm(
@@ -235,7 +231,7 @@ def measure_sensitivity(
             matrix = compressed.dequantize()
             role = candidates.variant(candidates._by_name[name], rung).role
             perturbed[weight_of[name]] = np.ascontiguousarray(matrix.T if role == "embedding" else matrix)
-        log_q = _log_softmax(session.run([output], perturbed)[0])
+        log_q = _log_softmax(runner.run([output], perturbed)[0])
         scores.append(float(np.mean(np.sum(np.exp(reference) * (reference - log_q), axis=-1))))
     return scores
 
@@ -322,19 +318,14 @@ def compress_with_budget(
     units: list[WeightUnit],
     grams: dict[str, Gram],
     compression: CompressionOptions,
-    options: CompileOptions,
-    resolved: Target,
-    backend: ModuleType,
-    report: Report,
-    evaluator: Evaluator | None,
+    context: CompileContext,
     feed: Mapping[str, np.ndarray] | None,
-    *,
-    progress: bool,
 ) -> ir.Model:
     """Formats per group by the size budget and/or the fallback search; returns the built model.
 
     `feed`: one calibration batch, on which the size budget measures each group's sensitivity.
     """
+    options, report, progress = context.options, context.report, context.progress
     accuracy = options.accuracy
     grams = dict(grams)  # AWQ rescales the ones it folds
     with report.timed("compress"):
@@ -343,9 +334,9 @@ def compress_with_budget(
         candidates = WeightCandidates(
             working,
             units,
-            weight_groups(units, resolved),
+            weight_groups(units, context.target),
             UnitCompressor(grams, compression),
-            backend,
+            context.backend,
             compression.kernel_accuracy_level,
             # INT8 here is an accuracy fallback: float activations unless a level was asked for
             compression.accuracy_level if compression.accuracy_level is not None else 0,
@@ -355,14 +346,14 @@ def compress_with_budget(
             decision, report.mixed_precision = size_budget_decision(
                 candidates, accuracy, feed, progress=progress
             )
-    if evaluator is not None:
+    if context.evaluator is not None:
         with report.timed("fallback"):
             candidates.set_proxies(decision)
             result, report.fallback = run_search(
                 candidates.groups,
                 decision,
                 lambda d: candidates.build(d)[0],
-                evaluator,
+                context.evaluator,
                 accuracy,
                 progress=progress,
             )

@@ -8,17 +8,18 @@ a clone of the smoothed float model, inserts Q/DQ for the units at ``w8a8`` / ``
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.accuracy import mark_decision, static_ladder
+from qcompiler import io
+from qcompiler.backend import Backend
 from qcompiler.calibration import Statistics
+from qcompiler.canonical import CompressionRecord, write_canonical
+from qcompiler.drivers.accuracy import mark_decision, rungs_of, static_ladder
 from qcompiler.evaluation import Evaluator, stream_outputs
 from qcompiler.numerics import dequantize, quantize
 from qcompiler.options import CompileOptions, QuantType, WeightFormat
-from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.rewrites.compression import WeightUnit
 from qcompiler.rewrites.fallback import (
     Decision,
@@ -69,17 +70,14 @@ class StaticCandidates:
     options: CompileOptions
     statistics: Statistics
     activation_type: QuantType
-    backend: ModuleType
+    backend: Backend
 
     def build(self, decision: Decision) -> tuple[ir.Model, InsertQDQPass]:
         """The lowered, checked model for `decision`, and the pass (its quantizers)."""
-        model = self.base.clone()
-        model.meta.update(self.base.meta)
+        model = io.clone(self.base)
         mark_decision(model, self.groups, decision)  # before lowering, which carries node metadata over
         plan = plan_quantizers(model, self.target, self.options)
-        rung = {
-            name: group.ladder[decision[i]] for i, group in enumerate(self.groups) for name in group.members
-        }
+        rung = self.rung_of(decision)
         units, weight_only = [], []
         for unit in plan.units:
             chosen = rung.get(str(unit.node.name), "float")
@@ -116,6 +114,10 @@ class StaticCandidates:
         self.backend.check(model)
         return model, insert
 
+    def rung_of(self, decision: Decision) -> dict[str, str]:
+        """Node name -> its rung in `decision`."""
+        return rungs_of(self.groups, decision)
+
     def proxy(self, evaluator: Evaluator, batches: int) -> None:
         """Set each group's proxy from one run of the float and the fully quantized model.
 
@@ -123,7 +125,8 @@ class StaticCandidates:
         activation quantizers add to the float tensors they read (catches per-tensor ranges
         stretched by outlier channels), and the noise its output gains over its noisiest input
         in the quantized model (catches ops that amplify small errors, like Softmax's consumers).
-        A group's proxy is the larger of the two sums over its units.
+        A group's proxy is the larger of the two sums over its units. Both models run in the
+        target's runtime (`evaluator.runners`): a model read from OpenVINO IR runs nowhere else.
         """
         full, insert = self.build((0,) * len(self.groups))
         quantizers = insert.quantizers
@@ -138,7 +141,9 @@ class StaticCandidates:
         quantizer_noise = dict.fromkeys(quantizers, 0.0)
         feeds = evaluator.feeds[:batches]
         for reference, quantized in zip(
-            stream_outputs(self.base, feeds, names), stream_outputs(full, feeds, names), strict=True
+            stream_outputs(self.base, feeds, names, evaluator.runners),
+            stream_outputs(full, feeds, names, evaluator.runners),
+            strict=True,
         ):
             for name in names:
                 x = reference[name].astype(np.float32)

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from qcompiler.errors import QCompileError
 from qcompiler.evaluation import Evaluator
 from qcompiler.options import AccuracyOptions, WeightFormat
 from qcompiler.rewrites.fallback import (
@@ -43,14 +42,6 @@ def rung_bits(rung: str) -> int:
     return RUNG_BITS[rung.split("-g")[0]]
 
 
-class AccuracyBudgetError(QCompileError):
-    """`--max-drop` could not be met; `result` holds the best model found and its report."""
-
-    def __init__(self, message: str, result: object) -> None:
-        super().__init__(message)
-        self.result = result
-
-
 # Ladders ------------------------------------------------------------------------------------
 
 
@@ -68,6 +59,15 @@ def static_ladder(target: Target, weighted: bool) -> tuple[str, ...]:
     low, high = target.activation_ladder[0], target.activation_ladder[-1]
     assert low == "int8", "static quantization is INT8"
     return ("w8a8", "w8", high) if weighted else ("a8", high)
+
+
+def rungs_of(groups: Sequence[QuantGroup], decision: Decision) -> dict[str, str]:
+    """Member node name -> the rung `decision` gives its group."""
+    return {
+        name: group.ladder[rung]
+        for group, rung in zip(groups, decision, strict=True)
+        for name in group.members
+    }
 
 
 def mark_decision(model: ir.Model, groups: Sequence[QuantGroup], decision: Decision) -> None:

@@ -1,0 +1,86 @@
+"""The onnxruntime CPU backend object (`qcompiler.backend.Backend`): the registry's ``BACKEND``."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from qcompiler.backend import Backend, Capabilities, Precision, Runner
+from qcompiler.backends.onnxruntime.attention import fuse_group_query_attention
+from qcompiler.backends.onnxruntime.fusion import count_fusion
+from qcompiler.backends.onnxruntime.legality import check
+from qcompiler.backends.onnxruntime.lower import lower
+from qcompiler.backends.onnxruntime.lower_weights import lower_weights
+from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
+from qcompiler.backends.onnxruntime.session import OnnxRuntimeRunner, create_session, session_options
+from qcompiler.io import save as save_onnx
+
+
+class OnnxRuntimeBackend(Backend):
+    """onnxruntime CPU: QDQ fused into integer kernels, packed weight kernels, decoder fusions."""
+
+    name = "onnxruntime"
+    artifact_suffix = ".onnx"
+    capabilities = Capabilities(counts_fusion=True, fuses_decoder=True)
+
+    def runner(
+        self,
+        model: ir.Model | str | os.PathLike[str] | object,
+        *,
+        precision: Precision = Precision.F32,
+        threads: int | None = None,
+        streams: int = 1,
+        lean: bool = False,
+    ) -> Runner:
+        """A CPU session (all graph optimizations; `lean`: no pre-packing, no arena)."""
+        if precision is not Precision.F32:
+            raise ValueError(f"onnxruntime CPU runs f32 here, not {precision.value}")
+        assert isinstance(model, ir.Model | str | os.PathLike)
+        return OnnxRuntimeRunner(create_session(model, session_options(threads=threads, lean=lean)))
+
+    def lower(self, model: ir.Model) -> None:
+        """Requantize float consumers of output-quantized tensors, dedicate shared DQs."""
+        lower(model)
+
+    def lower_weights(
+        self, model: ir.Model, accuracy_level: int = 4, int8_accuracy_level: int = 0
+    ) -> dict[str, str]:
+        """Canonical weights -> MatMulNBits / MatMulBnb4 / GatherBlockQuantized / our FP4 MatMul."""
+        return lower_weights(model, accuracy_level, int8_accuracy_level)
+
+    def check(self, model: ir.Model) -> None:
+        """The runtime's rules as code (`legality.RULES`)."""
+        check(model)
+
+    def save(
+        self,
+        model: ir.Model,
+        artifact: object | None,
+        path: str | os.PathLike[str],
+        *,
+        external_data: bool | None = None,
+        protected: tuple[str | os.PathLike[str], ...] = (),
+    ) -> pathlib.Path:
+        """The ONNX model is the artifact (`qcompiler.io.save`, atomic)."""
+        return save_onnx(model, path, external_data=external_data, protected=protected)
+
+    def count_fusion(self, model: ir.Model, quantized_nodes: Sequence[str]) -> dict[str, object]:
+        """Classify each quantized node as fused or not from onnxruntime's optimized graph."""
+        return count_fusion(model, quantized_nodes).to_dict()
+
+    def fuse_decoder(self, model: ir.Model, *, attention: bool = True) -> dict[str, int]:
+        """Decoder fusions in place; the count per kernel.
+
+        RMSNorm -> SimplifiedLayerNormalization (exact) and, with `attention`, KV-cache attention
+        -> GroupQueryAttention.
+        """
+        fused = {"SimplifiedLayerNormalization": fuse_rms_norms(model)}
+        if attention:
+            fused["GroupQueryAttention"] = fuse_group_query_attention(model)
+        return {kernel: count for kernel, count in fused.items() if count}
+
+
+BACKEND = OnnxRuntimeBackend()

@@ -1,0 +1,172 @@
+"""The `Backend` and `Runner` contracts: what the drivers need from a runtime, and nothing else.
+
+Core and the drivers run models only through a `Runner` (output names, feeds -> arrays) that a
+`Backend` makes; the backend for a target comes from `qcompiler.registry`. A backend lowers the
+canonical graph into its runtime's form, checks it, exports the runtime's own artifact, saves it
+atomically and says what more it can do through `Capabilities` (never probed with `hasattr`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import os
+import pathlib
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from qcompiler.targets import Target
+
+Feed = Mapping[str, np.ndarray]
+
+
+class Precision(enum.Enum):
+    """The float precision a runner computes in (its outputs are float32 either way)."""
+
+    F32 = "f32"
+    BF16 = "bf16"
+
+
+class Runner(Protocol):
+    """A model compiled in a runtime: named outputs for feeds (one call shape for every runtime)."""
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        """The model's output names."""
+        ...
+
+    def run(self, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
+        """The named outputs for one feed."""
+        ...
+
+    def run_all(self, names: Sequence[str], feeds: Iterable[Feed]) -> Iterator[list[np.ndarray]]:
+        """The named outputs of each feed, in order (a runtime may run several feeds at once)."""
+        ...
+
+
+class RunnerFactory(Protocol):
+    """Makes the runner of a model (a backend's `runner`, with its settings bound)."""
+
+    def __call__(self, model: ir.Model) -> Runner:
+        """The runner of `model`."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend does beyond lowering, checking, exporting and running.
+
+    Attributes:
+        counts_fusion: `count_fusion` reads the runtime's own optimized graph back.
+        fuses_decoder: `fuse_decoder` lowers a decoder's attention / RMSNorm to fused kernels.
+        runs_openvino_ir: its runners run a model read from OpenVINO IR (OpenVINO-only ops).
+        concurrent_streams: its runners run several feeds at once when given ``streams`` > 1.
+        artifact_is_onnx: the saved artifact is the compiled ONNX model itself (else `export`
+            makes the runtime's own model from it).
+    """
+
+    counts_fusion: bool = False
+    fuses_decoder: bool = False
+    runs_openvino_ir: bool = False
+    concurrent_streams: bool = False
+    artifact_is_onnx: bool = True
+
+
+class Backend(abc.ABC):
+    """One runtime: lowering, checking, exporting, saving and running (see the module docstring).
+
+    Attributes:
+        name: the name `Target.backend` refers to.
+        artifact_suffix: the file suffix of a saved artifact.
+        capabilities: what it can do beyond the abstract methods.
+    """
+
+    name: str
+    artifact_suffix: str
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def runner(
+        self,
+        model: ir.Model | str | os.PathLike[str] | object,
+        *,
+        precision: Precision = Precision.F32,
+        threads: int | None = None,
+        streams: int = 1,
+        lean: bool = False,
+    ) -> Runner:
+        """A runner of `model` (an `ir.Model`, a saved artifact's path, or this runtime's own model).
+
+        `streams` > 1 lets `run_all` run feeds concurrently; `lean` is for a runner that reads a
+        few batches (calibration): the runtime may trade speed for memory.
+        """
+
+    def supports(self, precision: Precision) -> bool:
+        """Whether this machine runs `precision` in this runtime (f32 always)."""
+        return precision is Precision.F32
+
+    def lower(self, model: ir.Model) -> None:
+        """Rewrite the canonical QDQ form into what the runtime fuses, in place.
+
+        Nothing by default: a backend whose runtime reads the canonical form converts it in `export`.
+        """
+        return None
+
+    @abc.abstractmethod
+    def lower_weights(
+        self, model: ir.Model, accuracy_level: int = 4, int8_accuracy_level: int = 0
+    ) -> dict[str, str]:
+        """Lower canonical compressed weights in place; returns reader node -> kernel or element type."""
+
+    def check(self, model: ir.Model) -> None:
+        """Raise `LegalityError` where the lowered ONNX breaks the runtime's rules.
+
+        Nothing by default: a backend that exports its own model checks that artifact in `export`.
+        """
+        return None
+
+    def export(self, model: ir.Model, target: Target) -> tuple[object | None, list[str]]:
+        """The runtime's own checked model (None when the ONNX model is the artifact) and warnings."""
+        return None, []
+
+    @abc.abstractmethod
+    def save(
+        self,
+        model: ir.Model,
+        artifact: object | None,
+        path: str | os.PathLike[str],
+        *,
+        external_data: bool | None = None,
+        protected: tuple[str | os.PathLike[str], ...] = (),
+    ) -> pathlib.Path:
+        """Write the artifact (or the ONNX model) to `path` atomically, never onto `protected` files.
+
+        `external_data` (ONNX artifacts): weights in ``<name>.data``; None decides by size.
+        """
+
+    def count_fusion(self, model: ir.Model, quantized_nodes: Sequence[str]) -> dict[str, object]:
+        """Which quantized nodes the runtime fused, and into what (`capabilities.counts_fusion`)."""
+        raise NotImplementedError(f"{self.name} does not count fusion")
+
+    def fuse_decoder(self, model: ir.Model, *, attention: bool = True) -> dict[str, int]:
+        """Fuse a decoder's attention / norms in place; the count per kernel (`capabilities.fuses_decoder`)."""
+        raise NotImplementedError(f"{self.name} has no decoder fusions")
+
+
+def median_latency_ms(runner: Runner, feed: Feed, *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of one run of every output on `feed`, in milliseconds."""
+    names = list(runner.output_names)
+    for _ in range(warmup):
+        runner.run(names, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.run(names, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)

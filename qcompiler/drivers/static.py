@@ -1,0 +1,169 @@
+"""The W8A8 stages: SmoothQuant -> plan -> calibrate -> [embeddings] -> insert QDQ (or the fallback search) -> lower -> check."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import cast
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from qcompiler import calibration
+from qcompiler.calibration import StatKey, StatKind, StatRequest
+from qcompiler.drivers.accuracy import run_search
+from qcompiler.drivers.context import CompileContext, DataArg
+from qcompiler.drivers.static_fallback import StaticCandidates, static_groups
+from qcompiler.options import CalibrationRuntime, QuantType
+from qcompiler.rewrites.compression import compress_embedding_tables
+from qcompiler.rewrites.placement import plan_quantizers
+from qcompiler.rewrites.qdq import InsertQDQPass
+from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
+from qcompiler.rewrites.smoothquant import choose_alpha
+
+
+def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -> ir.Model:
+    """W8A8 in place; returns the model.
+
+    With an evaluator (``--max-drop``), the QDQ model is rebuilt per fallback decision from the
+    smoothed float model, and the model of the decision reached is returned.
+    """
+    options, target, report, backend = context.options, context.target, context.report, context.backend
+    activation_type = options.activations.dtype or target.activation_type
+    known: dict[StatKey, object] = {}
+    batches = 0
+    if options.smooth_quant.enabled:
+        with report.timed("smooth_quant"):
+            report.smooth_quant, known, batches = smooth_quant(working, data, context, activation_type)
+    plan = plan_quantizers(working, target, options)
+    requests = plan.stat_requests(options.activations.range_method, options.activations.sample_rows)  # type: ignore[arg-type]
+    missing = [request for request in requests if request.key not in known]
+    with report.timed("calibrate"):
+        statistics = calibration.Statistics(known, batches)
+        if missing:  # a second run over the data only for what SmoothQuant's run did not give
+            statistics = context.collect(
+                working,
+                missing,
+                data,
+                CalibrationRuntime.ONNXRUNTIME,
+                histogram_bins=options.calibration.histogram_bins,
+            ).with_results(known)
+    report.data["batches"] = statistics.batches
+    report.data["calibration_runs"] = int(bool(options.smooth_quant.enabled)) + int(bool(missing))
+    embeddings = None
+    # After calibration (onnxruntime's static calibration has no blocked DequantizeLinear before opset
+    # 21), before the fallback builds its candidates (their drops then include the tables' rounding).
+    if target.int8_embeddings:
+        with report.timed("embeddings"):
+            embeddings = compress_embedding_tables(working, options.ignored)
+    if context.evaluator is not None:
+        candidates = StaticCandidates(
+            working, static_groups(plan, target), target, options, statistics, activation_type, backend
+        )
+        with report.timed("fallback"):
+            candidates.proxy(context.evaluator, options.accuracy.subset_batches)
+            start = (0,) * len(candidates.groups)
+            result, report.fallback = run_search(
+                candidates.groups,
+                start,
+                lambda decision: candidates.build(decision)[0],
+                context.evaluator,
+                options.accuracy,
+                progress=context.progress,
+            )
+            working, insert = candidates.build(result.decision)
+        rungs = candidates.rung_of(result.decision)
+        units = [unit for unit in plan.units if rungs[str(unit.node.name)] in ("w8a8", "a8")]
+    else:
+        insert = InsertQDQPass(
+            plan,
+            statistics,
+            options.activations,
+            activation_type,
+            target.weight_type,
+            unified_eltwise_scales=target.unified_eltwise_scales,
+            unsigned_midpoint=target.unsigned_midpoint,
+        )
+        with report.timed("quantize"):
+            insert(working)
+        with report.timed("lower"):
+            backend.lower(working)
+            backend.check(working)
+        units = plan.units
+    if embeddings is not None:
+        embeddings["kernels"] = backend.lower_weights(working, 0, 0)
+        report.compression = embeddings
+    quantized_names = [str(unit.node.name) for unit in units]
+    report.nodes = {
+        "quantized": len(units),
+        "by_op_type": dict(collections.Counter(unit.node.op_type for unit in units)),
+        "skipped": plan.skipped,
+    }
+    report.activation_quantizers = {
+        name: dataclasses.asdict(params) for name, params in insert.quantizers.items()
+    }
+    if options.count_fusion and quantized_names and backend.capabilities.counts_fusion:
+        with report.timed("count_fusion"):
+            report.fusion = backend.count_fusion(working, quantized_names)
+    return working
+
+
+def smooth_quant(
+    model: ir.Model, data: DataArg, context: CompileContext, activation_type: QuantType
+) -> tuple[dict[str, dict[str, object]], dict[StatKey, object], int]:
+    """Calibrate the smoothing groups (one run), search alpha per group, apply.
+
+    Returns the per-group report, and the per-tensor (min, max) of every tensor the group's
+    consumers now read (X / s, exact from the per-channel extremes since s > 0), so the quantizer
+    step needs no second run over the data for those tensors; and the number of batches read.
+    """
+    options = context.options
+    groups = find_groups(model, options.ignored)
+    settings = options.smooth_quant
+    requests = []
+    for group in groups:
+        requests.append(StatRequest.channel_minmax(group.activation))
+        requests.append(StatRequest.row_sample(group.activation, settings.sample_rows))
+    statistics = context.collect(
+        model, requests, data, CalibrationRuntime.ONNXRUNTIME, description="calibrating (SmoothQuant)"
+    )
+    decisions = []
+    summary: dict[str, dict[str, object]] = {}
+    ranges: dict[int, tuple[float, float]] = {}
+    for group in tqdm(groups, desc="SmoothQuant alpha search", disable=not context.progress):
+        extremes = statistics[StatRequest.channel_minmax(group.activation)]
+        lo, hi = cast(tuple[np.ndarray, np.ndarray], extremes)
+        rows = cast(
+            np.ndarray,
+            statistics[StatRequest.row_sample(group.activation, settings.sample_rows)],
+        )
+        choice = choose_alpha(
+            rows,
+            lo,
+            hi,
+            group.weight_rows(),
+            settings.grid(),
+            activation_type,
+            symmetric=options.activations.symmetric,
+        )
+        name = str(group.activation.name)
+        summary[name] = {
+            "consumers": [str(node.name) for node in group.consumers],
+            "alpha": choice.alpha,
+            "errors": {key: round(value, 6) for key, value in choice.errors.items()},
+        }
+        scales = choice.scales if choice.scales is not None else 1.0
+        ranges[id(group)] = (float(np.min(lo / scales)), float(np.max(hi / scales)))
+        if choice.alpha is not None and choice.scales is not None:
+            decisions.append((group, choice.scales, f"alpha={choice.alpha:g}"))
+    applied = ApplySmoothingPass(decisions)
+    applied(model)
+    for name, how in applied.outcomes.items():
+        summary[name]["applied"] = how
+    derived: dict[StatKey, object] = {}
+    for group in groups:
+        read = group.consumers[0].inputs[0]  # X itself, or the inserted Mul's output
+        assert read is not None
+        derived[StatRequest(read, StatKind.MINMAX).key] = ranges[id(group)]
+    return summary, derived, statistics.batches
