@@ -116,10 +116,11 @@ class Runner:
     """Runs an artifact in its runtime: onnxruntime for .onnx, OpenVINO CPU (f32) for .xml; 2 threads."""
 
     def __init__(self, path: pathlib.Path) -> None:
+        from qcompiler.backend import RunnerSettings
         from qcompiler.registry import backend_for_artifact
 
         self.path = path
-        runner = backend_for_artifact(path).runner(path, threads=2)
+        runner = backend_for_artifact(path).runner(path, RunnerSettings(threads=2))
         names = list(runner.output_names)
 
         def run(feed, output: str) -> np.ndarray:

@@ -34,9 +34,10 @@ TOOLS = {
 
 
 def _ort_runner(path: pathlib.Path):
+    from qcompiler.backend import RunnerSettings
     from qcompiler.registry import backend_named
 
-    return backend_named("onnxruntime").runner(path, threads=2)
+    return backend_named("onnxruntime").runner(path, RunnerSettings(threads=2))
 
 
 def transposed_weight_matmuls(model) -> list[str]:

@@ -15,7 +15,7 @@ import os
 import pathlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from qcompiler.targets import Target
 
 Feed = Mapping[str, np.ndarray]
+ModelRef = ir.Model | str | os.PathLike[str] | object
+"""What a runner runs: an `ir.Model`, a saved artifact's path, or the runtime's own model."""
+PathArg = str | os.PathLike[str]
 
 
 class Precision(enum.Enum):
@@ -31,6 +34,26 @@ class Precision(enum.Enum):
 
     F32 = "f32"
     BF16 = "bf16"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerSettings:
+    """How a runner runs.
+
+    Attributes:
+        precision: the float precision it computes in.
+        threads: threads per inference (None: the runtime's default).
+        streams: feeds `run_all` may run at once (runtimes with `Capabilities.concurrent_streams`).
+        lean: the runner reads a few batches (calibration): the runtime may trade speed for memory.
+    """
+
+    precision: Precision = Precision.F32
+    threads: int | None = None
+    streams: int = 1
+    lean: bool = False
+
+
+DEFAULT_RUNNER = RunnerSettings()
 
 
 class Runner(Protocol):
@@ -92,20 +115,8 @@ class Backend(abc.ABC):
     capabilities: Capabilities
 
     @abc.abstractmethod
-    def runner(
-        self,
-        model: ir.Model | str | os.PathLike[str] | object,
-        *,
-        precision: Precision = Precision.F32,
-        threads: int | None = None,
-        streams: int = 1,
-        lean: bool = False,
-    ) -> Runner:
-        """A runner of `model` (an `ir.Model`, a saved artifact's path, or this runtime's own model).
-
-        `streams` > 1 lets `run_all` run feeds concurrently; `lean` is for a runner that reads a
-        few batches (calibration): the runtime may trade speed for memory.
-        """
+    def runner(self, model: ModelRef, settings: RunnerSettings = DEFAULT_RUNNER) -> Runner:
+        """A runner of `model` (an `ir.Model`, a saved artifact's path, or this runtime's own model)."""
 
     def supports(self, precision: Precision) -> bool:
         """Whether this machine runs `precision` in this runtime (f32 always)."""
@@ -136,18 +147,11 @@ class Backend(abc.ABC):
         return None, []
 
     @abc.abstractmethod
-    def save(
-        self,
-        model: ir.Model,
-        artifact: object | None,
-        path: str | os.PathLike[str],
-        *,
-        external_data: bool | None = None,
-        protected: tuple[str | os.PathLike[str], ...] = (),
-    ) -> pathlib.Path:
-        """Write the artifact (or the ONNX model) to `path` atomically, never onto `protected` files.
+    def save(self, model: ir.Model, artifact: object | None, path: PathArg, **options: Any) -> pathlib.Path:
+        """Write the artifact (or the ONNX model) to `path` atomically.
 
-        `external_data` (ONNX artifacts): weights in ``<name>.data``; None decides by size.
+        Options: ``protected``, files never written (the input model's); ``external_data`` (ONNX
+        artifacts), weights in ``<name>.data`` (None decides by size).
         """
 
     def count_fusion(self, model: ir.Model, quantized_nodes: Sequence[str]) -> dict[str, object]:

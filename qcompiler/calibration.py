@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from qcompiler.backend import Runner
 from qcompiler.data import input_specs, validated
+from qcompiler.io import initializer_bytes
 from qcompiler.irutil import add_initializer, release_mapped
-from qcompiler.pieces import Piece, split, weight_bytes
+from qcompiler.pieces import Piece, split
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
     GramReducer,
@@ -459,7 +460,7 @@ class _PieceRun:
         clone = _with_outputs(self.model, fetch + gram_sources)
         common.RemoveUnusedNodesPass()(clone)
         piece_bytes = self.settings.piece_bytes
-        if piece_bytes is not None and weight_bytes(clone) > SPLIT_FACTOR * piece_bytes:
+        if piece_bytes is not None and initializer_bytes(clone) > SPLIT_FACTOR * piece_bytes:
             return split(clone, piece_bytes, keep=fetch)
         clone.graph.outputs[:] = [value for value in clone.graph.outputs if str(value.name) in fetch]
         return [Piece(clone, sorted(self.input_names), [])]

@@ -14,15 +14,19 @@ import pathlib
 import numpy as np
 
 from qcompiler import io
-from qcompiler.backend import Runner, median_latency_ms
+from qcompiler.backend import Runner, RunnerSettings, median_latency_ms
 from qcompiler.data import TextSource, input_specs
 from qcompiler.drivers.pipeline import compile as compile_model
-from qcompiler.registry import backend_for
 from qcompiler.metrics import compare_models
 from qcompiler.options import CompileOptions, Preset
+from qcompiler.registry import backend_for
+
+TWO_THREADS = RunnerSettings(threads=2)
 
 
-def _latency_ratio(reference: Runner, candidate: Runner, batch: int = 8, seq: int = 128) -> tuple[float, float]:
+def _latency_ratio(
+    reference: Runner, candidate: Runner, batch: int = 8, seq: int = 128
+) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     feed = {
         "input_ids": rng.integers(1000, 20000, (batch, seq)),
@@ -56,7 +60,7 @@ def run(argv: list[str] | None = None) -> list[str]:
 
     evaluation = list(TextSource(EVALUATION_TEXT, tokenizer, specs, samples=600, batch_size=16))
     backend = backend_for("ort-cpu")
-    reference, candidate = backend.runner(model, threads=2), backend.runner(result.model, threads=2)
+    reference, candidate = backend.runner(model, TWO_THREADS), backend.runner(result.model, TWO_THREADS)
     fidelity = compare_models(reference, candidate, evaluation, "sentence_embedding", progress=not args.quiet)
     fp32_ms, int8_ms = _latency_ratio(reference, candidate)
     return [

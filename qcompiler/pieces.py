@@ -30,15 +30,6 @@ class Piece:
     """Names of its outputs that later pieces read."""
 
 
-def weight_bytes(model: ir.Model) -> int:
-    """Bytes of the model's initializers (without reading lazy ones)."""
-    return sum(
-        value.const_value.nbytes
-        for value in model.graph.initializers.values()
-        if value.const_value is not None
-    )
-
-
 def _has_subgraphs(model: ir.Model) -> bool:
     return any(
         attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)

@@ -332,14 +332,24 @@ def fake_quantize_matrix(
     return from_blocks(fake_quantize(blocks, scales, zero_points, fmt), weight.shape[0])
 
 
-SCALE_BITS = {WeightFormat.MXFP4: 8, WeightFormat.NVFP4: 8}
-"""Bits per stored block scale (E8M0 / E4M3); the others store float32 scales."""
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes two per byte along the last axis, the even element in the low nibble.
+
+    The layout of ONNX's 4-bit types, OpenVINO's u4 / i4 / f4e2m1 constants, MatMulNBits and our
+    FP4 MatMul. Any integer dtype (a signed code keeps its two's-complement low nibble); an odd
+    last axis is padded with a zero code.
+    """
+    codes = np.asarray(codes)
+    nibbles = (codes.view(np.uint8) if codes.dtype.itemsize == 1 else codes.astype(np.uint8)) & 0x0F
+    if nibbles.shape[-1] % 2:
+        nibbles = np.concatenate([nibbles, np.zeros(nibbles.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
 
 
 def stored_bits(weight: CompressedWeight) -> int:
     """Bits the weight occupies stored: codes, scales and zero points (what size budgets count)."""
     bits = weight.codes.size * weight.format.bits
-    bits += weight.scales.size * SCALE_BITS.get(weight.format, 32)
+    bits += weight.scales.size * weight.format.spec.scale_bits
     if weight.zero_points is not None:
         bits += weight.zero_points.size * weight.format.bits
     if weight.global_scale is not None:

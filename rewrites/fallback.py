@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import onnx_ir as ir
 
+from qcompiler.disjoint_sets import DisjointSets
+
 Decision = tuple[int, ...]
 """One rung index per group (0 = the most compressed rung)."""
 
@@ -50,28 +52,16 @@ def group_by_shared_inputs(units: Iterable[tuple[str, Sequence[ir.Value]]]) -> l
     `units`: (node name, the inputs whose quantizer it uses). Union-find over shared inputs; the
     groups come out in first-member order, members in input order.
     """
-    parent: dict[str, str] = {}
-
-    def find(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
+    sets: DisjointSets[str] = DisjointSets()
     owner: dict[int, str] = {}
-    order: list[str] = []
     for name, inputs in units:
-        parent.setdefault(name, name)
-        order.append(name)
+        sets.add(name)
         for value in inputs:
             if id(value) in owner:
-                parent[find(name)] = find(owner[id(value)])
+                sets.union(name, owner[id(value)])
             else:
                 owner[id(value)] = name
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(find(name), []).append(name)
-    return sorted(groups.values(), key=lambda members: order.index(members[0]))
+    return sets.groups()
 
 
 @dataclasses.dataclass(frozen=True)

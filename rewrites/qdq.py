@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import Statistics, StatRequest
+from qcompiler.disjoint_sets import DisjointSets
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, off_midpoint, quantize, symmetric_weight_scales
@@ -144,22 +145,16 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
         Tensors chained through several eltwise ops end up in one set (union-find).
         """
-        parent: dict[str, str] = {}
-
-        def root(name: str) -> str:
-            while parent.get(name, name) != name:
-                name = parent[name]
-            return name
-
+        tied: DisjointSets[str] = DisjointSets()
         for unit in self.plan.units:
             if unit.node.op_type not in ("Add", "Mul") or len(unit.activation_inputs) < 2:
                 continue
             names = [str(unit.node.inputs[index].name) for index in unit.activation_inputs]  # type: ignore[union-attr]
             for name in names[1:]:
-                parent[root(name)] = root(names[0])
+                tied.union(name, names[0])
         sets: dict[str, list[str]] = {}
         for name in self.quantizers:
-            sets.setdefault(root(name), []).append(name)
+            sets.setdefault(tied.find(name), []).append(name)
         for members in sets.values():
             if len(members) < 2:
                 continue

@@ -30,3 +30,19 @@ def minilm_path() -> pathlib.Path:
 
     os.environ.setdefault("QCOMPILER_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".cache"))
     return minilm.build()
+
+
+@pytest.fixture
+def openvino_runs(monkeypatch) -> list:
+    """The models OpenVINO runners are made for during the test (the OpenVINO backend's `runner`, counted)."""
+    from qcompiler.backends.openvino.backend import OpenVINOBackend
+
+    made: list = []
+    original = OpenVINOBackend.runner
+
+    def counting(self, model, *settings):
+        made.append(model)
+        return original(self, model, *settings)
+
+    monkeypatch.setattr(OpenVINOBackend, "runner", counting)
+    return made

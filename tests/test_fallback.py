@@ -226,9 +226,9 @@ def _harmful_options(**accuracy):
     )
 
 
-def _outlier_model() -> ir.Model:
-    """x -> MatMul -> Add(a huge constant channel) -> MatMul: the last MatMul's per-tensor input
-    quantizer spends its range on the outlier channel."""
+def _outlier_model(relu: bool = False) -> ir.Model:
+    """x -> MatMul -> Add(a huge constant channel) -> [Relu] -> MatMul: the last MatMul's per-tensor
+    input quantizer spends its range on the outlier channel."""
     rng = np.random.default_rng(3)
     x = float_input("x", ["batch", 8])
     graph = ir.Graph([x], [], nodes=[], name="outliers")
@@ -236,6 +236,8 @@ def _outlier_model() -> ir.Model:
     big = np.zeros(8, np.float32)
     big[0] = 1000.0
     r = add(graph, "Add", [h, const(graph, "shift", big)], "shift_add")
+    if relu:
+        r = add(graph, "Relu", [r], "relu")
     w2 = rng.standard_normal((8, 4)).astype(np.float32)
     w2[0] = 0.0  # the outlier channel does not reach the output: only the others' noise shows
     y = add(graph, "MatMul", [r, const(graph, "w2", w2)], "fc2")

@@ -15,13 +15,14 @@ import pytest
 import qcompiler
 from qcompiler.backends.openvino.checker import check as check_artifact
 from qcompiler.backends.openvino.checker import decompressions
-from qcompiler.backends.openvino.lower import pack_nibbles, to_openvino
+from qcompiler.backends.openvino.lower import to_openvino
 from qcompiler.backends.openvino.save import save_openvino
 from qcompiler.canonical import dequantize_canonical
 from qcompiler.cli import main
 from qcompiler.errors import LegalityError, ModelSaveError
 from qcompiler.options import CompileOptions, CompressionOptions, Preset, WeightFormat
 from qcompiler.targets import OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU, adapt_options
+from qcompiler.weight_formats import pack_nibbles
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds, run
 from tests.test_compression import tiny_decoder
 
@@ -155,7 +156,7 @@ def _weight_constant(element: str, shape: list[int]):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 8, shape).astype(np.uint8)
     tensor = ov.Tensor(getattr(ov.Type, element), ov.Shape(shape))
-    data = pack_nibbles(codes) if element in ("u4", "i4") else codes.reshape(-1)
+    data = pack_nibbles(codes.reshape(-1)) if element in ("u4", "i4") else codes.reshape(-1)
     tensor.data.reshape(-1)[:] = data
     return ov.op.Constant(tensor, shared_memory=False)
 
@@ -316,18 +317,9 @@ def test_save_refuses_to_overwrite_a_protected_model(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["onnx", "openvino-ir"])
-def test_max_drop_measures_in_openvino(monkeypatch, tmp_path, source):
+def test_max_drop_measures_in_openvino(openvino_runs, tmp_path, source):
     """The float model and every candidate run in OpenVINO; an OpenVINO IR input takes the same path."""
-    from qcompiler.backends.openvino.backend import OpenVINOBackend
-
-    calls = []
-    original = OpenVINOBackend.runner
-
-    def counting(self, model, **settings):
-        calls.append(model)
-        return original(self, model, **settings)
-
-    monkeypatch.setattr(OpenVINOBackend, "runner", counting)
+    calls = openvino_runs
     from tests.test_fallback import _harmful_options, _outlier_model
 
     model = _outlier_model()

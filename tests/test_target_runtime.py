@@ -15,11 +15,11 @@ import pytest
 
 import qcompiler
 from qcompiler.backends.onnxruntime import session as ort_session
-from qcompiler.backends.openvino.backend import OpenVINOBackend
 from qcompiler.frontends.openvino_ir import DOMAIN
-from qcompiler.options import CompileOptions, CompressionOptions, Preset, WeightFormat
-from tests.graphs import add, const, float_input, model_of, random_feeds
+from qcompiler.options import CompileOptions, CompressionOptions, WeightFormat
+from tests.graphs import random_feeds
 from tests.test_compression import tiny_decoder
+from tests.test_fallback import _harmful_options, _outlier_model
 
 
 def _as_openvino_ir(model: ir.Model, folder) -> ir.Model:
@@ -29,56 +29,24 @@ def _as_openvino_ir(model: ir.Model, folder) -> ir.Model:
     return qcompiler.load(folder / "m.xml")
 
 
-def _outliers_through_relu() -> ir.Model:
-    """x -> MatMul -> Add(one huge channel) -> Relu -> MatMul: the last MatMul's per-tensor input
-    quantizer spends its range on the outlier channel; Relu stays an OpenVINO op when read from IR."""
-    rng = np.random.default_rng(3)
-    x = float_input("x", ["batch", 8])
-    graph = ir.Graph([x], [], nodes=[], name="outliers")
-    h = add(graph, "MatMul", [x, const(graph, "w1", rng.standard_normal((8, 8)).astype(np.float32))], "fc1")
-    big = np.zeros(8, np.float32)
-    big[0] = 1000.0
-    r = add(graph, "Add", [h, const(graph, "shift", big)], "shift_add")
-    r = add(graph, "Relu", [r], "relu")
-    w2 = rng.standard_normal((8, 4)).astype(np.float32)
-    w2[0] = 0.0  # the outlier channel does not reach the output: only the others' noise shows
-    y = add(graph, "MatMul", [r, const(graph, "w2", w2)], "fc2")
-    y.name = "scores"
-    graph.outputs.append(y)
-    return model_of(graph)
-
-
 @pytest.fixture
-def openvino_only(monkeypatch):
-    """Fail any onnxruntime session; count the models OpenVINO runners are made for."""
+def openvino_only(monkeypatch, openvino_runs):
+    """Fail any onnxruntime session; the models OpenVINO runners were made for."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("an onnxruntime session was created for an openvino-* compile")
 
     monkeypatch.setattr(ort_session, "create_session", refuse)
-    made = []
-    original = OpenVINOBackend.runner
-
-    def counting(self, model, **settings):
-        made.append(model)
-        return original(self, model, **settings)
-
-    monkeypatch.setattr(OpenVINOBackend, "runner", counting)
-    return made
+    return openvino_runs
 
 
 def test_max_drop_on_openvino_ir_with_openvino_only_ops_measures_in_openvino(tmp_path, openvino_only):
     """W8A8 --max-drop on an IR input keeping an OpenVINO Relu: float run, proxy runs and every trial
     in OpenVINO; the budget is met."""
-    model = _as_openvino_ir(_outliers_through_relu(), tmp_path)
+    model = _as_openvino_ir(_outlier_model(relu=True), tmp_path)
     assert any(node.domain == DOMAIN and node.op_type == "Relu" for node in model.graph)
-    feeds = random_feeds(_outliers_through_relu(), batches=4, batch=16)
-    options = CompileOptions(
-        preset=Preset.DEFAULT,
-        op_types=("MatMul", "Add"),
-        count_fusion=False,
-        accuracy=qcompiler.AccuracyOptions(metric="cosine", metric_output="scores", max_drop=0.001),
-    )
+    feeds = random_feeds(_outlier_model(relu=True), batches=4, batch=16)
+    options = _harmful_options(max_drop=0.001)
     result = qcompiler.compile(model, "openvino-cpu", options, data=feeds, validation=feeds, progress=False)
     fallback = result.report.fallback
     assert fallback["met"] and fallback["drop"] <= 0.001

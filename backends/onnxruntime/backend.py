@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.backend import Backend, Capabilities, Precision, Runner
+from qcompiler.backend import (
+    DEFAULT_RUNNER,
+    Backend,
+    Capabilities,
+    ModelRef,
+    PathArg,
+    Precision,
+    Runner,
+    RunnerSettings,
+)
 from qcompiler.backends.onnxruntime.attention import fuse_group_query_attention
 from qcompiler.backends.onnxruntime.fusion import count_fusion
 from qcompiler.backends.onnxruntime.legality import check
@@ -26,20 +36,13 @@ class OnnxRuntimeBackend(Backend):
     artifact_suffix = ".onnx"
     capabilities = Capabilities(counts_fusion=True, fuses_decoder=True)
 
-    def runner(
-        self,
-        model: ir.Model | str | os.PathLike[str] | object,
-        *,
-        precision: Precision = Precision.F32,
-        threads: int | None = None,
-        streams: int = 1,
-        lean: bool = False,
-    ) -> Runner:
-        """A CPU session (all graph optimizations; `lean`: no pre-packing, no arena)."""
-        if precision is not Precision.F32:
-            raise ValueError(f"onnxruntime CPU runs f32 here, not {precision.value}")
+    def runner(self, model: ModelRef, settings: RunnerSettings = DEFAULT_RUNNER) -> Runner:
+        """A CPU session (all graph optimizations; lean: no pre-packing, no arena)."""
+        if settings.precision is not Precision.F32:
+            raise ValueError(f"onnxruntime CPU runs f32 here, not {settings.precision.value}")
         assert isinstance(model, ir.Model | str | os.PathLike)
-        return OnnxRuntimeRunner(create_session(model, session_options(threads=threads, lean=lean)))
+        options = session_options(threads=settings.threads, lean=settings.lean)
+        return OnnxRuntimeRunner(create_session(model, options))
 
     def lower(self, model: ir.Model) -> None:
         """Requantize float consumers of output-quantized tensors, dedicate shared DQs."""
@@ -55,17 +58,9 @@ class OnnxRuntimeBackend(Backend):
         """The runtime's rules as code (`legality.RULES`)."""
         check(model)
 
-    def save(
-        self,
-        model: ir.Model,
-        artifact: object | None,
-        path: str | os.PathLike[str],
-        *,
-        external_data: bool | None = None,
-        protected: tuple[str | os.PathLike[str], ...] = (),
-    ) -> pathlib.Path:
+    def save(self, model: ir.Model, artifact: object | None, path: PathArg, **options: Any) -> pathlib.Path:
         """The ONNX model is the artifact (`qcompiler.io.save`, atomic)."""
-        return save_onnx(model, path, external_data=external_data, protected=protected)
+        return save_onnx(model, path, **options)
 
     def count_fusion(self, model: ir.Model, quantized_nodes: Sequence[str]) -> dict[str, object]:
         """Classify each quantized node as fused or not from onnxruntime's optimized graph."""

@@ -24,7 +24,7 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
-from qcompiler.weight_formats import FP4_TABLE, CompressedWeight, WeightFormat
+from qcompiler.weight_formats import FP4_TABLE, CompressedWeight, WeightFormat, pack_nibbles
 
 DOMAIN = "ai.onnx.contrib"
 """onnxruntime-extensions' custom-op domain (Python ops are registered there)."""
@@ -56,10 +56,7 @@ def pack_fp4(weight: CompressedWeight) -> PackedFP4:
     if weight.format not in (WeightFormat.MXFP4, WeightFormat.NVFP4):
         raise ValueError(f"MatMulFP4 takes MXFP4 / NVFP4 weights, not {weight.format.value}")
     rows, columns = weight.shape
-    codes = np.ascontiguousarray(weight.codes.T).astype(np.uint8)  # [N, K]
-    if rows % 2:
-        codes = np.concatenate([codes, np.zeros((columns, 1), np.uint8)], axis=1)
-    packed = (codes[:, 0::2] & 0x0F) | ((codes[:, 1::2] & 0x0F) << 4)
+    packed = pack_nibbles(np.ascontiguousarray(weight.codes.T))  # [N, K/2]
     scales = np.ascontiguousarray(weight.scales.T)  # [N, blocks]
     if weight.format is WeightFormat.MXFP4:
         exponents = np.rint(np.log2(scales)).astype(np.int32) + 127

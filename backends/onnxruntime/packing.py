@@ -24,14 +24,7 @@ import dataclasses
 import numpy as np
 
 from qcompiler.errors import UnsupportedModelError
-from qcompiler.weight_formats import CompressedWeight, WeightFormat, to_blocks
-
-
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """Pack uint8 values 0..15 along the last axis, two per byte, first value in the low nibble."""
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), dtype=codes.dtype)], axis=-1)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+from qcompiler.weight_formats import CompressedWeight, WeightFormat, pack_nibbles, to_blocks
 
 
 def nbits_block_size(weight: CompressedWeight) -> int:

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.backend import Backend, Capabilities, Precision, Runner
+from qcompiler.backend import (
+    DEFAULT_RUNNER,
+    Backend,
+    Capabilities,
+    ModelRef,
+    PathArg,
+    Precision,
+    Runner,
+    RunnerSettings,
+)
 from qcompiler.backends.openvino.checker import check as check_artifact
 from qcompiler.backends.openvino.lower import element_type, to_openvino
 from qcompiler.backends.openvino.runtime import OpenVINORunner, bf16_available
@@ -31,15 +41,7 @@ class OpenVINOBackend(Backend):
     artifact_suffix = ".xml"
     capabilities = Capabilities(runs_openvino_ir=True, concurrent_streams=True, artifact_is_onnx=False)
 
-    def runner(
-        self,
-        model: ir.Model | str | os.PathLike[str] | object,
-        *,
-        precision: Precision = Precision.F32,
-        threads: int | None = None,
-        streams: int = 1,
-        lean: bool = False,
-    ) -> Runner:
+    def runner(self, model: ModelRef, settings: RunnerSettings = DEFAULT_RUNNER) -> Runner:
         """OpenVINO CPU; a quantized `ir.Model` runs as its lowered artifact (what `export` makes)."""
         if isinstance(model, ir.Model) and any(node.op_type in _LOWERED_OPS for node in model.graph):
             model = to_openvino(model)
@@ -47,7 +49,9 @@ class OpenVINOBackend(Backend):
             import openvino as ov
 
             model = ov.Core().read_model(str(model))
-        return OpenVINORunner(model, precision=precision.value, threads=threads, streams=streams)
+        return OpenVINORunner(
+            model, precision=settings.precision.value, threads=settings.threads, streams=settings.streams
+        )
 
     def supports(self, precision: Precision) -> bool:
         """bf16 where the CPU has it (AMX / AVX512-BF16)."""
@@ -75,19 +79,11 @@ class OpenVINOBackend(Backend):
         warnings = check_artifact(converted, target)
         return converted, warnings
 
-    def save(
-        self,
-        model: ir.Model,
-        artifact: object | None,
-        path: str | os.PathLike[str],
-        *,
-        external_data: bool | None = None,
-        protected: tuple[str | os.PathLike[str], ...] = (),
-    ) -> pathlib.Path:
-        """``.xml`` + ``.bin`` (atomic); the artifact `export` made."""
+    def save(self, model: ir.Model, artifact: object | None, path: PathArg, **options: Any) -> pathlib.Path:
+        """``.xml`` + ``.bin`` (atomic); the artifact `export` made (``external_data`` does not apply)."""
         if artifact is None:
             raise ModelSaveError(f"{path}: nothing to save: the OpenVINO model was not exported")
-        return save_openvino(artifact, path, protected=protected)
+        return save_openvino(artifact, path, protected=options.get("protected", ()))
 
 
 BACKEND = OpenVINOBackend()

@@ -31,7 +31,7 @@ from qcompiler.canonical import COMPRESSION_KEY, canonical_consumer, read_canoni
 from qcompiler.io import save
 from qcompiler.irutil import drop_if_unused
 from qcompiler.options import WeightFormat
-from qcompiler.weight_formats import CompressedWeight, to_blocks
+from qcompiler.weight_formats import CompressedWeight, pack_nibbles, to_blocks
 
 WEIGHT_INPUT_PREFIX = "qcompiler.weight::"
 """Name prefix of the Parameters that stand in for compressed weights during conversion."""
@@ -142,23 +142,13 @@ def _without_zero_offsets(weight: CompressedWeight) -> CompressedWeight:
     return weight
 
 
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """4-bit codes (any int dtype, C order) -> bytes, element 2i in the low nibble (OpenVINO, ONNX)."""
-    flat = (
-        codes.reshape(-1).view(np.uint8) if codes.dtype.itemsize == 1 else codes.reshape(-1).astype(np.uint8)
-    )
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return ((flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)).astype(np.uint8)
-
-
 def _constant(array: np.ndarray, type_name: str):  # -> openvino.op.Constant
     """A Constant of a (possibly sub-byte) OpenVINO element type from its codes."""
     import openvino as ov
 
     ov_type = getattr(ov.Type, type_name)
     data = (
-        pack_nibbles(array)
+        pack_nibbles(np.ascontiguousarray(array).reshape(-1))
         if ov_type.bitwidth == 4
         else np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     )

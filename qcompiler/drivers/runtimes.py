@@ -14,7 +14,7 @@ import os
 import onnx_ir as ir
 
 from qcompiler import io
-from qcompiler.backend import Backend, Precision, Runner, RunnerFactory
+from qcompiler.backend import Backend, Precision, Runner, RunnerFactory, RunnerSettings
 from qcompiler.calibration import RunnerMaker
 from qcompiler.options import CalibrationRuntime
 from qcompiler.registry import backend_named
@@ -49,7 +49,7 @@ def calibration_runners(runtime: CalibrationRuntime, source: ir.Model | None = N
 
     def make(model: ir.Model, rows_per_batch: int) -> Runner:
         streams = 2 if concurrent and rows_per_batch < SHORT_BATCH_ROWS else 1
-        return backend.runner(model, precision=precision, streams=streams, lean=True)
+        return backend.runner(model, RunnerSettings(precision, streams=streams, lean=True))
 
     return make
 

@@ -7,6 +7,7 @@ INT8 per group by an integer program on measured sensitivity.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -300,17 +301,10 @@ def size_budget_decision(
         "achieved_effective_bits": round(bits / params, 4),
         "size_ratio": round(bits / budget_bits, 4),
         "cost": round(sum(costs[g][c] for g, c in enumerate(chosen)), 6),
-        "groups_by_rung": _count([group.ladder[0] for group in groups]),
+        "groups_by_rung": dict(collections.Counter(group.ladder[0] for group in groups)),
         "formats": {group.name: group.ladder[0] for group in groups},
     }
     return (0,) * len(groups), summary
-
-
-def _count(items: Sequence[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return counts
 
 
 def compress_with_budget(
