@@ -1,11 +1,8 @@
-"""qcompiler: a graph-level quantization compiler for ONNX models.
-
-    >>> import qcompiler
-    >>> sorted(qcompiler.TARGETS)
-    ['ort-cpu']
+"""qcompiler: a graph-level quantization compiler for ONNX and OpenVINO IR models.
 
 The API takes and returns models: ``qcompiler.compile(model, "ort-cpu", options, data=feeds)``
-returns a `CompileResult` whose ``model`` is an ``onnx_ir.Model``; ``qcompiler.save`` writes it.
+returns a `CompileResult` whose ``model`` is an ``onnx_ir.Model``; ``result.save(path)`` writes the
+target's artifact.
 """
 
 from qcompiler.drivers.pipeline import CompileResult, compile

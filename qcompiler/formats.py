@@ -88,11 +88,37 @@ FORMATS: dict[WeightFormat, FormatSpec] = {
 """The registry (see the module docstring)."""
 
 FLOAT_RUNG_BITS = {"fp16": 16, "float": 32}
-"""Bits of the fallback ladders' unquantized rungs."""
+"""Bits of the weight ladders' unquantized rungs."""
 
 
-def rung_format_bits(name: str) -> int:
-    """Bits of a ladder rung named by a format (``int4``) or a float rung (``fp16``, ``float``)."""
-    if name in FLOAT_RUNG_BITS:
-        return FLOAT_RUNG_BITS[name]
-    return WeightFormat(name).bits
+@dataclasses.dataclass(frozen=True)
+class WeightRung:
+    """A step of a weight ladder: a format (``int4``), a format at a group size (``int4-g32``), or float.
+
+    Ladders and reports carry rungs as their text (`str`); every reading of that text is `parse`.
+    """
+
+    name: str
+    """A `WeightFormat` value, or a float rung (``fp16``, ``float``)."""
+    group_size: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> WeightRung:
+        """The rung `str` wrote."""
+        name, _, group = text.partition("-g")
+        if name not in FLOAT_RUNG_BITS:
+            WeightFormat(name)  # a ValueError names an unknown rung
+        return cls(name, int(group) if group else None)
+
+    def __str__(self) -> str:
+        return self.name if self.group_size is None else f"{self.name}-g{self.group_size}"
+
+    @property
+    def format(self) -> WeightFormat | None:
+        """The weight format (None for a float rung)."""
+        return None if self.name in FLOAT_RUNG_BITS else WeightFormat(self.name)
+
+    @property
+    def bits(self) -> int:
+        """Bits per weight code (16 / 32 for the float rungs)."""
+        return FLOAT_RUNG_BITS[self.name] if self.format is None else self.format.bits

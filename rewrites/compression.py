@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import enum
 import math
 import os
 import threading
@@ -52,18 +53,28 @@ from qcompiler.weight_formats import (
 BACKUP_FORMAT = WeightFormat.INT8
 
 
+class WeightRole(str, enum.Enum):
+    """What a compressed weight is to the model (the report writes the value)."""
+
+    MATMUL = "matmul"
+    HEAD = "head"
+    """The last MatMul (an LM head): the backup format by NNCF's policy."""
+    EMBEDDING = "embedding"
+    """A Gather's table [V, H]: compressed along H, the backup format by NNCF's policy."""
+
+
 @dataclasses.dataclass
 class WeightUnit:
     """One weight to compress and how.
 
     Attributes:
         node: the MatMul (weight = input 1, [K, N]) or Gather (table = input 0, [V, H]).
-        role: "matmul", "head" (the last MatMul) or "embedding".
+        role: what the weight is (`WeightRole`).
         format, symmetric, group_size: the format chosen for this weight.
     """
 
     node: ir.Node
-    role: str
+    role: WeightRole
     format: WeightFormat
     symmetric: bool
     group_size: int
@@ -71,14 +82,14 @@ class WeightUnit:
     @property
     def weight(self) -> ir.Value:
         """The constant weight (MatMul's B or the Gather's table)."""
-        value = self.node.inputs[0 if self.role == "embedding" else 1]
+        value = self.node.inputs[0 if self.role is WeightRole.EMBEDDING else 1]
         assert value is not None
         return value
 
     @property
     def activation(self) -> ir.Value | None:
         """The input whose statistics the algorithms use (None for an embedding)."""
-        return None if self.role == "embedding" else self.node.inputs[0]
+        return None if self.role is WeightRole.EMBEDDING else self.node.inputs[0]
 
     def matrix(self) -> np.ndarray:
         """The weight as [input channels, outputs]: MatMul's B, or the transposed table.
@@ -90,13 +101,13 @@ class WeightUnit:
         if isinstance(tensor, ir.ExternalTensor):  # a copy, so the file's pages can go
             array = np.array(array, np.float32)
             release_mapped(tensor)
-        return np.asarray(array.T if self.role == "embedding" else array, np.float32)
+        return np.asarray(array.T if self.role is WeightRole.EMBEDDING else array, np.float32)
 
     @property
     def rows(self) -> int:
         """Input channels of `matrix()`: MatMul's K, or an embedding's hidden size."""
         dims = self.weight.const_value.shape  # type: ignore[union-attr]
-        return int(dims[1] if self.role == "embedding" else dims[0])  # type: ignore[arg-type]
+        return int(dims[1] if self.role is WeightRole.EMBEDDING else dims[0])  # type: ignore[arg-type]
 
     @property
     def size(self) -> int:
@@ -131,18 +142,18 @@ def plan_compression(
             if _const_float_2d(node.inputs[1]):
                 skipped[name] = "Gemm weights are not compressed yet (MatMul only)"
         elif node.op_type == "MatMul" and _const_float_2d(node.inputs[1]):
-            units.append(WeightUnit(node, "matmul", *main))
+            units.append(WeightUnit(node, WeightRole.MATMUL, *main))
         elif (
             node.op_type == "Gather"
             and node.attributes.get_int("axis", 0) == 0
             and _const_float_2d(node.inputs[0])
         ):
-            embedding = WeightUnit(node, "embedding", *backup)
+            embedding = WeightUnit(node, WeightRole.EMBEDDING, *backup)
             embedding.group_size = embedding.group_size or backup_block(embedding.rows)
             units.append(embedding)
-    matmuls = [unit for unit in units if unit.role == "matmul"]
+    matmuls = [unit for unit in units if unit.role is WeightRole.MATMUL]
     if matmuls and options.backup_layers:
-        matmuls[-1].role = "head"
+        matmuls[-1].role = WeightRole.HEAD
         head = matmuls[-1]
         head.format, head.symmetric, head.group_size = backup
         head.group_size = head.group_size or backup_block(head.rows)
@@ -173,7 +184,7 @@ def stat_requests(units: list[WeightUnit], options: CompressionOptions) -> list[
     blocks: dict[str, tuple[ir.Value, int]] = {}
     for unit in units:
         activation = unit.activation
-        if unit.role == "embedding" or activation is None or activation.const_value is not None:
+        if unit.role is WeightRole.EMBEDDING or activation is None or activation.const_value is not None:
             continue
         size = math.gcd(resolve_block_size(unit.format, unit.group_size, unit.rows), unit.rows)
         name = str(activation.name)
@@ -197,7 +208,7 @@ def assign_mixed_precision(
     Sensitivity: the RTN error in the main format weighted by the input's Gram matrix (plain
     squared error without data), per parameter. Returns the sensitivities by node name.
     """
-    candidates = [unit for unit in units if unit.role == "matmul"]
+    candidates = [unit for unit in units if unit.role is WeightRole.MATMUL]
     if options.ratio >= 1.0 or not candidates:
         return {}
     sensitivity: dict[str, float] = {}
@@ -226,7 +237,7 @@ def apply_awq(
 
     Updates `grams` (X becomes X / s, so H becomes H / s sᵀ). Returns the per-group report.
     """
-    main = {id(unit.node): unit for unit in units if unit.role != "embedding"}
+    main = {id(unit.node): unit for unit in units if unit.role is not WeightRole.EMBEDDING}
     groups = [
         group
         for group in find_groups(model, ignored)
@@ -298,7 +309,7 @@ def _run_algorithms(
 ) -> tuple[CompressedWeight, list[str]]:
     """The requested algorithms on W [K, N'] (all of the unit's columns or a slice of them)."""
     steps = []
-    main = unit.role != "embedding" and gram is not None
+    main = unit.role is not WeightRole.EMBEDDING and gram is not None
     if main and options.scale_estimation:
         compressed = estimate_scales(weight, gram, unit.format, block, symmetric=unit.symmetric)  # type: ignore[arg-type]
         steps.append("scale_estimation")
@@ -340,7 +351,7 @@ class UnitCompressor:
         options = options or self.options
         gram = _gram_of(unit, self.grams)
         prepared = None
-        if options.gptq and gram is not None and unit.role != "embedding":
+        if options.gptq and gram is not None and unit.role is not WeightRole.EMBEDDING:
             key = str(unit.activation.name)  # type: ignore[union-attr]
             with self._lock:
                 if key not in self._hessians:  # Q, K and V (gate and up) share one factorization
@@ -359,7 +370,7 @@ class UnitCompressor:
 
 def layer_entry(unit: WeightUnit, record: CompressionRecord, error: float | None) -> dict[str, object]:
     """The report's entry for one compressed unit."""
-    entry: dict[str, object] = {"role": unit.role, "how": record.line}
+    entry: dict[str, object] = {"role": unit.role.value, "how": record.line}
     if error is not None:
         entry["relative_error"] = round(error, 8)
     return entry
@@ -439,5 +450,7 @@ def compress_embedding_tables(model: ir.Model, ignored: IgnoredScope) -> dict[st
     47 of 90 MB). Returns the report section of `compress_weights`.
     """
     options = CompressionOptions(format=WeightFormat.INT8, group_size=0, backup_layers=True)
-    units = [unit for unit in plan_compression(model, options, ignored)[0] if unit.role == "embedding"]
+    units = [
+        unit for unit in plan_compression(model, options, ignored)[0] if unit.role is WeightRole.EMBEDDING
+    ]
     return compress_weights(model, units, {}, options, ignored, progress=False)

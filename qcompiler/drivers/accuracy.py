@@ -23,6 +23,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qcompiler.evaluation import Evaluator
+from qcompiler.formats import WeightRung
 from qcompiler.options import AccuracyOptions, WeightFormat
 from qcompiler.rewrites.fallback import (
     Decision,
@@ -34,12 +35,11 @@ from qcompiler.rewrites.fallback import (
 from qcompiler.targets import Target
 
 FALLBACK_KEY = "qcompiler.fallback"
-RUNG_BITS = {"int4": 4, "nf4": 4, "mxfp4": 4, "nvfp4": 4, "int8": 8, "fp8": 8, "fp16": 16, "float": 32}
 
 
 def rung_bits(rung: str) -> int:
-    """Code bits of a rung (``int4-g32`` -> 4)."""
-    return RUNG_BITS[rung.split("-g")[0]]
+    """Code bits of a weight rung (``int4-g32`` -> 4)."""
+    return WeightRung.parse(rung).bits
 
 
 # Ladders ------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ def rung_bits(rung: str) -> int:
 
 def weight_ladder(fmt: WeightFormat, target: Target) -> tuple[str, ...]:
     """`fmt`, then the target's weight rungs with more bits (INT4 -> INT8 -> float on ORT CPU)."""
-    return (fmt.value, *(rung for rung in target.weight_ladder if RUNG_BITS[rung] > fmt.bits))
+    return (fmt.value, *(rung for rung in target.weight_ladder if rung_bits(rung) > fmt.bits))
 
 
 def static_ladder(target: Target, weighted: bool) -> tuple[str, ...]:

@@ -54,11 +54,14 @@ class CompileContext:
         data: DataArg,
         default_runtime: CalibrationRuntime,
         description: str = "calibrating",
-        **settings: object,
+        histogram_bins: int | None = None,
     ) -> calibration.Statistics:
         """`calibration.collect` in the user's calibration runtime (else `default_runtime`)."""
+        settings = self.calibration_settings(description)
+        if histogram_bins is not None:
+            settings = dataclasses.replace(settings, histogram_bins=histogram_bins)
         runners = self.calibration_runners(model, default_runtime)
-        return calibration.collect(model, requests, data, runners, **self._settings(description, **settings))
+        return calibration.collect(model, requests, data, runners, **dataclasses.asdict(settings))
 
     def calibration_runners(
         self, model: ir.Model, default_runtime: CalibrationRuntime
@@ -68,14 +71,10 @@ class CompileContext:
 
     def calibration_settings(self, description: str) -> calibration.CalibrationSettings:
         """How calibration reads the data, from the options."""
-        return calibration.CalibrationSettings(**self._settings(description))
-
-    def _settings(self, description: str, **extra: object) -> dict[str, object]:
         settings = self.options.calibration
-        return {
-            "max_batches": settings.max_batches,
-            "piece_bytes": settings.piece_bytes,
-            "progress": self.progress,
-            "description": description,
-            **extra,
-        }
+        return calibration.CalibrationSettings(
+            max_batches=settings.max_batches,
+            piece_bytes=settings.piece_bytes,
+            progress=self.progress,
+            description=description,
+        )

@@ -20,7 +20,7 @@ from qcompiler.drivers.accuracy import mark_decision, rungs_of, static_ladder
 from qcompiler.evaluation import Evaluator, stream_outputs
 from qcompiler.numerics import dequantize, quantize
 from qcompiler.options import CompileOptions, QuantType, WeightFormat
-from qcompiler.rewrites.compression import WeightUnit
+from qcompiler.rewrites.compression import WeightRole, WeightUnit
 from qcompiler.rewrites.fallback import (
     Decision,
     QuantGroup,
@@ -86,7 +86,7 @@ class StaticCandidates:
             elif (
                 chosen == "w8" and linear_weight_rows(unit.node) is not None and unit.node.op_type == "MatMul"
             ):
-                weight_only.append(WeightUnit(unit.node, "matmul", WeightFormat.INT8, True, 0))
+                weight_only.append(WeightUnit(unit.node, WeightRole.MATMUL, WeightFormat.INT8, True, 0))
             elif chosen == "w8" and unit.weight_input is not None:
                 units.append(
                     dataclasses.replace(unit, activation_inputs=(), bias_input=None, quantize_output=False)

@@ -20,10 +20,12 @@ from qcompiler.backend import Backend
 from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.drivers.accuracy import mark_decision, run_search, rung_bits, rungs_of, weight_ladder
 from qcompiler.drivers.context import CompileContext
+from qcompiler.formats import WeightRung
 from qcompiler.options import AccuracyOptions, CompressionOptions, WeightFormat
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.compression import (
     UnitCompressor,
+    WeightRole,
     WeightUnit,
     apply_awq,
     assign_mixed_precision,
@@ -85,16 +87,20 @@ class WeightCandidates:
         self._errors: dict[tuple[str, int], float] = {}
         self._by_name = {str(unit.node.name): unit for unit in self.units}
 
+    def unit(self, name: str) -> WeightUnit:
+        """The unit of node `name`."""
+        return self._by_name[name]
+
     def variant(self, unit: WeightUnit, rung: str) -> WeightUnit:
         """The unit in the format of `rung` (its own format at rung 0)."""
         if rung == unit.format.value:
             return unit
         if rung == "int8":
-            block = backup_block(unit.rows) if unit.role != "matmul" else 0
+            block = backup_block(unit.rows) if unit.role is not WeightRole.MATMUL else 0
             return dataclasses.replace(unit, format=WeightFormat.INT8, symmetric=False, group_size=block)
-        fmt, _, group = rung.partition("-g")
-        if group:
-            return dataclasses.replace(unit, format=WeightFormat(fmt), group_size=int(group))
+        parsed = WeightRung.parse(rung)
+        if parsed.format is not None and parsed.group_size is not None:
+            return dataclasses.replace(unit, format=parsed.format, group_size=parsed.group_size)
         raise ValueError(f"no weight variant for rung {rung!r}")
 
     def compressed(self, name: str, rung: str) -> tuple[CompressedWeight, CompressionRecord, float | None]:
@@ -126,7 +132,7 @@ class WeightCandidates:
         for name, rung in self.rung_of(decision).items():
             unit = self._by_name[name]
             if rung == "float":
-                layers[name] = {"role": unit.role, "how": "float (fallback)"}
+                layers[name] = {"role": unit.role.value, "how": "float (fallback)"}
                 continue
             compressed, record, error = self.compressed(name, rung)
             write_canonical(model.graph, nodes[name], compressed, record)
@@ -202,7 +208,7 @@ def measure_sensitivity(
     for node in model.graph:
         for unit in candidates.units:
             if str(unit.node.name) == str(node.name):
-                value = node.inputs[0 if unit.role == "embedding" else 1]
+                value = node.inputs[0 if unit.role is WeightRole.EMBEDDING else 1]
                 assert value is not None and value.const_value is not None
                 floats[str(value.name)] = value.const_value.numpy()
                 model.graph.initializers.pop(str(value.name))
@@ -230,8 +236,10 @@ def measure_sensitivity(
         for name in group.members:
             compressed, _, _ = candidates.compressed(name, rung)
             matrix = compressed.dequantize()
-            role = candidates.variant(candidates._by_name[name], rung).role
-            perturbed[weight_of[name]] = np.ascontiguousarray(matrix.T if role == "embedding" else matrix)
+            role = candidates.variant(candidates.unit(name), rung).role
+            perturbed[weight_of[name]] = np.ascontiguousarray(
+                matrix.T if role is WeightRole.EMBEDDING else matrix
+            )
         log_q = _log_softmax(runner.run([output], perturbed)[0])
         scores.append(float(np.mean(np.sum(np.exp(reference) * (reference - log_q), axis=-1))))
     return scores
@@ -269,7 +277,7 @@ def size_budget_decision(
     for group in tqdm(groups, desc="size budget: compressing candidates", disable=not progress):
         first = group.ladder[0]
         sized = (
-            [f"{first}-g{size}" for size in BUDGET_GROUP_SIZES]
+            [str(WeightRung(first, size)) for size in BUDGET_GROUP_SIZES]
             if WeightFormat(first).fixed_block is None
             else [first]
         )
