@@ -184,32 +184,25 @@ def adapt_options(options: CompileOptions, target: Target) -> tuple[CompileOptio
     return dataclasses.replace(options, compression=dataclasses.replace(compression, **changes)), notes
 
 
-def fit_groups(units: list[Any], target: Target) -> list[str]:
-    """Fit each weight unit's group size to what `target` runs, in place; one report line per change.
+def fitted_group_size(target: Target, fmt: WeightFormat, group: int, rows: int) -> int:
+    """The group size `target` runs for a weight of `rows` input channels asked at `group` (0: per channel).
 
     Whole blocks: the group halved until it divides K, down to 16, else per channel; where the
     device lists its sizes (NPU), one of them for 4-bit weights.
     """
     allowed = target.weight_group_sizes
-    if not target.whole_blocks and allowed is None:
-        return []
-    changed: dict[str, list[str]] = {}
-    for unit in units:
-        group = unit.group_size
-        if unit.format.fixed_block is not None or not group or group >= unit.rows:
-            continue
-        fitted = group
-        if unit.rows % group and target.whole_blocks:
-            while fitted >= 16 and unit.rows % fitted:
-                fitted //= 2
-            fitted = fitted if fitted >= 16 and unit.rows % fitted == 0 else 0
-        if allowed is not None and fitted not in allowed and unit.format.bits == 4:
-            fitted = 0
-        if fitted != group:
-            unit.group_size = fitted
-            changed.setdefault(f"group {fitted}" if fitted else "per channel", []).append(str(unit.node.name))
-    return [
-        f"adapted: {len(names)} weight(s) {how} on {target.name}: the group does not divide their input "
-        f"size or the device does not run it (first: {names[0]})"
-        for how, names in changed.items()
-    ]
+    if (
+        (not target.whole_blocks and allowed is None)
+        or fmt.fixed_block is not None
+        or not group
+        or group >= rows
+    ):
+        return group
+    fitted = group
+    if rows % group and target.whole_blocks:
+        while fitted >= 16 and rows % fitted:
+            fitted //= 2
+        fitted = fitted if fitted >= 16 and rows % fitted == 0 else 0
+    if allowed is not None and fitted not in allowed and fmt.bits == 4:
+        fitted = 0
+    return fitted

@@ -41,7 +41,7 @@ from qcompiler.rewrites.awq import awq_scales
 from qcompiler.rewrites.gptq import PreparedHessian, gptq, prepare_hessian
 from qcompiler.rewrites.hqq import hqq
 from qcompiler.rewrites.scale_estimation import estimate_scales
-from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups, fold_precheck
+from qcompiler.rewrites.smoothing import SmoothGroup, find_groups, fold_precheck, scale_channels
 from qcompiler.weight_formats import (
     CompressedWeight,
     column_slice,
@@ -243,7 +243,6 @@ def apply_awq(
         for group in find_groups(model, ignored)
         if all(id(node) in main for node in group.consumers) and str(group.activation.name) in grams
     ]
-    decisions = []
     summary: dict[str, dict[str, object]] = {}
     searchable = []
     for group in groups:
@@ -252,21 +251,29 @@ def apply_awq(
             searchable.append(group)
         else:
             summary[str(group.activation.name)] = {"alpha": None, "applied": f"not searched ({refusal})"}
-    for group in tqdm(searchable, desc="AWQ scale search", disable=not progress):
+
+    def search(group: SmoothGroup) -> tuple[float | None, np.ndarray | None]:
         unit = main[id(group.consumers[0])]
         gram = grams[str(group.activation.name)]
         weights = [main[id(node)].matrix() for node in group.consumers]
         block = resolve_block_size(unit.format, unit.group_size, weights[0].shape[0])
         choice = awq_scales(weights, gram, unit.format, block, symmetric=unit.symmetric)
         summary[str(group.activation.name)] = {"alpha": choice.alpha}
-        if choice.scales is not None:
-            decisions.append((group, choice.scales, f"awq alpha={choice.alpha:g}"))
-    applied = ApplySmoothingPass(decisions, insert_mul=False)
-    applied(model)
-    for group, scales, _ in decisions:
+        return choice.alpha, choice.scales
+
+    outcomes, decisions = scale_channels(
+        model,
+        searchable,
+        search,
+        label="awq ",
+        insert_mul=False,
+        progress=progress,
+        description="AWQ scale search",
+    )
+    for group, scales in decisions:
         name = str(group.activation.name)
-        summary[name]["applied"] = applied.outcomes[name]
-        if applied.outcomes[name].startswith("folded"):
+        summary[name]["applied"] = outcomes[name]
+        if outcomes[name].startswith("folded"):
             grams[name] = grams[name].scaled(scales)
     return summary
 

@@ -16,18 +16,26 @@ scale vector s (Q, K and V after one norm; gate and up projections). `ApplySmoot
    producer could not absorb it (e.g. "X also feeds Add 'residual' unscaled").
 
 All of these are exact in float (tests assert < 1e-5 relative change).
+
+`scale_channels` is the step SmoothQuant (`apply_smoothquant`, here) and AWQ
+(`rewrites/compression.apply_awq`) share: search a scale vector per group, then apply them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
+from tqdm.auto import tqdm
 
+from qcompiler.calibration import Statistics, StatKey, StatKind, StatRequest
 from qcompiler.irutil import add_initializer, release_mapped
-from qcompiler.options import IgnoredScope
+from qcompiler.options import IgnoredScope, QuantType, SmoothQuantOptions
 from qcompiler.rewrites.placement import linear_weight_rows
+from qcompiler.rewrites.smoothquant import choose_alpha
 
 SMOOTHQUANT_KEY = "qcompiler.smoothquant"
 
@@ -321,3 +329,94 @@ def _insert_mul(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> None
     graph.insert_before(group.consumers[0], mul)
     for consumer in group.consumers:
         consumer.replace_input_with(0, mul.outputs[0])
+
+
+ScaleSearch = Callable[["SmoothGroup"], tuple[float | None, np.ndarray | None]]
+"""A group -> (alpha, scales); scales None leaves the group alone."""
+
+
+def scale_channels(
+    model: ir.Model,
+    groups: list[SmoothGroup],
+    search: ScaleSearch,
+    *,
+    label: str,
+    insert_mul: bool,
+    progress: bool,
+    description: str,
+) -> tuple[dict[str, str], list[tuple[SmoothGroup, np.ndarray]]]:
+    """Search a scale vector per group, then apply them all (`ApplySmoothingPass`).
+
+    Returns activation name -> how its 1/s was applied (groups left alone are absent), and the
+    (group, scales) applied or refused.
+    """
+    decisions = []
+    for group in tqdm(groups, desc=description, disable=not progress):
+        alpha, scales = search(group)
+        if alpha is not None and scales is not None:
+            decisions.append((group, scales, f"{label}alpha={alpha:g}"))
+    applied = ApplySmoothingPass(decisions, insert_mul=insert_mul)
+    applied(model)
+    return applied.outcomes, [(group, scales) for group, scales, _ in decisions]
+
+
+def smoothquant_requests(groups: list[SmoothGroup], settings: SmoothQuantOptions) -> list[StatRequest]:
+    """What SmoothQuant's search reads per group: per-channel extremes and a sample of rows."""
+    requests = []
+    for group in groups:
+        requests.append(StatRequest.channel_minmax(group.activation))
+        requests.append(StatRequest.row_sample(group.activation, settings.sample_rows))
+    return requests
+
+
+def apply_smoothquant(
+    model: ir.Model,
+    groups: list[SmoothGroup],
+    statistics: Statistics,
+    settings: SmoothQuantOptions,
+    activation_type: QuantType,
+    *,
+    symmetric: bool,
+    progress: bool,
+) -> tuple[dict[str, dict[str, object]], dict[StatKey, object]]:
+    """Search alpha per group on its statistics (`smoothquant_requests`) and apply the scales.
+
+    Returns the per-group report, and the per-tensor (min, max) of every tensor the group's
+    consumers now read (X / s, exact from the per-channel extremes since s > 0), so the quantizer
+    step needs no second run over the data for those tensors.
+    """
+    summary: dict[str, dict[str, object]] = {}
+    ranges: dict[int, tuple[float, float]] = {}
+
+    def search(group: SmoothGroup) -> tuple[float | None, np.ndarray | None]:
+        lo, hi = cast(tuple[np.ndarray, np.ndarray], statistics[StatRequest.channel_minmax(group.activation)])
+        rows = cast(np.ndarray, statistics[StatRequest.row_sample(group.activation, settings.sample_rows)])
+        choice = choose_alpha(
+            rows, lo, hi, group.weight_rows(), settings.grid(), activation_type, symmetric=symmetric
+        )
+        summary[str(group.activation.name)] = {
+            "consumers": [str(node.name) for node in group.consumers],
+            "alpha": choice.alpha,
+            "errors": {key: round(value, 6) for key, value in choice.errors.items()},
+        }
+        scales = choice.scales if choice.scales is not None else 1.0
+        ranges[id(group)] = (float(np.min(lo / scales)), float(np.max(hi / scales)))
+        return choice.alpha, choice.scales
+
+    outcomes, _ = scale_channels(
+        model,
+        groups,
+        search,
+        label="",
+        insert_mul=True,
+        progress=progress,
+        description="SmoothQuant alpha search",
+    )
+    for name, how in outcomes.items():
+        summary[name]["applied"] = how
+    derived: dict[StatKey, object] = {}
+    for group in groups:
+        read = group.consumers[0].inputs[0]  # X itself, or the inserted Mul's output
+        assert read is not None
+        derived[StatRequest(read, StatKind.MINMAX).key] = ranges[id(group)]
+    return summary, derived

@@ -28,16 +28,16 @@ from qcompiler.backends.onnxruntime.packing import (
 )
 from qcompiler.canonical import COMPRESSION_KEY, RECORD_KEY, canonical_consumer, read_canonical
 from qcompiler.errors import UnsupportedModelError
+from qcompiler.formats import FORMATS, WeightFormat
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.opset import upgrade_opset
-from qcompiler.options import WeightFormat
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
-LOWERED_FORMATS = frozenset(
-    {WeightFormat.INT4, WeightFormat.INT8, WeightFormat.NF4, WeightFormat.MXFP4, WeightFormat.NVFP4}
-)
-FP4_FORMATS = frozenset({WeightFormat.MXFP4, WeightFormat.NVFP4})
+FP4_FORMATS = frozenset(fmt for fmt, spec in FORMATS.items() if spec.signed_code == ir.DataType.FLOAT4E2M1)
+"""Formats lowered to our packed FP4 MatMul (onnxruntime's DequantizeLinear has no FP4 kernel)."""
+LOWERED_FORMATS = frozenset(fmt for fmt in WeightFormat if fmt is not WeightFormat.FP8)
+"""Formats with a packed onnxruntime kernel; FP8 stays a DequantizeLinear (ORT runs it from opset 19)."""
 
 
 class LowerCompressedWeightsPass(ir.passes.InPlacePass):

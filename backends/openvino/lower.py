@@ -39,17 +39,15 @@ WEIGHT_INPUT_PREFIX = "qcompiler.weight::"
 COMPRESSION_RT_KEY = "qcompiler_compression"
 """rt_info key on a MatMul / Gather holding how its weight was compressed (shown by Netron)."""
 
-ELEMENT_TYPES: dict[tuple[WeightFormat, bool], str] = {
-    (WeightFormat.INT8, True): "i8",
-    (WeightFormat.INT8, False): "u8",
-    (WeightFormat.INT4, True): "i4",
-    (WeightFormat.INT4, False): "u4",
-    (WeightFormat.NF4, False): "nf4",
-    (WeightFormat.MXFP4, False): "f4e2m1",
-    (WeightFormat.NVFP4, False): "f4e2m1",
-    (WeightFormat.FP8, False): "f8e4m3",
+CODE_ELEMENT_TYPES: dict[ir.DataType, str] = {
+    ir.DataType.INT8: "i8",
+    ir.DataType.UINT8: "u8",
+    ir.DataType.INT4: "i4",
+    ir.DataType.UINT4: "u4",
+    ir.DataType.FLOAT4E2M1: "f4e2m1",
+    ir.DataType.FLOAT8E4M3FN: "f8e4m3",
 }
-"""OpenVINO element type of each format's codes (signed or not: the integer formats' zero point)."""
+"""OpenVINO's name of each ONNX code type (the formats' code types come from `qcompiler.formats`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +66,11 @@ class DetachedWeight:
 
 
 def element_type(weight: CompressedWeight) -> str:
-    """The OpenVINO element type name of `weight`'s codes."""
-    signed = weight.format.is_integer and weight.codes.dtype == np.int8
-    return ELEMENT_TYPES[(weight.format, signed)]
+    """The OpenVINO element type name of `weight`'s codes (NF4's table indices have their own type)."""
+    if weight.format is WeightFormat.NF4:
+        return "nf4"
+    signed = not weight.format.is_integer or weight.codes.dtype == np.int8
+    return CODE_ELEMENT_TYPES[weight.format.spec.code_type(symmetric=signed)]
 
 
 def to_openvino(model: ir.Model, *, decompression: str = "f32") -> object:  # -> openvino.Model

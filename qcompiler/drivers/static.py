@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import cast
 
-import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from qcompiler import calibration
-from qcompiler.calibration import StatKey, StatKind, StatRequest
+from qcompiler.calibration import StatKey
 from qcompiler.drivers.accuracy import run_search
 from qcompiler.drivers.context import CompileContext, DataArg
 from qcompiler.drivers.static_fallback import StaticCandidates, static_groups
@@ -19,8 +16,7 @@ from qcompiler.options import CalibrationRuntime, QuantType
 from qcompiler.rewrites.compression import compress_embedding_tables
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
-from qcompiler.rewrites.smoothing import ApplySmoothingPass, find_groups
-from qcompiler.rewrites.smoothquant import choose_alpha
+from qcompiler.rewrites.smoothing import apply_smoothquant, find_groups, smoothquant_requests
 
 
 def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -> ir.Model:
@@ -112,58 +108,24 @@ def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -
 def smooth_quant(
     model: ir.Model, data: DataArg, context: CompileContext, activation_type: QuantType
 ) -> tuple[dict[str, dict[str, object]], dict[StatKey, object], int]:
-    """Calibrate the smoothing groups (one run), search alpha per group, apply.
+    """Calibrate the smoothing groups (one run), then search and apply (`apply_smoothquant`).
 
-    Returns the per-group report, and the per-tensor (min, max) of every tensor the group's
-    consumers now read (X / s, exact from the per-channel extremes since s > 0), so the quantizer
-    step needs no second run over the data for those tensors; and the number of batches read.
+    Returns the per-group report, the ranges of the tensors the groups' consumers now read, and
+    the number of batches read.
     """
     options = context.options
     groups = find_groups(model, options.ignored)
-    settings = options.smooth_quant
-    requests = []
-    for group in groups:
-        requests.append(StatRequest.channel_minmax(group.activation))
-        requests.append(StatRequest.row_sample(group.activation, settings.sample_rows))
+    requests = smoothquant_requests(groups, options.smooth_quant)
     statistics = context.collect(
         model, requests, data, CalibrationRuntime.ONNXRUNTIME, description="calibrating (SmoothQuant)"
     )
-    decisions = []
-    summary: dict[str, dict[str, object]] = {}
-    ranges: dict[int, tuple[float, float]] = {}
-    for group in tqdm(groups, desc="SmoothQuant alpha search", disable=not context.progress):
-        extremes = statistics[StatRequest.channel_minmax(group.activation)]
-        lo, hi = cast(tuple[np.ndarray, np.ndarray], extremes)
-        rows = cast(
-            np.ndarray,
-            statistics[StatRequest.row_sample(group.activation, settings.sample_rows)],
-        )
-        choice = choose_alpha(
-            rows,
-            lo,
-            hi,
-            group.weight_rows(),
-            settings.grid(),
-            activation_type,
-            symmetric=options.activations.symmetric,
-        )
-        name = str(group.activation.name)
-        summary[name] = {
-            "consumers": [str(node.name) for node in group.consumers],
-            "alpha": choice.alpha,
-            "errors": {key: round(value, 6) for key, value in choice.errors.items()},
-        }
-        scales = choice.scales if choice.scales is not None else 1.0
-        ranges[id(group)] = (float(np.min(lo / scales)), float(np.max(hi / scales)))
-        if choice.alpha is not None and choice.scales is not None:
-            decisions.append((group, choice.scales, f"alpha={choice.alpha:g}"))
-    applied = ApplySmoothingPass(decisions)
-    applied(model)
-    for name, how in applied.outcomes.items():
-        summary[name]["applied"] = how
-    derived: dict[StatKey, object] = {}
-    for group in groups:
-        read = group.consumers[0].inputs[0]  # X itself, or the inserted Mul's output
-        assert read is not None
-        derived[StatRequest(read, StatKind.MINMAX).key] = ranges[id(group)]
+    summary, derived = apply_smoothquant(
+        model,
+        groups,
+        statistics,
+        options.smooth_quant,
+        activation_type,
+        symmetric=bool(options.activations.symmetric),
+        progress=context.progress,
+    )
     return summary, derived, statistics.batches

@@ -20,7 +20,7 @@ from qcompiler.rewrites.compression import (
     stat_requests,
 )
 from qcompiler.rewrites.layerwise import LayerwiseCompression
-from qcompiler.targets import fit_groups
+from qcompiler.targets import Target, fitted_group_size
 
 
 def compress(working: ir.Model, data: DataArg | None, context: CompileContext) -> ir.Model:
@@ -101,6 +101,21 @@ def _calibrate(
         else:
             kept.update(finished.results)
     return Statistics(kept, batches)
+
+
+def fit_groups(units: list[WeightUnit], target: Target) -> list[str]:
+    """Each unit's group size made one `target` runs (`targets.fitted_group_size`); a report line per change."""
+    changed: dict[str, list[str]] = {}
+    for unit in units:
+        fitted = fitted_group_size(target, unit.format, unit.group_size, unit.rows)
+        if fitted != unit.group_size:
+            unit.group_size = fitted
+            changed.setdefault(f"group {fitted}" if fitted else "per channel", []).append(str(unit.node.name))
+    return [
+        f"adapted: {len(names)} weight(s) {how} on {target.name}: the group does not divide their input "
+        f"size or the device does not run it (first: {names[0]})"
+        for how, names in changed.items()
+    ]
 
 
 def _report_nodes(
