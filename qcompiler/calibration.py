@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from qcompiler.backend import Runner
 from qcompiler.data import input_specs, validated
+from qcompiler.gram_outputs import GRAM_COUNTS, GramSlot, add_gram_outputs
 from qcompiler.io import initializer_bytes
-from qcompiler.irutil import add_initializer, release_mapped
+from qcompiler.irutil import release_mapped
 from qcompiler.pieces import Piece, split
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
@@ -195,100 +196,6 @@ def _rows_per_batch(feed: Mapping[str, np.ndarray]) -> int:
     return max(floats, default=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _GramSlot:
-    """Where one Gram request's result lies in the calibration graph's outputs."""
-
-    products: str
-    """The output holding the [blocks, B, B] products of every in-graph Gram of block size B."""
-    start: int
-    stop: int
-    """This request's blocks in it."""
-    count: int
-    """The position of its row count in the `GRAM_COUNTS` output."""
-
-
-GRAM_COUNTS = "qcompile_gram_counts"
-"""Output of the calibration graph holding the rows of each in-graph Gram's activation."""
-
-
-def _add_gram_outputs(model: ir.Model, requests: Mapping[StatKey, StatRequest]) -> dict[StatKey, _GramSlot]:
-    """Append XᵀX per block (and the row counts) as outputs computed in the graph.
-
-    For X [..., C] in blocks of B: Reshape to [n, C / B, B], Transpose to [C / B, n, B], MatMul
-    of its transpose and itself -> [C / B, B, B]; Shape of the [n, C] view for n. The products of
-    one block size are concatenated into one output and the shapes into another: the runtime
-    does the arithmetic (in bf16 on OpenVINO's fast path) and returns a few kilobytes per batch
-    instead of the activations, in a few outputs instead of two per tensor (SmolLM2, 121 Grams:
-    0.20 -> 0.16 s per 512-token window).
-    """
-    values = {str(value.name): value for value in model.graph.inputs}
-    values.update({str(output.name): output for node in model.graph for output in node.outputs})
-    graph = model.graph
-    by_block: dict[int, list[tuple[StatKey, ir.Value, int]]] = {}
-    shapes = []
-    for index, (key, request) in enumerate(requests.items()):
-        source = values[str(request.value.name)]
-        channels = cast(int, request.value.shape.dims[-1])  # type: ignore[union-attr]
-        block = request.size or channels
-        prefix = f"qcompile_gram_{index}"
-        rows = _append(
-            graph,
-            prefix,
-            "Reshape",
-            [source, add_initializer(graph, f"{prefix}_rows_shape", np.array([-1, channels]))],
-            "rows",
-        )
-        blocks = _append(
-            graph,
-            prefix,
-            "Reshape",
-            [
-                rows,
-                add_initializer(graph, f"{prefix}_blocks_shape", np.array([-1, channels // block, block])),
-            ],
-            "blocks",
-        )
-        # [C / B, n, B] and its last-two-axes transpose: OpenVINO folds the latter into the
-        # MatMul (transpose_a); a [1, 2, 0] Transpose it copies instead (3.4x slower per Gram here)
-        right = _append(graph, prefix, "Transpose", [blocks], "right", perm=[1, 0, 2])
-        left = _append(graph, prefix, "Transpose", [right], "left", perm=[0, 2, 1])
-        product = _append(graph, prefix, "MatMul", [left, right], "product")
-        shapes.append(_append(graph, prefix, "Shape", [rows], "count"))
-        by_block.setdefault(block, []).append((key, product, channels // block))
-    if not shapes:
-        return {}
-    counts = _append(graph, "qcompile_gram", "Concat", shapes, "counts", axis=0)
-    graph.outputs.append(counts)
-    slots: dict[StatKey, _GramSlot] = {}
-    count_index = {key: 2 * position for position, key in enumerate(requests)}
-    for block, members in by_block.items():
-        products = _append(
-            graph,
-            f"qcompile_gram_b{block}",
-            "Concat",
-            [product for _, product, _ in members],
-            "products",
-            axis=0,
-        )
-        graph.outputs.append(products)
-        start = 0
-        for key, _, count in members:
-            slots[key] = _GramSlot(str(products.name), start, start + count, count_index[key])
-            start += count
-    return slots
-
-
-def _append(
-    graph: ir.Graph, prefix: str, op: str, inputs: list[ir.Value], name: str, **attributes: int | list[int]
-) -> ir.Value:
-    """Append one node named `prefix/name`; return its output, named `prefix_name`."""
-    created = ir.node(op, inputs, attributes or None, name=f"{prefix}/{name}")
-    created.outputs[0].name = f"{prefix}_{name}"
-    graph.append(created)
-    return created.outputs[0]
-
-
 def _piece_inputs(
     source: Iterable[Mapping[str, np.ndarray]], names: list[str], in_flight: collections.deque
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -352,10 +259,10 @@ def stream(
 ) -> Iterator[Statistics]:
     """Run `data` once through `model`; yield the statistics as each piece of the model finishes them.
 
-    The first yield holds the statistics of constants (no run); then one per piece, holding the
-    statistics of the tensors that piece computes (later pieces do not read them): a consumer can
-    use and drop them before the next piece runs. Each yield's ``batches`` is the number of
-    batches read.
+    Statistics of constants come first (no run); then each piece that finishes statistics yields
+    those of the tensors it computes (later pieces do not read them): a consumer can use and drop
+    them before the next piece runs. Nothing empty is yielded, except once at the end of a run so
+    that its ``batches`` (the number of batches read) is always reported.
 
     Args:
         model: the float model (not modified).
@@ -377,7 +284,8 @@ def stream(
             constants[key] = reducer.result()
         else:
             runtime_keys.append(key)
-    yield Statistics(constants, 0)
+    if constants:
+        yield Statistics(constants, 0)
     if runtime_keys:
         yield from _PieceRun(model, merged, runtime_keys, runners, settings).run(data)
 
@@ -435,7 +343,7 @@ class _PieceRun:
             here = {key: request for key, request in pending.items() if key[0] in available}
             for key in here:
                 del pending[key]
-            slots = _add_gram_outputs(part.model, here)
+            slots = add_gram_outputs(part.model, here)
             outputs_here = {str(value.name) for value in part.model.graph.outputs}
             fetched = [name for name in fetch if name in outputs_here]
             reduce_keys = [
@@ -450,7 +358,8 @@ class _PieceRun:
             later = set().union(*(set(other.inputs) for other in parts[number + 1 :]))
             source, read = self._run_piece(part, source, fetched, slots, reduce_keys, later, rows, bar)
             batches = batches or read
-            yield Statistics({key: self.reducers.pop(key).result() for key in reduce_keys}, batches)
+            if reduce_keys or number == len(parts) - 1:
+                yield Statistics({key: self.reducers.pop(key).result() for key in reduce_keys}, batches)
         bar.close()
         if self.reducers:  # nothing should be left; never lose a statistic if a piece missed one
             yield Statistics({key: reducer.result() for key, reducer in self.reducers.items()}, batches)
@@ -470,7 +379,7 @@ class _PieceRun:
         part: Piece,
         source: Iterable[Mapping[str, np.ndarray]],
         fetched: list[str],
-        slots: Mapping[StatKey, _GramSlot],
+        slots: Mapping[StatKey, GramSlot],
         reduce_keys: list[StatKey],
         later: set[str],
         rows: int,

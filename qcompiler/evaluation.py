@@ -151,7 +151,7 @@ def stream_outputs(
     graph_outputs = {str(value.name) for value in model.graph.outputs}
     if not set(computed) <= graph_outputs:
         model = _exposing(model, computed)
-    feeds = list(feeds) if any(name in inputs for name in names) else feeds
+    feeds = list(feeds)  # read twice: by the runner, and for the requested inputs
     for feed, outputs in zip(feeds, runners(model).run_all(computed, feeds), strict=True):
         found = dict(zip(computed, outputs, strict=True))
         yield {name: found[name] if name in found else np.asarray(feed[name]) for name in names}

@@ -7,7 +7,8 @@ import onnx_ir as ir
 from qcompiler.calibration import Statistics, StatRequest
 from qcompiler.options import CompressionOptions, IgnoredScope
 from qcompiler.reducers import Gram
-from qcompiler.rewrites.compression import WeightUnit, compress_weights, gram_statistics, input_name
+from qcompiler.rewrites.compression import compress_weights, gram_statistics
+from qcompiler.rewrites.weight_plan import WeightUnit, input_name
 
 
 class LayerwiseCompression:

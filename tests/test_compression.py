@@ -21,14 +21,9 @@ from qcompiler.canonical import (
 )
 from qcompiler.cli import main
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
-from qcompiler.rewrites.compression import (
-    apply_awq,
-    compress_unit,
-    compress_weights,
-    plan_compression,
-    stat_requests,
-)
+from qcompiler.rewrites.compression import apply_awq, compress_unit, compress_weights
 from qcompiler.rewrites.normalize import NormalizePass
+from qcompiler.rewrites.weight_plan import plan_compression, stat_requests
 from tests.graphs import ORT_RUNNERS, add, const, model_of, run
 
 VOCAB, HIDDEN, INNER = 40, 64, 32

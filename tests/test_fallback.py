@@ -17,12 +17,12 @@ from qcompiler.errors import OptionError
 from qcompiler.evaluation import Evaluator, resolve_metric
 from qcompiler.options import CompileOptions, CompressionOptions, DropType, IgnoredScope, Preset, WeightFormat
 from qcompiler.registry import backend_named
-from qcompiler.rewrites.compression import plan_compression
 from qcompiler.rewrites.fallback import QuantGroup, rank, search
 from qcompiler.rewrites.mixed_precision import choose_formats
 from qcompiler.rewrites.normalize import NormalizePass
 from qcompiler.rewrites.placement import plan_quantizers
 from qcompiler.rewrites.smoothing import find_groups
+from qcompiler.rewrites.weight_plan import plan_compression
 from qcompiler.targets import ORT_CPU
 from tests.graphs import add, const, float_input, mlp_with_attention_matmul, model_of, random_feeds
 from tests.test_compression import _feeds as decoder_feeds

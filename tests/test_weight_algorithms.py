@@ -259,7 +259,8 @@ def test_large_weights_are_done_in_column_slices_with_the_same_result(monkeypatc
     (NVFP4 is never sliced: its tensor scale is the whole weight's.)"""
     import qcompiler.weight_formats as formats
     from qcompiler.options import CompressionOptions
-    from qcompiler.rewrites.compression import WeightUnit, compress_unit
+    from qcompiler.rewrites.compression import compress_unit
+    from qcompiler.rewrites.weight_plan import WeightUnit
 
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((64, 300)).astype(np.float32)

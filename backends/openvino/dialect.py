@@ -17,10 +17,7 @@ from qcompiler.frontends.openvino_ir import (
     ELEMENT_TYPES,
     VERSION_KEY,
     attributes_of,
-    is_openvino_dialect,
 )
-
-__all__ = ["DOMAIN", "is_openvino_dialect", "to_openvino_model"]
 
 
 def to_openvino_model(model: ir.Model):  # ir.Model -> openvino.Model

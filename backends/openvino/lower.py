@@ -26,8 +26,9 @@ import tempfile
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.backends.openvino.dialect import is_openvino_dialect, to_openvino_model
+from qcompiler.backends.openvino.dialect import to_openvino_model
 from qcompiler.canonical import COMPRESSION_KEY, canonical_consumer, read_canonical
+from qcompiler.frontends.openvino_ir import is_openvino_dialect
 from qcompiler.io import save
 from qcompiler.irutil import drop_if_unused
 from qcompiler.options import WeightFormat

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.backends.openvino.dialect import is_openvino_dialect, to_openvino_model
+from qcompiler.backends.openvino.dialect import to_openvino_model
+from qcompiler.frontends.openvino_ir import is_openvino_dialect
 from qcompiler.io import save
 
 

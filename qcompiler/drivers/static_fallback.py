@@ -20,7 +20,6 @@ from qcompiler.drivers.accuracy import mark_decision, rungs_of, static_ladder
 from qcompiler.evaluation import Evaluator, stream_outputs
 from qcompiler.numerics import dequantize, quantize
 from qcompiler.options import CompileOptions, QuantType, WeightFormat
-from qcompiler.rewrites.compression import WeightRole, WeightUnit
 from qcompiler.rewrites.fallback import (
     Decision,
     QuantGroup,
@@ -28,6 +27,7 @@ from qcompiler.rewrites.fallback import (
 )
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan, linear_weight_rows, plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
+from qcompiler.rewrites.weight_plan import WeightRole, WeightUnit
 from qcompiler.targets import Target
 from qcompiler.weight_formats import quantize as quantize_weight
 

@@ -23,21 +23,14 @@ from qcompiler.drivers.context import CompileContext
 from qcompiler.formats import WeightRung
 from qcompiler.options import AccuracyOptions, CompressionOptions, WeightFormat
 from qcompiler.reducers import Gram
-from qcompiler.rewrites.compression import (
-    UnitCompressor,
-    WeightRole,
-    WeightUnit,
-    apply_awq,
-    assign_mixed_precision,
-    backup_block,
-    layer_entry,
-)
+from qcompiler.rewrites.compression import UnitCompressor, apply_awq, assign_mixed_precision, layer_entry
 from qcompiler.rewrites.fallback import (
     Decision,
     QuantGroup,
     group_by_shared_inputs,
 )
 from qcompiler.rewrites.mixed_precision import choose_formats
+from qcompiler.rewrites.weight_plan import WeightRole, WeightUnit, backup_block
 from qcompiler.targets import Target
 from qcompiler.weight_formats import CompressedWeight, stored_bits
 

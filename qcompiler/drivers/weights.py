@@ -12,14 +12,9 @@ from qcompiler.calibration import Statistics, StatKey, StatRequest
 from qcompiler.drivers.context import CompileContext, DataArg
 from qcompiler.drivers.weight_budget import BUDGET_GROUP_SIZES, compress_with_budget
 from qcompiler.options import CalibrationRuntime, CompressionOptions
-from qcompiler.rewrites.compression import (
-    WeightUnit,
-    compress_weights,
-    gram_statistics,
-    plan_compression,
-    stat_requests,
-)
+from qcompiler.rewrites.compression import compress_weights, gram_statistics
 from qcompiler.rewrites.layerwise import LayerwiseCompression
+from qcompiler.rewrites.weight_plan import WeightUnit, plan_compression, stat_requests
 from qcompiler.targets import Target, fitted_group_size
 
 
@@ -94,9 +89,9 @@ def _calibrate(
     settings = context.calibration_settings("calibrating (weight compression)")
     kept: dict[StatKey, object] = {}
     batches = 0
-    for number, finished in enumerate(calibration.stream(model, requests, data, runners, settings)):
+    for finished in calibration.stream(model, requests, data, runners, settings):
         batches = max(batches, finished.batches)
-        if layerwise is not None and number > 0:  # the first holds the constants' statistics
+        if layerwise is not None:
             layerwise(finished)
         else:
             kept.update(finished.results)
