@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.precision import FLOAT_TYPES
+
 if TYPE_CHECKING:
     from qcompiler.targets import Target
 
@@ -92,6 +94,7 @@ class Capabilities:
         concurrent_streams: its runners run several feeds at once when given ``streams`` > 1.
         artifact_is_onnx: the saved artifact is the compiled ONNX model itself (else `export`
             makes the runtime's own model from it).
+        precisions: the model precisions (float element types) its runners run.
     """
 
     counts_fusion: bool = False
@@ -99,6 +102,7 @@ class Capabilities:
     runs_openvino_ir: bool = False
     concurrent_streams: bool = False
     artifact_is_onnx: bool = True
+    precisions: frozenset[ir.DataType] = FLOAT_TYPES
 
 
 class Backend(abc.ABC):

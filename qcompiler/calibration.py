@@ -28,6 +28,7 @@ from qcompiler.gram_outputs import GRAM_COUNTS, GramSlot, add_gram_outputs
 from qcompiler.io import initializer_bytes
 from qcompiler.irutil import release_mapped
 from qcompiler.pieces import Piece, split
+from qcompiler.precision import as_float32
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
     GramReducer,
@@ -280,7 +281,7 @@ def stream(
     for key, request in merged.items():
         if request.value.const_value is not None:  # constant tensors need no run
             reducer = make_reducer(request, settings.histogram_bins)
-            reducer.update(request.value.const_value.numpy())
+            reducer.update(as_float32(np.asarray(request.value.const_value.numpy())))
             constants[key] = reducer.result()
         else:
             runtime_keys.append(key)
@@ -409,7 +410,7 @@ class _PieceRun:
                         outputs[slot.products][slot.start : slot.stop], int(outputs[GRAM_COUNTS][slot.count])
                     )
                 else:
-                    self.reducers[key].update(outputs[key[0]])
+                    self.reducers[key].update(as_float32(outputs[key[0]]))
             if later:
                 carry = {name: array for name, array in feed.items() if name in later}
                 carry.update({name: outputs[name] for name in part.carried if name in later})

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from qcompiler.formats import FORMATS, WeightFormat
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
+from qcompiler.precision import as_scale, as_type, float_type_of
 from qcompiler.weight_formats import CompressedWeight
 
 COMPRESSION_KEY = "qcompiler.compression"
@@ -129,7 +130,7 @@ def write_canonical(
         zeros = None if zeros is None else zeros.reshape(-1)
     inputs: list[ir.Value | None] = [
         _add_codes(graph, f"{base}_codes", codes, compressed.format, compressed.symmetric),
-        add_initializer(graph, f"{base}_scales", scales.astype(np.float32)),
+        add_initializer(graph, f"{base}_scales", as_scale(scales, float_type_of(weight))),
     ]
     if zeros is not None:
         inputs.append(_add_codes(graph, f"{base}_zero_points", zeros, compressed.format, False))
@@ -236,6 +237,7 @@ def dequantize_canonical(model: ir.Model) -> int:
         values = read_canonical(dq).dequantize()
         values = values.T if consumer.op_type == "Gather" else values
         constants = [value for value in dq.inputs if value is not None]
+        values = as_type(values, float_type_of(dq.outputs[0]))
         dq.outputs[0].replace_all_uses_with(add_initializer(model.graph, f"{dq.name}_values", values))
         model.graph.remove(dq, safe=True)
         for value in constants:

@@ -12,6 +12,7 @@ import dataclasses
 import pathlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -35,12 +36,13 @@ class InputSpec:
             raise DataError(f"model input {value.name!r} has no element type")
         shape = None
         if value.shape is not None:
-            shape = tuple(dim if isinstance(dim, int) else None for dim in value.shape)
+            # a non-positive size (-1 from Paddle2ONNX and other exporters) means a dynamic axis
+            shape = tuple(dim if isinstance(dim, int) and dim > 0 else None for dim in value.shape)
         return cls(str(value.name), value.dtype.numpy(), shape)
 
     def check(self, array: np.ndarray, where: str) -> None:
         """Raise `DataError` naming the input and `where` if `array` does not fit."""
-        if array.dtype != self.dtype:
+        if array.dtype != self.dtype and not (is_float_dtype(array.dtype) and is_float_dtype(self.dtype)):
             raise DataError(
                 f"{where}: input {self.name!r} has dtype {array.dtype}, the model expects {self.dtype}"
             )
@@ -57,6 +59,11 @@ class InputSpec:
                     f"{where}: input {self.name!r} has size {got} on axis {axis}, "
                     f"the model expects {expected}"
                 )
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """Whether arrays of `dtype` hold floats (numpy's float types or ml_dtypes' bfloat16)."""
+    return dtype.kind == "f" or dtype == ml_dtypes.bfloat16
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -81,7 +88,8 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where
     for spec in specs:
         array = np.asarray(feed[spec.name])
         spec.check(array, where)
-        checked[spec.name] = array
+        # float data for a float input of another precision (FP32 .npz for an FP16 model): converted
+        checked[spec.name] = array if array.dtype == spec.dtype else array.astype(spec.dtype)
     return checked
 
 

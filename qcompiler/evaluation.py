@@ -20,6 +20,7 @@ from qcompiler.data import input_specs, peek_check
 from qcompiler.errors import OptionError
 from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
 from qcompiler.options import AccuracyOptions, DropType
+from qcompiler.precision import as_float32
 
 SQNR_CAP_DB = 100.0
 """The float model's own SQNR is infinite; drops in dB are measured from this cap."""
@@ -153,7 +154,7 @@ def stream_outputs(
         model = _exposing(model, computed)
     feeds = list(feeds)  # read twice: by the runner, and for the requested inputs
     for feed, outputs in zip(feeds, runners(model).run_all(computed, feeds), strict=True):
-        found = dict(zip(computed, outputs, strict=True))
+        found = dict(zip(computed, (as_float32(output) for output in outputs), strict=True))
         yield {name: found[name] if name in found else np.asarray(feed[name]) for name in names}
 
 

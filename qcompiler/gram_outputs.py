@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.irutil import add_initializer
+from qcompiler.precision import REDUCED_TYPES
 
 if TYPE_CHECKING:
     from qcompiler.calibration import StatKey, StatRequest
@@ -54,6 +55,10 @@ def add_gram_outputs(model: ir.Model, requests: Mapping[StatKey, StatRequest]) -
     shapes = []
     for index, (key, request) in enumerate(requests.items()):
         source = values[str(request.value.name)]
+        if request.value.dtype in REDUCED_TYPES:  # XᵀX of an FP16 model's activations overflows in FP16
+            source = _append(
+                graph, f"qcompile_gram_{index}", "Cast", [source], "float32", to=ir.DataType.FLOAT
+            )
         channels = cast(int, request.value.shape.dims[-1])  # type: ignore[union-attr]
         block = request.size or channels
         prefix = f"qcompile_gram_{index}"
@@ -105,7 +110,12 @@ def add_gram_outputs(model: ir.Model, requests: Mapping[StatKey, StatRequest]) -
 
 
 def _append(
-    graph: ir.Graph, prefix: str, op: str, inputs: list[ir.Value], name: str, **attributes: int | list[int]
+    graph: ir.Graph,
+    prefix: str,
+    op: str,
+    inputs: list[ir.Value],
+    name: str,
+    **attributes: int | list[int] | ir.DataType,
 ) -> ir.Value:
     """Append one node named `prefix/name`; return its output, named `prefix_name`."""
     created = ir.node(op, inputs, attributes or None, name=f"{prefix}/{name}")

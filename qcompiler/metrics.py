@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qcompiler.backend import Runner
+from qcompiler.precision import as_float32
 
 
 def row_cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -101,7 +102,7 @@ def perplexity(
     """exp(mean next-token NLL) over token windows, run by `runner`."""
     total, count = 0.0, 0
     for feed in tqdm(feeds, desc="perplexity", disable=not progress):
-        nll, tokens = next_token_nll(runner.run([output], feed)[0], np.asarray(feed["input_ids"]))
+        nll, tokens = next_token_nll(as_float32(runner.run([output], feed)[0]), np.asarray(feed["input_ids"]))
         total, count = total + nll, count + tokens
     return float(np.exp(total / max(count, 1)))
 
@@ -115,7 +116,10 @@ def run_outputs(
     description: str = "evaluating",
 ) -> np.ndarray:
     """Concatenate one output over all batches, run by `runner`."""
-    chunks = [runner.run([output], feed)[0] for feed in tqdm(feeds, desc=description, disable=not progress)]
+    chunks = [
+        as_float32(runner.run([output], feed)[0])
+        for feed in tqdm(feeds, desc=description, disable=not progress)
+    ]
     return np.concatenate(chunks, axis=0)
 
 

@@ -1,15 +1,16 @@
 """Checks on the input model before any work, each error naming the file and the node or option.
 
-Not already quantized, an opset high enough for the target's form, and OpenVINO IR only for
-OpenVINO targets.
+Not already quantized, a precision the target's runtime runs, OpenVINO IR only for OpenVINO
+targets; an opset below what the target's form needs is upgraded, not refused.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from qcompiler import io
+from qcompiler import io, precision
 from qcompiler.errors import OptionError, UnsupportedModelError
+from qcompiler.opset import upgrade_opset
 from qcompiler.targets import Target
 
 QUANTIZED_OPS = frozenset(
@@ -51,12 +52,45 @@ def check_openvino_input(model: ir.Model, target: Target, runs_openvino_ir: bool
     return True
 
 
-def require_opset(model: ir.Model, target: Target) -> None:
-    """Fail before any work when the model's opset is below what the target's form needs."""
-    opset = model.opset_imports.get("", 0)
-    if opset < target.min_opset:
-        source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+def upgrade_old_opset(model: ir.Model, target: Target) -> str | None:
+    """Raise the opset to what the target's form needs (onnx's version converter); the report line.
+
+    The target's minimum (per-channel QuantizeLinear: 13), and 19 where Q/DQ scales will be FP16 /
+    BF16. A model in the OpenVINO dialect has no ONNX opset to raise. Only a conversion that fails
+    is an error: it names the file and the converter's complaint (the op and the opset step).
+    """
+    if io.source_format(model) is io.SourceFormat.OPENVINO_IR:
+        return None
+    needed = target.min_opset
+    if precision.reduced_activations(model):
+        needed = max(needed, precision.REDUCED_SCALE_OPSET)
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if current >= needed:
+        return None
+    source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+    try:
+        upgrade_opset(model, needed)
+    except Exception as exc:  # the converters raise RuntimeError / ConversionError / ValueError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(
-            f"{source}: opset {opset} < {target.min_opset}, the lowest {target.name} can quantize "
-            "(per-channel QuantizeLinear); re-export the model with a newer opset"
-        )
+            f"{source}: opset {current} could not be upgraded to {needed} for {target.name} ({first})"
+        ) from exc
+    return f"upgraded: opset {current} -> {needed} (onnx version converter) for {target.name}"
+
+
+def refuse_unrunnable_precision(model: ir.Model, target: Target, runnable: frozenset[ir.DataType]) -> None:
+    """A model whose precision the target's runtime cannot run at all fails here, before any work."""
+    found = precision.model_precision(model)
+    if found in runnable:
+        return
+    source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+    first = next(
+        (node for node in model.graph if any(output.dtype == found for output in node.outputs)), None
+    )
+    where = (
+        f" (first {precision.precision_name(found)} node: {first.op_type} {first.name!r})" if first else ""
+    )
+    raise UnsupportedModelError(
+        f"{source}: a {precision.precision_name(found)} model; {target.name} has no "
+        f"{precision.precision_name(found)} kernels{where}. Compile it for openvino-cpu, or convert it to float16"
+    )

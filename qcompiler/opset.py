@@ -35,7 +35,7 @@ def upgrade_opset(model: ir.Model, version: int) -> bool:
     current = model.opset_imports.get("", 0)
     if current >= version:
         return False
-    version_converter.convert_version(model, target_version=version)
+    version_converter.convert_version(model, target_version=version, fallback=True)
     if current < 18 <= version:
         for node in model.graph:
             if (

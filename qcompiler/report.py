@@ -62,6 +62,8 @@ class Report:
     compression: dict[str, object] = dataclasses.field(default_factory=dict)
     fallback: dict[str, object] = dataclasses.field(default_factory=dict)
     mixed_precision: dict[str, object] = dataclasses.field(default_factory=dict)
+    model: dict[str, object] = dataclasses.field(default_factory=dict)
+    """The input as found: precision, opset (and whether it was upgraded), decompression lifted."""
     peak_rss_mb: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
 

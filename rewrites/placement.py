@@ -18,9 +18,8 @@ import onnx_ir as ir
 from qcompiler.calibration import StatKind, StatRequest
 from qcompiler.errors import OptionError
 from qcompiler.options import CompileOptions, Preset, RangeMethod
+from qcompiler.precision import FLOAT_TYPES
 from qcompiler.targets import Target
-
-FLOAT_TYPES = frozenset({ir.DataType.FLOAT})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +162,7 @@ def _try_plan_node(
         return "in the ignored scope"
     data_inputs = [node.inputs[i] if i < len(node.inputs) else None for i in spec.inputs]
     if not all(_is_float(value) for value in data_inputs):
-        return "an input is not float32"
+        return "an input is not float (float32 / float16 / bfloat16)"
     weight_index = None
     weight = node.inputs[spec.weight_input] if spec.weight_input is not None else None
     if weight is not None and weight.const_value is not None:
@@ -192,6 +191,8 @@ def _try_plan_node(
         and len(node.inputs) > spec.bias_input
         and node.inputs[spec.bias_input] is not None
         and node.inputs[spec.bias_input].const_value is not None  # type: ignore[union-attr]
+        # int32 bias scales (input x weight scale, ~1e-7) underflow in FP16 / BF16: such a bias stays float
+        and node.inputs[spec.bias_input].dtype == ir.DataType.FLOAT  # type: ignore[union-attr]
     ):
         bias_index = spec.bias_input
     output = node.outputs[0]

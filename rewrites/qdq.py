@@ -29,6 +29,7 @@ from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, off_midpoint, quantize, symmetric_weight_scales
 from qcompiler.options import ActivationOptions, QuantType, RangeMethod
+from qcompiler.precision import as_scale, as_type, float_type_of
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
 from qcompiler.rewrites.ranges import candidate_ranges, choose_range, search_range
 
@@ -181,7 +182,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         """The quantized tensor of `value` (one QuantizeLinear, made on first use) and its params."""
         params = self.quantizers[str(value.name)]
         if id(value) not in self._q_outputs:
-            scale = add_initializer(graph, f"{value.name}_scale", np.float32(params.scale))
+            scale = add_initializer(
+                graph, f"{value.name}_scale", as_scale(params.scale, float_type_of(value))
+            )
             zero = add_initializer(
                 graph,
                 f"{value.name}_zero_point",
@@ -234,9 +237,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         assert weight is not None and weight.const_value is not None
         key = (id(weight), axis)
         if key not in self._quantized_weights:
-            array = weight.const_value.numpy()
-            scales = symmetric_weight_scales(array, axis, self.weight_type)
-            q = quantize(array, scales, 0, self.weight_type, axis)
+            array = np.asarray(weight.const_value.numpy(), np.float32)
+            # Scales in the weight's type, and the codes from those rounded scales (what DQ reads).
+            scales = as_scale(symmetric_weight_scales(array, axis, self.weight_type), float_type_of(weight))
+            q = quantize(array, scales.astype(np.float32), 0, self.weight_type, axis)
             q_value = add_initializer(graph, f"{weight.name}_quantized", q)
             scale_value = add_initializer(graph, f"{weight.name}_scale", scales)
             zero_value = add_initializer(
@@ -266,10 +270,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         input_scale = self.quantizers[str(activation.name)].scale
         weight_dq = node.inputs[unit.weight_input]
         assert weight_dq is not None and weight_dq.producer() is not None
-        weight_scales = weight_dq.producer().inputs[1].const_value.numpy()  # type: ignore[union-attr]
-        q, scales = int32_bias(bias.const_value.numpy(), input_scale, weight_scales)
+        weight_scales = np.asarray(weight_dq.producer().inputs[1].const_value.numpy(), np.float32)  # type: ignore[union-attr]
+        q, scales = int32_bias(np.asarray(bias.const_value.numpy(), np.float32), input_scale, weight_scales)
         q_value = add_initializer(graph, f"{node.name}.bias_quantized", q)
-        scale_value = add_initializer(graph, f"{node.name}.bias_scale", scales)
+        scale_value = add_initializer(graph, f"{node.name}.bias_scale", as_type(scales, float_type_of(bias)))
         insert_dequantize(
             graph,
             node,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from qcompiler.calibration import Statistics, StatKey, StatKind, StatRequest
 from qcompiler.irutil import add_initializer, release_mapped
 from qcompiler.options import IgnoredScope, QuantType, SmoothQuantOptions
+from qcompiler.precision import FLOAT_TYPES, as_type, float_type_of
 from qcompiler.rewrites.placement import linear_weight_rows
 from qcompiler.rewrites.smoothquant import choose_alpha
 
@@ -66,7 +67,7 @@ def find_groups(model: ir.Model, ignored: IgnoredScope | None = None) -> list[Sm
         if node.op_type not in ("MatMul", "Gemm") or ignored.matches(node) or _linear_weight(node) is None:
             continue
         activation = node.inputs[0]
-        if activation is None or activation.const_value is not None or activation.dtype != ir.DataType.FLOAT:
+        if activation is None or activation.const_value is not None or activation.dtype not in FLOAT_TYPES:
             continue
         groups.setdefault(id(activation), SmoothGroup(activation, [])).consumers.append(node)
     return list(groups.values())
@@ -131,7 +132,9 @@ def _own_scaled_weight(
 
     def scaled() -> ir.TensorProtocol:
         array = source.numpy()
-        result = (array / factor if divide else array * factor).astype(array.dtype)
+        # In FP32, rounded once to the weight's type (an FP16 weight is never scaled in FP16).
+        wide = np.asarray(array, np.float32)
+        result = (wide / factor if divide else wide * factor).astype(array.dtype)
         del array
         release_mapped(source)
         return ir.tensor(result)
@@ -320,7 +323,9 @@ def _try_fold_biased_linear(graph: ir.Graph, add: ir.Node, scales: np.ndarray) -
 
 def _insert_mul(graph: ir.Graph, group: SmoothGroup, scales: np.ndarray) -> None:
     inverse = add_initializer(
-        graph, f"{group.activation.name}_smoothquant_inverse_scale", (1.0 / scales).astype(np.float32)
+        graph,
+        f"{group.activation.name}_smoothquant_inverse_scale",
+        as_type(1.0 / scales, float_type_of(group.activation)),
     )
     mul = ir.node("Mul", [group.activation, inverse], name=f"{group.activation.name}/SmoothQuant/Mul")
     mul.outputs[0].name = f"{group.activation.name}_smoothed"

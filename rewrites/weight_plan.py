@@ -18,6 +18,7 @@ import onnx_ir as ir
 from qcompiler.calibration import StatRequest
 from qcompiler.irutil import release_mapped
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
+from qcompiler.precision import FLOAT_TYPES
 from qcompiler.weight_formats import resolve_block_size
 
 BACKUP_FORMAT = WeightFormat.INT8
@@ -89,7 +90,7 @@ def _const_float_2d(value: ir.Value | None) -> bool:
     return (
         value is not None
         and value.const_value is not None
-        and value.dtype == ir.DataType.FLOAT
+        and value.dtype in FLOAT_TYPES
         and len(value.const_value.shape) == 2
     )
 

@@ -34,7 +34,10 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     artifact_suffix = ".onnx"
-    capabilities = Capabilities(counts_fusion=True, fuses_decoder=True)
+    # onnxruntime CPU has FP16 kernels (or inserts Casts to FP32 around those it lacks), no BF16 ones
+    capabilities = Capabilities(
+        counts_fusion=True, fuses_decoder=True, precisions=frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+    )
 
     def runner(self, model: ModelRef, settings: RunnerSettings = DEFAULT_RUNNER) -> Runner:
         """A CPU session (all graph optimizations; lean: no pre-packing, no arena)."""

@@ -31,6 +31,7 @@ from qcompiler.errors import UnsupportedModelError
 from qcompiler.formats import FORMATS, WeightFormat
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.opset import upgrade_opset
+from qcompiler.precision import as_scale, as_type, float_type_of
 from qcompiler.weight_formats import CompressedWeight
 
 MS_DOMAIN = "com.microsoft"
@@ -72,7 +73,10 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault(fp4_matmul.DOMAIN, 1)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
 
-    def _replace(self, model: ir.Model, dq: ir.Node, consumer: ir.Node, kernel: ir.Node) -> None:
+    def _replace(
+        self, model: ir.Model, dq: ir.Node, consumer: ir.Node, kernel: ir.Node, *, last: ir.Node | None = None
+    ) -> None:
+        """Put `kernel` (and `last`, a Cast reading it, if given) in place of `consumer` and its DQ."""
         graph = model.graph
         kernel.metadata_props.update(dq.metadata_props)
         kernel.metadata_props.update(
@@ -84,9 +88,15 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         )
         output = consumer.outputs[0]
         graph.insert_before(consumer, kernel)
-        kernel.outputs[0].name, output.name = str(output.name), f"{output.name}_replaced"
-        kernel.outputs[0].type, kernel.outputs[0].shape = output.type, output.shape
-        output.replace_all_uses_with(kernel.outputs[0], replace_graph_outputs=True)
+        result = kernel.outputs[0]
+        if last is not None:
+            graph.insert_after(kernel, last)
+            result.name, result.shape = f"{output.name}/float32", output.shape
+            result.type = ir.TensorType(ir.DataType.FLOAT)
+            result = last.outputs[0]
+        result.name, output.name = str(output.name), f"{output.name}_replaced"
+        result.type, result.shape = output.type, output.shape
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
         constants = [value for value in dq.inputs if value is not None]
         graph.remove([consumer, dq], safe=True)
         for value in constants:
@@ -100,7 +110,9 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             inputs = [
                 matmul.inputs[0],
                 add_initializer(graph, f"{base}_nf4", bnb.packed),
-                add_initializer(graph, f"{base}_absmax", bnb.absmax),
+                add_initializer(
+                    graph, f"{base}_absmax", as_type(bnb.absmax, float_type_of(matmul.inputs[0]))
+                ),
             ]
             attributes = {"K": bnb.K, "N": bnb.N, "block_size": bnb.block_size, "quant_type": 1}
             kernel = ir.node("MatMulBnb4", inputs, attributes, domain=MS_DOMAIN, name=f"{base}_Bnb4")
@@ -109,7 +121,10 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             inputs = [
                 matmul.inputs[0],
                 add_initializer(graph, f"{base}_packed", packed.packed),
-                add_initializer(graph, f"{base}_scales", packed.scales),
+                # MatMulNBits reads its scales in A's type (T1: float32 / float16)
+                add_initializer(
+                    graph, f"{base}_scales", as_scale(packed.scales, float_type_of(matmul.inputs[0]))
+                ),
             ]
             if packed.zero_points is not None:
                 inputs.append(add_initializer(graph, f"{base}_zero_points", packed.zero_points))
@@ -139,6 +154,17 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
             "scale_type": packed.scale_type,
         }
         kernel = ir.node(fp4_matmul.OP_TYPE, inputs, attributes, domain=fp4_matmul.DOMAIN, name=f"{base}_FP4")
+        computed = float_type_of(matmul.inputs[0])
+        if computed != ir.DataType.FLOAT:  # the numpy op computes in FP32: Casts around it
+            to_float = ir.node(
+                "Cast", [matmul.inputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}_FP4/in/Cast"
+            )
+            to_float.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            graph.insert_before(matmul, to_float)
+            kernel.replace_input_with(0, to_float.outputs[0])
+            back = ir.node("Cast", [kernel.outputs[0]], {"to": computed}, name=f"{base}_FP4/out/Cast")
+            self._replace(model, dq, matmul, kernel, last=back)
+            return
         self._replace(model, dq, matmul, kernel)
 
     def _lower_gather(self, model: ir.Model, dq: ir.Node, gather: ir.Node, weight: CompressedWeight) -> None:
@@ -150,7 +176,9 @@ class LowerCompressedWeightsPass(ir.passes.InPlacePass):
         inputs = [
             add_initializer(graph, f"{base}_data", packed.data),
             gather.inputs[1],
-            add_initializer(graph, f"{base}_scales", packed.scales),
+            add_initializer(
+                graph, f"{base}_scales", as_scale(packed.scales, float_type_of(gather.outputs[0]))
+            ),
         ]
         if packed.zero_points is not None:
             inputs.append(add_initializer(graph, f"{base}_zero_points", packed.zero_points))

@@ -28,6 +28,7 @@ from qcompiler.backends.openvino.runtime import OpenVINORunner, bf16_available
 from qcompiler.backends.openvino.save import save_openvino
 from qcompiler.canonical import canonical_consumer, read_canonical
 from qcompiler.errors import ModelSaveError
+from qcompiler.precision import PRECISION_KEY
 from qcompiler.targets import Target
 
 _LOWERED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DequantizeNF4"})
@@ -83,7 +84,9 @@ class OpenVINOBackend(Backend):
         """``.xml`` + ``.bin`` (atomic); the artifact `export` made (``external_data`` does not apply)."""
         if artifact is None:
             raise ModelSaveError(f"{path}: nothing to save: the OpenVINO model was not exported")
-        return save_openvino(artifact, path, protected=options.get("protected", ()))
+        # A model that came FP16 (FP16 ONNX, or IR saved with OpenVINO's defaults) leaves FP16-compressed
+        fp16 = model.metadata_props.get(PRECISION_KEY) == "float16"
+        return save_openvino(artifact, path, protected=options.get("protected", ()), compress_to_fp16=fp16)
 
 
 BACKEND = OpenVINOBackend()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import pathlib
@@ -13,15 +14,20 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from qcompiler import io
+from qcompiler import io, precision
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.drivers.accuracy import budget_message
 from qcompiler.drivers.context import CompileContext, DataArg
 from qcompiler.drivers.static import quantize_static
 from qcompiler.drivers.weights import compress
-from qcompiler.errors import AccuracyBudgetError, OptionError
+from qcompiler.errors import AccuracyBudgetError, OptionError, UnsupportedModelError
 from qcompiler.evaluation import validation_evaluator
-from qcompiler.model_checks import check_openvino_input, refuse_quantized, require_opset
+from qcompiler.model_checks import (
+    check_openvino_input,
+    refuse_quantized,
+    refuse_unrunnable_precision,
+    upgrade_old_opset,
+)
 from qcompiler.options import CompileOptions
 from qcompiler.registry import backend_for
 from qcompiler.report import Report, peak_rss_mb, versions
@@ -103,10 +109,12 @@ def compile(  # noqa: A001 - the public name the design promises
     del source
     data = _calibration_data(data, report)
     _check_model(working, data, context)
-    if context.source_format is not io.SourceFormat.OPENVINO_IR:  # IR comes folded, named and typed
+    onnx_source = context.source_format is not io.SourceFormat.OPENVINO_IR
+    if onnx_source:  # IR comes folded, named and typed (and its decompression lifted by the frontend)
         with report.timed("normalize"):
             # Weight-only compression matches no activation patterns: skip the rewrite rules.
             NormalizePass(rewrite=options.compression is None)(working)
+            report.model["decompression_lifted"] = precision.lift_decompression(working)
     if options.accuracy.max_drop is not None:
         assert validation is not None
         with report.timed("validate_float"):
@@ -118,6 +126,9 @@ def compile(  # noqa: A001 - the public name the design promises
     else:
         assert data is not None
         working = quantize_static(working, data, context)
+    _require_work(working, report)
+    if onnx_source:
+        report.model["decompression_restored"] = precision.restore_decompression(working)
     _stamp(working, resolved, options)
     report.size_bytes["after"] = io.initializer_bytes(working)
     artifact = None
@@ -165,13 +176,47 @@ def _calibration_data(data: DataArg | None, report: Report) -> DataArg | None:
 
 
 def _check_model(model: ir.Model, data: DataArg | None, context: CompileContext) -> None:
-    """The input model and the first batch, before any work."""
+    """The input model and the first batch, before any work; an old opset is upgraded here."""
     refuse_quantized(model)
-    require_opset(model, context.target)
     check_openvino_input(model, context.target, context.backend.capabilities.runs_openvino_ir)
+    refuse_unrunnable_precision(model, context.target, context.backend.capabilities.precisions)
+    found = precision.model_precision(model)
+    context.report.model.update(
+        precision=precision.precision_name(found), opset=model.opset_imports.get("", None)
+    )
+    model.metadata_props[precision.PRECISION_KEY] = precision.precision_name(found)
+    with context.report.timed("upgrade_opset"):
+        upgraded = upgrade_old_opset(model, context.target)
+    if upgraded:
+        context.report.model["opset_upgraded_to"] = model.opset_imports.get("")
+        context.report.warnings.append(upgraded)
     if data is not None:
         with context.report.timed("validate_data"):
             peek_check(data, input_specs(model), "calibration data")
+
+
+def _require_work(model: ir.Model, report: Report) -> None:
+    """A compile that quantized or compressed nothing is an error naming the commonest reason.
+
+    A `--max-drop` search that kept everything float is the budget's answer, not a no-op.
+    """
+    done = report.nodes.get("quantized", 0) or report.nodes.get("compressed", 0)
+    if done or report.fallback or (report.compression or {}).get("layers"):
+        return
+    skipped: dict[str, str] = report.nodes.get("skipped", {})  # type: ignore[assignment]
+    source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+    if not skipped:
+        raise UnsupportedModelError(
+            f"{source}: nothing to quantize or compress for {report.target}: the model has no node the "
+            "options select (MatMul / Gemm / Conv with a constant weight; see --op-types, --preset)"
+        )
+    reasons = collections.Counter(skipped.values())
+    reason, count = reasons.most_common(1)[0]
+    first = next(name for name, why in skipped.items() if why == reason)
+    raise UnsupportedModelError(
+        f"{source}: nothing was quantized or compressed for {report.target}: {count} of {len(skipped)} "
+        f"candidate nodes skipped because {reason} (first: {first!r})"
+    )
 
 
 def _stamp(model: ir.Model, target: Target, options: CompileOptions) -> None:

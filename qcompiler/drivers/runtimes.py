@@ -17,6 +17,7 @@ from qcompiler import io
 from qcompiler.backend import Backend, Precision, Runner, RunnerFactory, RunnerSettings
 from qcompiler.calibration import RunnerMaker
 from qcompiler.options import CalibrationRuntime
+from qcompiler.precision import model_precision
 from qcompiler.registry import backend_named
 
 SHORT_BATCH_ROWS = 256
@@ -33,7 +34,8 @@ def calibration_runners(runtime: CalibrationRuntime, source: ir.Model | None = N
     """Makes the runner of each calibration piece in `runtime` (see the module docstring).
 
     `source`: the model being calibrated; read from OpenVINO IR, it runs in OpenVINO (f32 for
-    onnxruntime's request). Precision falls back to f32 where the machine lacks bf16. Short
+    onnxruntime's request), and so does a model of a precision the runtime cannot run (BF16 for
+    onnxruntime). Precision falls back to f32 where the machine lacks bf16. Short
     batches (a sentence) run on two streams, feeds in parallel (MiniLM scale estimation:
     calibration 4.7 -> 3.7 s); long ones (512-token windows) gain nothing from it and would hold
     two batches' activations, so they keep one.
@@ -43,6 +45,8 @@ def calibration_runners(runtime: CalibrationRuntime, source: ir.Model | None = N
     if source is not None and io.source_format(source) is io.SourceFormat.OPENVINO_IR:
         if not backend.capabilities.runs_openvino_ir:
             backend, precision = _openvino_ir_backend(), Precision.F32
+    elif source is not None and model_precision(source) not in backend.capabilities.precisions:
+        backend, precision = _openvino_ir_backend(), Precision.F32  # a BF16 model for onnxruntime's ranges
     if not backend.supports(precision):
         precision = Precision.F32
     concurrent = (os.cpu_count() or 1) >= 2 and backend.capabilities.concurrent_streams

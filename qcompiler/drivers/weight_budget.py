@@ -22,6 +22,7 @@ from qcompiler.drivers.accuracy import mark_decision, run_search, rung_bits, run
 from qcompiler.drivers.context import CompileContext
 from qcompiler.formats import WeightRung
 from qcompiler.options import AccuracyOptions, CompressionOptions, WeightFormat
+from qcompiler.precision import as_float32
 from qcompiler.reducers import Gram
 from qcompiler.rewrites.compression import UnitCompressor, apply_awq, assign_mixed_precision, layer_entry
 from qcompiler.rewrites.fallback import (
@@ -217,7 +218,7 @@ def measure_sensitivity(
     # A short prefix of the batch is enough to rank groups (and 4x cheaper than 512 tokens).
     short = {name: (a[:, :SENSITIVITY_TOKENS] if a.ndim >= 2 else a) for name, a in feed.items()}
     base_feed = {**short, **floats}
-    reference = _log_softmax(runner.run([output], base_feed)[0])
+    reference = _log_softmax(as_float32(runner.run([output], base_feed)[0]))
     weight_of = {str(unit.node.name): str(unit.weight.name) for unit in candidates.units}
     scores = []
     for group, rung in tqdm(
@@ -233,7 +234,7 @@ def measure_sensitivity(
             perturbed[weight_of[name]] = np.ascontiguousarray(
                 matrix.T if role is WeightRole.EMBEDDING else matrix
             )
-        log_q = _log_softmax(runner.run([output], perturbed)[0])
+        log_q = _log_softmax(as_float32(runner.run([output], perturbed)[0]))
         scores.append(float(np.mean(np.sum(np.exp(reference) * (reference - log_q), axis=-1))))
     return scores
 

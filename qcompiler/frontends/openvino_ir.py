@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UnsupportedModelError
+from qcompiler.precision import STORED_TYPE_KEY, lift_decompression
 
 DOMAIN = "org.openvinotoolkit"
 ATTRIBUTES_KEY = "openvino.attributes"
@@ -179,12 +180,15 @@ _ELEMENTWISE = {"Multiply": "Mul", "Add": "Add"}
 def lift(model: ir.Model) -> int:
     """Rewrite the OpenVINO MatMul / Multiply / Add / Gather nodes the passes read as ONNX ops.
 
+    Weight decompression (``Constant f16 -> Convert``) is lifted first (`precision.lift_decompression`).
+
     Only exact rewrites: elementwise ops with numpy broadcasting, MatMuls without ``transpose_a``
     whose ``transpose_b`` operand (if any) is a constant matrix, Gathers with a constant scalar
     axis and no batch dimensions. Returns the number of nodes rewritten.
     """
     graph = model.graph
-    lifted = 0
+    # FP16-compressed weights (Constant f16 -> Convert f32): the Convert belongs to the weight
+    lifted = lift_decompression(model)
     for node in list(graph):
         if node.domain != DOMAIN:
             continue
@@ -226,6 +230,8 @@ def _transposed_constant(graph: ir.Graph, weight: ir.Value, reader: ir.Node) -> 
     value = ir.Value(
         name=name, type=weight.type, shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name)
     )
+    if STORED_TYPE_KEY in weight.meta:
+        value.meta[STORED_TYPE_KEY] = weight.meta[STORED_TYPE_KEY]
     graph.register_initializer(value)
     return value
 
