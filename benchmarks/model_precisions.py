@@ -21,7 +21,6 @@ import pathlib
 import tempfile
 import time
 
-import numpy as np
 import peers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -131,11 +130,16 @@ def main() -> None:
                 print(f"{form:8s} {job:9s} {json.dumps(rows[f'{form} {job}'])}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model_precisions.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    table = ["| input | job | mean / min cosine vs FP32 | size MB | float weights stored as |", "|---|---|---|---|---|"]
+    table = [
+        "| input | job | mean / min cosine vs FP32 | size MB | float weights stored as |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
         form, job = name.split(" ", 1)
         types = ", ".join(f"{k} {v:.0%}" for k, v in row["float_types"].items())
-        table.append(f"| {form} | {job} | {row['cosine_mean']:.4f} / {row['cosine_min']:.4f} | {row['size_mb']} | {types} |")
+        table.append(
+            f"| {form} | {job} | {row['cosine_mean']:.4f} / {row['cosine_min']:.4f} | {row['size_mb']} | {types} |"
+        )
     print("\n".join(table))
     peers.write_table_section(
         "Model precisions (MiniLM FP32 / FP16 / FP16-compressed IR)",

@@ -85,7 +85,12 @@ def refuse_unrunnable_precision(model: ir.Model, target: Target, runnable: froze
         return
     source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
     first = next(
-        (node for node in model.graph if any(output.dtype == found for output in node.outputs)), None
+        (
+            node
+            for node in model.graph
+            if any(v is not None and v.dtype == found for v in (*node.inputs, *node.outputs))
+        ),
+        None,
     )
     where = (
         f" (first {precision.precision_name(found)} node: {first.op_type} {first.name!r})" if first else ""

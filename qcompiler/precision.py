@@ -14,6 +14,7 @@ stored type, and `restore_decompression` stores whatever is still float back in 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -167,12 +168,21 @@ def _converter(tensor: ir.TensorProtocol, dtype: np.dtype):
     return convert
 
 
-def restore_decompression(model: ir.Model) -> int:
-    """Store every lifted weight still read as float back in its stored type, behind a ``Cast``.
+ConversionMaker = Callable[[ir.Value, ir.DataType, str], ir.Node]
+"""(stored weight, computed type, name) -> the node converting it: ONNX ``Cast`` by default;
+the OpenVINO IR frontend makes its dialect's ``Convert``."""
+
+
+def onnx_cast(value: ir.Value, dtype: ir.DataType, name: str) -> ir.Node:
+    """``Cast(value, to=dtype)``."""
+    return ir.node("Cast", [value], {"to": dtype}, name=name)
+
+
+def restore_decompression(model: ir.Model, make: ConversionMaker = onnx_cast) -> int:
+    """Store every lifted weight still read as float back in its stored type, behind a conversion.
 
     A weight a pass rewrote (SmoothQuant's folded scales) is rounded to the stored type once, as
-    the source model stored it. OpenVINO IR needs none of this: its artifact is saved FP16-
-    compressed when the source was (`PRECISION_KEY`). Returns the number of weights restored.
+    the source model stored it. Returns the number of weights restored.
     """
     graph = model.graph
     restored = 0
@@ -183,14 +193,16 @@ def restore_decompression(model: ir.Model) -> int:
             stored = value.meta.get(STORED_TYPE_KEY)
             if stored is None or value.dtype not in FLOAT_TYPES or value.dtype == stored:
                 continue
-            cast = _restore(graph, value, stored, node)
+            cast = _restore(graph, value, stored, node, make)
             node.replace_input_with(index, cast)  # the other readers were moved by _restore
             restored += 1
     return restored
 
 
-def _restore(graph: ir.Graph, value: ir.Value, stored: ir.DataType, before: ir.Node) -> ir.Value:
-    """Replace the initializer `value` by its array in `stored` -> Cast, inserted before `before`."""
+def _restore(
+    graph: ir.Graph, value: ir.Value, stored: ir.DataType, before: ir.Node, make: ConversionMaker
+) -> ir.Value:
+    """Replace the initializer `value` by its array in `stored` -> conversion, inserted before `before`."""
     name = str(value.name)
     array = np.asarray(value.const_value.numpy()).astype(numpy_type(stored))  # type: ignore[union-attr]
     stored_value = ir.Value(
@@ -200,7 +212,7 @@ def _restore(graph: ir.Graph, value: ir.Value, stored: ir.DataType, before: ir.N
         const_value=ir.tensor(array, dtype=stored, name=f"{name}/stored"),
     )
     graph.register_initializer(stored_value)
-    cast = ir.node("Cast", [stored_value], {"to": value.dtype}, name=f"{name}/Cast")
+    cast = make(stored_value, value.dtype, f"{name}/Cast")  # type: ignore[arg-type]
     output = cast.outputs[0]
     output.type, output.shape = value.type, value.shape
     graph.insert_before(before, cast)

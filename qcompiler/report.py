@@ -115,7 +115,10 @@ class Report:
             rows.append(
                 ("quantized nodes", f"{self.nodes.get('quantized', 0)} ({self.nodes.get('by_op_type', {})})")
             )
-        rows.append(("left in float", str(len(self.nodes.get("skipped", {})))))  # type: ignore[arg-type]
+        skipped: dict[str, str] = self.nodes.get("skipped", {})  # type: ignore[assignment]
+        rows.append(("left in float", str(len(skipped))))
+        for reason, count in collections.Counter(skipped.values()).most_common():
+            rows.append(("  skipped", f"{count} x {reason}"))
         if self.smooth_quant:
             smoothed = [g for g in self.smooth_quant.values() if g.get("alpha") is not None]
             inserted = sum("Mul inserted" in str(g.get("applied", "")) for g in smoothed)

@@ -275,11 +275,40 @@ def test_text_data_lines_or_windows(tmp_path, tokenizer_json, windows):
     assert report["nodes"]["quantized"] == 1 and report["fusion"]["fused"] == 1
 
 
-def test_old_opset_fails_before_calibration(tmp_path, capsys):
-    """An opset-11 model is refused up front, naming the file and both opsets."""
+def test_old_opset_is_upgraded_and_reported(tmp_path, capsys):
+    """An opset-11 model is upgraded (onnx's version converter), compiled, and the report says so."""
     from tests.graphs import model_of
 
     model = mlp_with_attention_matmul()
     old = io.save(model_of(model.graph, opset=11), tmp_path / "old.onnx")
-    assert main([str(old), "--target", "ort-cpu", "--synthetic", "-q"]) == 2
-    assert "old.onnx: opset 11 < 13" in capsys.readouterr().err
+    assert main([str(old), "--target", "ort-cpu", "--synthetic"]) == 0
+    report = json.loads((tmp_path / "old.ort-cpu.report.json").read_text())
+    assert report["model"]["opset"] == 11 and report["model"]["opset_upgraded_to"] == 13
+    assert "upgraded: opset 11 -> 13" in capsys.readouterr().out
+    assert io.load(tmp_path / "old.ort-cpu.onnx").opset_imports[""] == 13
+    assert report["nodes"]["quantized"] == 4
+
+
+def test_nothing_to_do_is_an_error_with_the_commonest_reason(tmp_path, capsys):
+    """A compile that quantizes nothing exits 2 naming the reason and the first node; nothing is written."""
+    import onnx_ir as ir
+
+    from tests.graphs import add, float_input, model_of
+
+    x = float_input("x", [2, 8])
+    graph = ir.Graph([x], [], nodes=[], name="scores")
+    graph.outputs.append(add(graph, "MatMul", [x, add(graph, "Transpose", [x], "t")], "scores"))
+    path = io.save(model_of(graph), tmp_path / "scores.onnx")
+    assert main([str(path), "--target", "ort-cpu", "--synthetic", "--preset", "transformer", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was quantized or compressed for ort-cpu: 1 of 1 candidate nodes skipped because no constant weight" in err
+    assert "(first: 'scores')" in err
+    assert not (tmp_path / "scores.ort-cpu.onnx").exists()
+
+
+def test_skip_reasons_are_printed_with_counts(workspace, capsys):
+    """Part of what was asked skipped: the terminal summary lists each reason with its count."""
+    _, model, data, _ = workspace
+    assert main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer"]) == 0
+    out = capsys.readouterr().out
+    assert "1 x no constant weight (transformer preset quantizes only weighted ops)" in out

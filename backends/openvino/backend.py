@@ -75,7 +75,10 @@ class OpenVINOBackend(Backend):
 
     def export(self, model: ir.Model, target: Target) -> tuple[object | None, list[str]]:
         """The checked `openvino.Model` for `target`, and the checker's warnings."""
-        converted = to_openvino(model, decompression=target.decompression)
+        decompression = target.decompression
+        if model.metadata_props.get(PRECISION_KEY) == "float16":  # NNCF's pattern for FP16 models
+            decompression = "f16"
+        converted = to_openvino(model, decompression=decompression)
         converted.set_rt_info(target.inference_precision, ["qcompiler", "inference_precision"])
         warnings = check_artifact(converted, target)
         return converted, warnings
@@ -84,9 +87,7 @@ class OpenVINOBackend(Backend):
         """``.xml`` + ``.bin`` (atomic); the artifact `export` made (``external_data`` does not apply)."""
         if artifact is None:
             raise ModelSaveError(f"{path}: nothing to save: the OpenVINO model was not exported")
-        # A model that came FP16 (FP16 ONNX, or IR saved with OpenVINO's defaults) leaves FP16-compressed
-        fp16 = model.metadata_props.get(PRECISION_KEY) == "float16"
-        return save_openvino(artifact, path, protected=options.get("protected", ()), compress_to_fp16=fp16)
+        return save_openvino(artifact, path, protected=options.get("protected", ()))
 
 
 BACKEND = OpenVINOBackend()

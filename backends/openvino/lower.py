@@ -173,12 +173,21 @@ def output_major(weight: CompressedWeight) -> tuple[np.ndarray, np.ndarray, np.n
     return np.ascontiguousarray(codes), np.ascontiguousarray(scales), zeros
 
 
-def decompression_subgraph(weight: CompressedWeight, precision, name: str):  # -> openvino.Output
-    """The weight's float values [N, K] computed from its compressed constant."""
+def decompression_subgraph(
+    weight: CompressedWeight, precision, name: str, output_type=None
+):  # -> openvino.Output
+    """The weight's float values [N, K] computed from its compressed constant.
+
+    `precision`: the type the device decompresses in; `output_type`: the type the model computes
+    in (the weight's own: f16 for an FP16 model; default f32).
+    """
     import openvino as ov
     import openvino.opset13 as ops
 
     rows, columns = weight.shape
+    output_type = output_type or ov.Type.f32
+    if output_type in (ov.Type.f16, ov.Type.bf16):  # FP16 / BF16 model: scales in its type (NNCF's pattern)
+        precision = output_type
     type_name = element_type(weight)
     codes, scales, zeros = output_major(weight)
     compressed = _constant(codes, type_name)
@@ -188,8 +197,10 @@ def decompression_subgraph(weight: CompressedWeight, precision, name: str):  # -
         zero_points = _constant(zeros.astype(codes.dtype), type_name)
         zero_points.set_friendly_name(f"{name}/zero_point")
         values = ops.subtract(values, ops.convert(zero_points, precision))
-    scale_type = np.float16 if precision == ov.Type.f16 else np.float32
-    scale = ops.constant(scales.astype(scale_type))
+    if precision == ov.Type.bf16:  # numpy has no bf16 for ops.constant: f32 values, converted
+        scale = ops.convert(ops.constant(scales.astype(np.float32)), ov.Type.bf16)
+    else:
+        scale = ops.constant(scales.astype(np.float16 if precision == ov.Type.f16 else np.float32))
     scale.set_friendly_name(f"{name}/scale")
     values = ops.multiply(values, scale)
     if codes.ndim == 3:
@@ -203,8 +214,8 @@ def decompression_subgraph(weight: CompressedWeight, precision, name: str):  # -
                 ops.constant(np.array([1], np.int64)),
                 ops.constant(np.array([1], np.int64)),
             )
-    if precision != ov.Type.f32:
-        values = ops.convert(values, ov.Type.f32)
+    if precision != output_type:
+        values = ops.convert(values, output_type)
     return values.output(0)
 
 
@@ -217,7 +228,7 @@ def attach_weight(parameter, item: DetachedWeight, precision) -> None:
     import openvino.opset13 as ops
 
     name = item.parameter.removeprefix(WEIGHT_INPUT_PREFIX)
-    values = decompression_subgraph(item.weight, precision, name)
+    values = decompression_subgraph(item.weight, precision, name, parameter.get_output_element_type(0))
     for target in list(parameter.output(0).get_target_inputs()):
         reader = target.get_node()
         kind = reader.get_type_name()

@@ -16,6 +16,7 @@ import queue
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -69,8 +70,8 @@ class OpenVINORunner:
         return self._run_on(self._request, names, feed)
 
     def _run_on(self, request, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        results = request.infer(dict(feed))
-        return [np.asarray(results[self._outputs[name]]) for name in names]
+        results = request.infer({name: _to_openvino(array) for name, array in feed.items()})
+        return [_from_openvino(results[self._outputs[name]], self._outputs[name]) for name in names]
 
     def run_all(
         self, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
@@ -104,3 +105,25 @@ class OpenVINORunner:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+
+
+def _to_openvino(array: np.ndarray):  # -> np.ndarray | openvino.Tensor
+    """A feed array as OpenVINO reads it: a bf16 tensor for ml_dtypes' bfloat16 (which OpenVINO's
+    Python API would otherwise read as float16 bits).
+    """
+    if array.dtype != ml_dtypes.bfloat16:
+        return array
+    import openvino as ov
+
+    tensor = ov.Tensor(ov.Type.bf16, ov.Shape(list(array.shape)))
+    tensor.data.view(np.uint16)[...] = np.ascontiguousarray(array).view(np.uint16)
+    return tensor
+
+
+def _from_openvino(result: np.ndarray, output) -> np.ndarray:
+    """An output as numpy: bf16 results (returned as float16 bits) as ml_dtypes' bfloat16."""
+    import openvino as ov
+
+    if output.get_element_type() == ov.Type.bf16:
+        return np.asarray(result).view(np.uint16).view(ml_dtypes.bfloat16)
+    return np.asarray(result)

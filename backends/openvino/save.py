@@ -19,12 +19,11 @@ def save_openvino(
     path: str | os.PathLike[str],
     *,
     protected: tuple[str | os.PathLike[str], ...] = (),
-    compress_to_fp16: bool = False,
 ) -> pathlib.Path:
     """Write `model` (an `openvino.Model`) to `path` (``.xml``) and its ``.bin``; return the path.
 
-    Weights keep their element types, except that `compress_to_fp16` stores f32 float constants
-    as f16 (+ Convert), as the source model had them; low-bit constants are untouched either way.
+    Weights keep their element types (``compress_to_fp16=False``: float constants stay f32; an
+    FP16 source's weights are f16 constants -> Convert already, `precision.restore_decompression`).
     """
     import openvino as ov
 
@@ -34,7 +33,7 @@ def save_openvino(
     write_staged(
         destination,
         [destination.with_suffix(".bin")],
-        lambda staged: ov.save_model(model, str(staged), compress_to_fp16=compress_to_fp16),
+        lambda staged: ov.save_model(model, str(staged), compress_to_fp16=False),
         {pathlib.Path(p).resolve() for p in protected},
         "could not write the OpenVINO model",
     )

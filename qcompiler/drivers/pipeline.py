@@ -22,6 +22,7 @@ from qcompiler.drivers.static import quantize_static
 from qcompiler.drivers.weights import compress
 from qcompiler.errors import AccuracyBudgetError, OptionError, UnsupportedModelError
 from qcompiler.evaluation import validation_evaluator
+from qcompiler.frontends import openvino_ir
 from qcompiler.model_checks import (
     check_openvino_input,
     refuse_quantized,
@@ -112,9 +113,10 @@ def compile(  # noqa: A001 - the public name the design promises
     onnx_source = context.source_format is not io.SourceFormat.OPENVINO_IR
     if onnx_source:  # IR comes folded, named and typed (and its decompression lifted by the frontend)
         with report.timed("normalize"):
+            # before the optimizer folds small Casts of FP16 weights into FP32 initializers
+            report.model["decompression_lifted"] = precision.lift_decompression(working)
             # Weight-only compression matches no activation patterns: skip the rewrite rules.
             NormalizePass(rewrite=options.compression is None)(working)
-            report.model["decompression_lifted"] = precision.lift_decompression(working)
     if options.accuracy.max_drop is not None:
         assert validation is not None
         with report.timed("validate_float"):
@@ -127,8 +129,9 @@ def compile(  # noqa: A001 - the public name the design promises
         assert data is not None
         working = quantize_static(working, data, context)
     _require_work(working, report)
-    if onnx_source:
-        report.model["decompression_restored"] = precision.restore_decompression(working)
+    report.model["decompression_restored"] = precision.restore_decompression(
+        working, precision.onnx_cast if onnx_source else openvino_ir.convert_node
+    )
     _stamp(working, resolved, options)
     report.size_bytes["after"] = io.initializer_bytes(working)
     artifact = None

@@ -216,6 +216,20 @@ def lift(model: ir.Model) -> int:
     return lifted
 
 
+def convert_node(value: ir.Value, dtype: ir.DataType, name: str) -> ir.Node:
+    """An OpenVINO ``Convert`` of `value` to `dtype` in the dialect (`precision.restore_decompression`)."""
+    destination = {v: k for k, v in ELEMENT_TYPES.items()}[dtype]
+    return ir.Node(
+        DOMAIN,
+        "Convert",
+        [value],
+        [ir.AttrString("destination_type", destination)],
+        name=name,
+        version=1,
+        metadata_props={ATTRIBUTES_KEY: json.dumps({"destination_type": destination}), VERSION_KEY: "opset1"},
+    )
+
+
 def _transposed_constant(graph: ir.Graph, weight: ir.Value, reader: ir.Node) -> ir.Value:
     """`weight` [N, K] as [K, N]: in place when `reader` is its only reader, else a new initializer."""
     assert weight.const_value is not None
