@@ -301,7 +301,10 @@ def test_nothing_to_do_is_an_error_with_the_commonest_reason(tmp_path, capsys):
     path = io.save(model_of(graph), tmp_path / "scores.onnx")
     assert main([str(path), "--target", "ort-cpu", "--synthetic", "--preset", "transformer", "-q"]) == 2
     err = capsys.readouterr().err
-    assert "nothing was quantized or compressed for ort-cpu: 1 of 1 candidate nodes skipped because no constant weight" in err
+    assert (
+        "nothing was quantized or compressed for ort-cpu: 1 of 1 candidate nodes skipped because no constant weight"
+        in err
+    )
     assert "(first: 'scores')" in err
     assert not (tmp_path / "scores.ort-cpu.onnx").exists()
 

@@ -51,8 +51,6 @@ def transformer_block(
     """x -> LayerNorm -> MatMul -> Relu -> MatMul (+ bias Add) -> out, weights and activations in `dtype`.
 
     The LayerNorm lets SmoothQuant fold into an FP16 producer; K = 64 makes INT4 blocks of 32.
-    Without `bias` for OpenVINO weight compression: its CPU plugin decompresses an INT4 weight
-    this small when a bias Add follows (FP32 models alike).
     """
     rng = np.random.default_rng(7)
     x = _typed_input("x", ["batch", 4, rows], dtype)
@@ -159,7 +157,7 @@ def test_fp16_int4_scale_estimation_keeps_fp16(target, tmp_path):
         format=WeightFormat.INT4, group_size=32, scale_estimation=True, backup_layers=False
     )
     options = qcompiler.CompileOptions(compression=compression)
-    bias = target == "ort-cpu"
+    bias = True
     fp32 = qcompiler.compile(transformer_block(bias=bias), target, options, data=_feeds(), progress=False)
     fp16 = qcompiler.compile(
         transformer_block(FP16, bias=bias), target, options, data=_feeds(), progress=False

@@ -230,11 +230,12 @@ def _runtime_rules(model, found: list[Decompression], target: Target) -> tuple[l
     if target.device != "CPU":
         return [], []
     precisions = runtime_precisions(compiled)
+    readers = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
     problems, warnings = [], []
     for item in found:
         if item.problem or item.reader_type != "MatMul":
             continue
-        kept = precisions.get(item.reader, set()) & LOW_BIT_TYPES
+        kept = _read_types(item.reader, readers, precisions) & LOW_BIT_TYPES
         if item.element_type in kept:
             continue
         message = f"{item.reader}: its {item.element_type} weight is decompressed when OpenVINO CPU compiles the model"
@@ -243,6 +244,24 @@ def _runtime_rules(model, found: list[Decompression], target: Target) -> tuple[l
         else:
             warnings.append(message + " (a limit of the CPU plugin for this format: smaller on disk only)")
     return problems, _summarise(warnings)
+
+
+def _read_types(reader: str, readers: dict, precisions: dict[str, set[str]]) -> set[str]:
+    """The types the runtime node running MatMul `reader` reads.
+
+    OpenVINO 2026.4's CPU plugin names a FullyConnected fused with its bias Add after the Add
+    alone (``originalLayersNames`` no longer lists the MatMul), so a MatMul missing from the
+    runtime graph is looked up through the ops reading its output.
+    """
+    if reader in precisions:
+        return precisions[reader]
+    op = readers.get(reader)
+    if op is None:
+        return set()
+    types: set[str] = set()
+    for target in op.output(0).get_target_inputs():
+        types |= precisions.get(target.get_node().get_friendly_name(), set())
+    return types
 
 
 def _summarise(warnings: list[str], limit: int = 3) -> list[str]:

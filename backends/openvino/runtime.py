@@ -108,8 +108,9 @@ class OpenVINORunner:
 
 
 def _to_openvino(array: np.ndarray):  # -> np.ndarray | openvino.Tensor
-    """A feed array as OpenVINO reads it: a bf16 tensor for ml_dtypes' bfloat16 (which OpenVINO's
-    Python API would otherwise read as float16 bits).
+    """A feed array as OpenVINO reads it: a bf16 tensor for ml_dtypes' bfloat16.
+
+    OpenVINO's Python API would otherwise read a bfloat16 array's bits as float16.
     """
     if array.dtype != ml_dtypes.bfloat16:
         return array
