@@ -63,8 +63,10 @@ def load_case(folder: pathlib.Path) -> Case:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """What compiling one case gave: ``compiled`` (and ran with the expected output shapes),
-    ``wrong shapes``, ``named error`` (a `QCompileError`, its first line kept) or ``crash``.
+    """What compiling one case gave.
+
+    ``compiled`` (and ran with the expected output shapes), ``wrong shapes``, ``named error`` (a
+    `QCompileError`, its first line kept) or ``crash``.
     """
 
     case: str
