@@ -30,12 +30,19 @@ AXES_TO_INPUT_AT_18 = frozenset(
 """Reductions whose `axes` became an input at opset 18 (ReduceSum did at 13)."""
 
 
+OLD_OPSET = 13
+"""Models below this opset are upgraded by onnx's C++ version converter."""
+
+
 def upgrade_opset(model: ir.Model, version: int) -> bool:
     """Raise the default-domain opset to `version` in place; False if it already was."""
     current = model.opset_imports.get("", 0)
     if current >= version:
         return False
-    version_converter.convert_version(model, target_version=version, fallback=True)
+    # Below opset 13 (old CNN exports) onnx's own C++ converter does the work (onnxscript's
+    # falls back to it); from 13 on, onnxscript's converts in memory without serializing the
+    # weights (an LLM's external data stays lazy).
+    version_converter.convert_version(model, target_version=version, fallback=current < OLD_OPSET)
     if current < 18 <= version:
         for node in model.graph:
             if (

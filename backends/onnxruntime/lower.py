@@ -11,12 +11,15 @@ producers leave (a QDQ model from another tool, a later pass that shared a DQ):
    MatMulIntegerToFloat refuses an output Q). The float consumers are made to read the quantized
    output through their own DequantizeLinear, so the node fuses as QLinearMatMul/QLinearConv.
    Graph outputs stay float: that unit stays unfused and the fusion count says why.
+3. `Float32IslandsPass` (`fp32_islands`): an FP16 model's quantized MatMul / Gemm run as FP32
+   islands, the only form the CPU provider fuses.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompiler.backends.onnxruntime.fp32_islands import Float32IslandsPass
 from qcompiler.irutil import insert_dequantize
 
 
@@ -97,4 +100,5 @@ def lower(model: ir.Model) -> ir.Model:
     """Apply the ORT CPU lowering rules in place and return the model."""
     RequantizeSharedOutputPass()(model)
     DedicateDequantizePass()(model)
+    Float32IslandsPass()(model)
     return model
