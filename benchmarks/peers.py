@@ -117,6 +117,7 @@ class Runner:
 
     def __init__(self, path: pathlib.Path) -> None:
         from qcompiler.backend import RunnerSettings
+        from qcompiler.precision import as_float32
         from qcompiler.registry import backend_for_artifact
 
         self.path = path
@@ -126,7 +127,7 @@ class Runner:
         def run(feed, output: str) -> np.ndarray:
             # A single output is taken whatever an exporter named it.
             name = output if output in names or len(names) != 1 else names[0]
-            return runner.run([name], feed)[0]
+            return as_float32(runner.run([name], feed)[0])  # FP16 / BF16 artifacts measured in FP32
 
         self.run = run
 

@@ -15,15 +15,23 @@ VALIDATION_TEXT = DATA_DIR / "python-docs-valid.txt"
 EVALUATION_TEXT = DATA_DIR / "python-docs-eval.txt"
 
 
-def build_cli(build, description: str, argv: list[str] | None = None) -> None:
-    """The command line of a model builder: ``[FOLDER] [--force]``, prints the model's path."""
+def build_cli(
+    build, description: str, argv: list[str] | None = None, dtypes: tuple[str, ...] | None = None
+) -> None:
+    """The command line of a model builder: ``[FOLDER] [--force] [--dtype T]``, prints the model's path.
+
+    `dtypes`: the precisions the builder exports (``--dtype``); None: it has no such option.
+    """
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("folder", nargs="?", type=pathlib.Path, help="output folder (default: cache)")
     parser.add_argument("--force", action="store_true", help="re-export even if cached")
+    if dtypes:
+        parser.add_argument("--dtype", choices=dtypes, default=dtypes[0], help="the precision exported")
     args = parser.parse_args(argv)
-    print(build(args.folder, force=args.force))  # noqa: T201
+    extra = {"dtype": args.dtype} if dtypes else {}
+    print(build(args.folder, force=args.force, **extra))  # noqa: T201
 
 
 def cache_dir() -> pathlib.Path:

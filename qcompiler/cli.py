@@ -35,6 +35,7 @@ from qcompiler.options import (
     as_tuple,
     parse_enum,
 )
+from qcompiler.report import peak_rss_mb
 from qcompiler.targets import TARGETS
 
 EXIT_USER_ERROR = 2
@@ -376,6 +377,8 @@ def _write(args: argparse.Namespace, result, output: pathlib.Path, report_path: 
     protected = (args.model, args.model.with_suffix(".bin"))  # an OpenVINO IR input has its weights there
     saved = result.save(output, external_data=args.external_data or None, protected=protected)
     result.report.data["output"] = str(saved)
+    # the whole command's peak, saving included (saving an LLM inline can be its largest moment)
+    result.report.peak_rss_mb = round(max(result.report.peak_rss_mb, peak_rss_mb()), 1)
     io.atomic_write_text(report_path, result.report.to_json())
     if not args.quiet:
         print(result.report.summary())  # noqa: T201

@@ -135,7 +135,7 @@ def _own_scaled_weight(
         # In FP32, rounded once to the weight's type (an FP16 weight is never scaled in FP16).
         wide = np.asarray(array, np.float32)
         result = (wide / factor if divide else wide * factor).astype(array.dtype)
-        del array
+        del array, wide  # both may view the mapped file
         release_mapped(source)
         return ir.tensor(result)
 
