@@ -128,10 +128,15 @@ def minilm_rows(args: argparse.Namespace) -> None:
                 if form == "fp16-ir" and target == "ort-cpu":
                     continue  # an IR compiles for OpenVINO targets only
                 row, output = _compile(inputs[form], target, options, work / f"{form}-{job}", calibration)
-                row.update(_fidelity(fidelity(reference, peers.Runner(output).outputs(evaluation, EMBEDDING))))
+                row.update(
+                    _fidelity(fidelity(reference, peers.Runner(output).outputs(evaluation, EMBEDDING)))
+                )
                 rows[f"{form} {job}"] = {"description": f"{form} input, {job} ({target})", **row}
                 print(f"{form:8s} {job:9s} {json.dumps(rows[f'{form} {job}'])}", flush=True)
-    table = ["| input | job | mean / min cosine vs FP32 | size MB | float weights stored as |", "|---|---|---|---|---|"]
+    table = [
+        "| input | job | mean / min cosine vs FP32 | size MB | float weights stored as |",
+        "|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
         form, job = name.split(" ", 1)
         table.append(
@@ -199,7 +204,10 @@ def smollm2_rows(args: argparse.Namespace) -> None:
         reference = rows.get(f"fp32 {name.split(' ', 1)[1]}")
         if reference and "perplexity" in row and "perplexity" in reference:
             row["vs_fp32_input"] = f"{100 * (row['perplexity'] / reference['perplexity'] - 1):+.2f} %"
-    table = ["| input | job | perplexity | vs FP32 input | size MB | float weights stored as |", "|---|---|---|---|---|---|"]
+    table = [
+        "| input | job | perplexity | vs FP32 input | size MB | float weights stored as |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
         form, job = name.split(" ", 1)
         if "error" in row:
@@ -219,7 +227,9 @@ def smollm2_rows(args: argparse.Namespace) -> None:
     )
 
 
-def _compile(source: pathlib.Path, target: str, options, stem: pathlib.Path, calibration) -> tuple[dict, pathlib.Path]:
+def _compile(
+    source: pathlib.Path, target: str, options, stem: pathlib.Path, calibration
+) -> tuple[dict, pathlib.Path]:
     """Compile and save one artifact; its row (time, size, float types, precision) and path."""
     import qcompiler
 
@@ -242,7 +252,9 @@ def _types(row: dict) -> str:
 
 def _write(args: argparse.Namespace, rows: dict, table: list[str], heading: str, intro: str) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"model_precisions_{args.model_name}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (args.out / f"model_precisions_{args.model_name}.json").write_text(
+        json.dumps({"rows": rows}, indent=1) + "\n"
+    )
     print("\n".join(table))
     peers.write_table_section(heading, intro, table, rows)
 

@@ -317,3 +317,40 @@ def test_retrieval_metric_ranks_each_embedding_against_the_float_ones():
     assert metric.score(reference, reference, []) == pytest.approx(1.0)
     swapped = [np.eye(4, dtype=np.float32)[[1, 0, 2, 3]]]  # rows 0 and 1 find each other's: rank 2
     assert metric.score(swapped, reference, []) == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+
+
+def test_perplexity_is_streamed_and_keeps_no_logits():
+    """A perplexity evaluator keeps no float logits (805 MB for SmolLM2's 8 windows) and scores
+    the same as the metric over all outputs at once."""
+    from qcompiler.evaluation import _perplexity, model_outputs
+
+    rng = np.random.default_rng(0)
+    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", 12]))
+    graph = ir.Graph([ids], [], nodes=[], name="lm")
+    hidden = add(
+        graph,
+        "Gather",
+        [const(graph, "table", rng.standard_normal((40, 8)).astype(np.float32)), ids],
+        "embed",
+    )
+    logits = add(
+        graph,
+        "MatMul",
+        [hidden, const(graph, "head", rng.standard_normal((8, 40)).astype(np.float32))],
+        "head",
+    )
+    logits.name = "logits"
+    graph.outputs.append(logits)
+    model = model_of(graph)
+    feeds = [{"input_ids": rng.integers(0, 40, (2, 12))} for _ in range(3)]
+    runners = target_runners(backend_named("onnxruntime"))
+    evaluator = Evaluator(model, feeds, resolve_metric("perplexity"), runners)
+    assert evaluator.reference == []
+    logits = [batch["logits"] for batch in model_outputs(model, feeds, ["logits"], runners)]
+    assert evaluator.float_score == pytest.approx(_perplexity(logits, logits, feeds), rel=1e-9)
+    assert evaluator.subset_float_score(1) == pytest.approx(
+        _perplexity(logits[:1], logits[:1], feeds[:1]), rel=1e-9
+    )
+    assert evaluator.score(model, batches=2) == pytest.approx(
+        _perplexity(logits[:2], logits[:2], feeds[:2]), rel=1e-9
+    )
