@@ -111,6 +111,13 @@ class Report:
             ("target", self.target),
             ("data", str(self.data.get("description", ""))),
         ]
+        if self.model:
+            opset = self.model.get("opset")
+            upgraded = self.model.get("opset_upgraded_to")
+            line = str(self.model.get("precision"))
+            if opset is not None:  # OpenVINO IR has none
+                line += f", opset {opset}" + (f" -> {upgraded}" if upgraded else "")
+            rows.append(("model", line))
         if not self.compression:
             rows.append(
                 ("quantized nodes", f"{self.nodes.get('quantized', 0)} ({self.nodes.get('by_op_type', {})})")
