@@ -26,8 +26,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 
 
-def decode_feed(names: set[str], past: int) -> dict[str, np.ndarray]:
-    """One new token after `past` cached positions (random cache: latency only)."""
+def decode_feed(names: dict[str, str], past: int) -> dict[str, np.ndarray]:
+    """One new token after `past` cached positions (random cache: latency only).
+
+    `names`: the session's inputs and their types (an FP16 model's cache is float16).
+    """
     rng = np.random.default_rng(0)
     feed = {
         "input_ids": np.array([[1234]], np.int64),
@@ -38,7 +41,11 @@ def decode_feed(names: set[str], past: int) -> dict[str, np.ndarray]:
         for kind in ("key", "value"):
             feed[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
                 (1, KV_HEADS, past, HEAD_DIM)
-            ).astype(np.float32)
+            ).astype(
+                np.float16
+                if names.get(f"past_key_values.{layer}.{kind}") == "tensor(float16)"
+                else np.float32
+            )
     return {name: value for name, value in feed.items() if name in names}
 
 
@@ -56,7 +63,7 @@ def median_ms(session, feed: dict, repeats: int = 30) -> float:
 
 def greedy_tokens(session, prompt: list[int], steps: int) -> list[int]:
     """Greedy generation with the KV cache fed back: the `steps` tokens after `prompt`."""
-    names = {i.name for i in session.get_inputs()}
+    names = {i.name: i.type for i in session.get_inputs()}
     feed = decode_feed(names, 0)
     feed.update(
         input_ids=np.array([prompt], np.int64),
@@ -120,7 +127,7 @@ def latencies(paths: dict[str, pathlib.Path], past: int, rounds: int = 3) -> dic
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, session in sessions.items():
-            feed = decode_feed({i.name for i in session.get_inputs()}, past)
+            feed = decode_feed({i.name: i.type for i in session.get_inputs()}, past)
             best[name] = min(best.get(name, float("inf")), median_ms(session, feed))
     return best
 
@@ -156,6 +163,16 @@ def main() -> None:
                 fp32, "ort-cpu", qcompiler.CompileOptions(compression=compression), progress=False
             )
             qcompiler.save(result.model, path)
+        fp16 = work / "fp16.onnx"  # what onnxruntime's own converter makes of the export
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(fp32), keep_io_types=False), fp16)
+        ours16 = work / "qcompiler-fp16.onnx"
+        compression = qcompiler.CompressionOptions(group_size=64, symmetric=True)
+        result = qcompiler.compile(
+            fp16, "ort-cpu", qcompiler.CompileOptions(compression=compression), progress=False
+        )
+        qcompiler.save(result.model, ours16)
         fp32_fused = work / "fp32-fused.onnx"  # the fusions alone, on float weights (no rounding noise)
         from qcompiler.registry import backend_named
         from qcompiler.rewrites.normalize import NormalizePass
@@ -189,6 +206,12 @@ def main() -> None:
                 "qcompiler-int4-unfused",
                 unfused,
                 "the same with --unfused-attention (the export's attention nodes)",
+            ),
+            ("fp16", fp16, "FP16: the export through onnxruntime's convert_float_to_float16"),
+            (
+                "qcompiler-int4-fp16",
+                ours16,
+                "qcompiler INT4 as qcompiler-int4, compiled from the FP16 model (FP16 activations and scales)",
             ),
             (
                 "ort-int4",

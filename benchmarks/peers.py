@@ -115,13 +115,15 @@ def add_worker_arguments(parser) -> None:
 class Runner:
     """Runs an artifact in its runtime: onnxruntime for .onnx, OpenVINO CPU (f32) for .xml; 2 threads."""
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, backend: str | None = None) -> None:
+        """`backend`: the runtime by name (a BF16 .onnx runs in "openvino"); default: by suffix."""
         from qcompiler.backend import RunnerSettings
         from qcompiler.precision import as_float32
-        from qcompiler.registry import backend_for_artifact
+        from qcompiler.registry import backend_for_artifact, backend_named
 
         self.path = path
-        runner = backend_for_artifact(path).runner(path, RunnerSettings(threads=2))
+        chosen = backend_named(backend) if backend else backend_for_artifact(path)
+        runner = chosen.runner(path, RunnerSettings(threads=2))
         names = list(runner.output_names)
 
         def run(feed, output: str) -> np.ndarray:

@@ -310,3 +310,28 @@ def test_a_graph_without_the_pattern_is_left_alone():
     assert fuse_group_query_attention(model) == 0
     assert fuse_rms_norms(model) == 0  # LayerNormalization, not an RMSNorm
     assert [node.op_type for node in model.graph] == before
+
+
+def test_an_fp16_decoder_fuses_with_fp16_rotary_caches():
+    """The FP16 model onnxruntime's converter makes: GroupQueryAttention gets its cos / sin caches in
+    FP16 (it refuses FP32 ones beside FP16 queries) and computes what the unfused FP16 graph does."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = ir.from_proto(convert_float_to_float16(ir.to_proto(kv_decoder()), keep_io_types=False))
+    reference = create_session(model, session_options())
+    fused = model.clone()
+    assert fuse_group_query_attention(fused) == LAYERS
+    caches = [fused.graph.initializers[name] for name in ("gqa_cos_cache", "gqa_sin_cache")]
+    assert all(cache.dtype == ir.DataType.FLOAT16 for cache in caches)
+    onnx.checker.check_model(ir.to_proto(fused))
+    session = create_session(fused, session_options())
+    for past, new in ((0, 6), (9, 1)):
+        feed = {
+            name: value.astype(np.float16) if value.dtype == np.float32 else value
+            for name, value in _feed(past, new).items()
+        }
+        for expected, actual in zip(reference.run(None, feed), session.run(None, feed), strict=True):
+            np.testing.assert_allclose(
+                actual.astype(np.float32), expected.astype(np.float32), rtol=2e-2, atol=2e-2
+            )

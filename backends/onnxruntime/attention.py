@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qcompiler.irutil import add_initializer
+from qcompiler.precision import as_type, float_type_of, numpy_type
 
 MS_DOMAIN = "com.microsoft"
 MAX_POSITIONS = 8192
@@ -186,7 +187,9 @@ def _rotary_caches(model: ir.Model, cos: ir.Value, sin: ir.Value) -> tuple[np.nd
         elif name in ("input_ids", "attention_mask"):
             feed[name] = np.ones((1, MAX_POSITIONS), value.dtype.numpy())  # type: ignore[union-attr]
         else:  # an empty cache
-            feed[name] = np.zeros([0 if index == 2 else dim for index, dim in enumerate(dims)], np.float32)
+            feed[name] = np.zeros(
+                [0 if index == 2 else dim for index, dim in enumerate(dims)], numpy_type(float_type_of(value))
+            )
     session = create_session(probe, session_options(level="disable"))
     cos_table, sin_table = session.run(None, feed)
     half = cos_table.shape[-1] // 2
@@ -213,8 +216,10 @@ def fuse_group_query_attention(model: ir.Model) -> int:
     cos_cache, sin_cache = _rotary_caches(model, layers[0].cos, layers[0].sin)
     if (2 * cos_cache.shape[1]) % 16:  # onnxruntime's CPU kernel needs head sizes in multiples of 16
         return 0
-    cos_value = add_initializer(graph, "gqa_cos_cache", cos_cache)
-    sin_value = add_initializer(graph, "gqa_sin_cache", sin_cache)
+    # GroupQueryAttention reads its caches in the query's type (FP16 for an FP16 model)
+    computed = float_type_of(layers[0].query)
+    cos_value = add_initializer(graph, "gqa_cos_cache", as_type(cos_cache, computed))
+    sin_value = add_initializer(graph, "gqa_sin_cache", as_type(sin_cache, computed))
     seqlens, total = _sequence_lengths(graph, mask)
     for index, layer in enumerate(layers):
         head_size = 2 * cos_cache.shape[1]
