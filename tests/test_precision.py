@@ -216,6 +216,12 @@ def test_bf16_is_refused_for_onnxruntime_in_one_line_and_compiles_for_openvino(t
     path = result.save(tmp_path / "bf16.xml")
     artifact = ov.Core().read_model(str(path))
     assert artifact.input(0).get_element_type() == ov.Type.bf16
+    stored = {
+        op.get_output_element_type(0).get_type_name()
+        for op in artifact.get_ordered_ops()
+        if op.get_type_name() == "Constant" and op.get_output_element_type(0).is_real() and op.get_byte_size() > 64
+    }
+    assert stored == {"bf16"}  # LayerNorm and the INT4 scales: no FP32 copy
     steps = ov.preprocess.PrePostProcessor(artifact)  # numpy has no bf16: f32 in and out
     steps.input().tensor().set_element_type(ov.Type.f32)
     steps.output().tensor().set_element_type(ov.Type.f32)

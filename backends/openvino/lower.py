@@ -23,6 +23,7 @@ import dataclasses
 import pathlib
 import tempfile
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -197,8 +198,10 @@ def decompression_subgraph(
         zero_points = _constant(zeros.astype(codes.dtype), type_name)
         zero_points.set_friendly_name(f"{name}/zero_point")
         values = ops.subtract(values, ops.convert(zero_points, precision))
-    if precision == ov.Type.bf16:  # numpy has no bf16 for ops.constant: f32 values, converted
-        scale = ops.convert(ops.constant(scales.astype(np.float32)), ov.Type.bf16)
+    if precision == ov.Type.bf16:  # numpy has no bf16 for ops.constant: the bits, as a bf16 tensor
+        tensor = ov.Tensor(ov.Type.bf16, ov.Shape(list(scales.shape)))
+        tensor.data.view(np.uint16)[...] = scales.astype(ml_dtypes.bfloat16).view(np.uint16)
+        scale = ov.op.Constant(tensor, shared_memory=False)
     else:
         scale = ops.constant(scales.astype(np.float16 if precision == ov.Type.f16 else np.float32))
     scale.set_friendly_name(f"{name}/scale")
