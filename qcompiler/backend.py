@@ -166,6 +166,14 @@ class Backend(abc.ABC):
         """Fuse a decoder's attention / norms in place; the count per kernel (`capabilities.fuses_decoder`)."""
         raise NotImplementedError(f"{self.name} has no decoder fusions")
 
+    def finalize(self, model: ir.Model) -> list[str]:
+        """The last rewrite of the compiled model, after every stage; report lines (default: none).
+
+        For what concerns the whole graph rather than one stage (onnxruntime: an FP16 model computes
+        in FP32 on its CPU kernels).
+        """
+        return []
+
 
 def median_latency_ms(runner: Runner, feed: Feed, *, warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of one run of every output on `feed`, in milliseconds."""

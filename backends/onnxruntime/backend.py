@@ -27,6 +27,8 @@ from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
 from qcompiler.backends.onnxruntime.session import OnnxRuntimeRunner, create_session, session_options
 from qcompiler.io import save as save_onnx
+from qcompiler.precision import compute_in_float32, reduced_activations
+from qcompiler.precision import model_precision as precision_of
 
 
 class OnnxRuntimeBackend(Backend):
@@ -79,6 +81,20 @@ class OnnxRuntimeBackend(Backend):
         if attention:
             fused["GroupQueryAttention"] = fuse_group_query_attention(model)
         return {kernel: count for kernel, count in fused.items() if count}
+
+    def finalize(self, model: ir.Model) -> list[str]:
+        """An FP16 model computes in FP32, its inputs, outputs and stored weights staying FP16.
+
+        onnxruntime's CPU kernels are FP32 (it wraps FP16 elementwise ops in Casts): SmolLM2's INT4
+        decode step from the FP16 export took 13.1 ms against 8.8 ms from the FP32 one.
+        """
+        if not reduced_activations(model) or precision_of(model) != ir.DataType.FLOAT16:
+            return []
+        compute_in_float32(model)
+        check(model)
+        return [
+            "onnxruntime CPU: the float16 model computes in float32 (inputs, outputs and stored weights stay float16)"
+        ]
 
 
 BACKEND = OnnxRuntimeBackend()

@@ -132,6 +132,7 @@ def compile(  # noqa: A001 - the public name the design promises
     report.model["decompression_restored"] = precision.restore_decompression(
         working, precision.onnx_cast if onnx_source else openvino_ir.convert_node
     )
+    report.warnings.extend(context.backend.finalize(working))
     _stamp(working, resolved, options)
     report.size_bytes["after"] = io.initializer_bytes(working)
     artifact = None
