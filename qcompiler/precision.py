@@ -139,14 +139,12 @@ def lift_decompression(model: ir.Model) -> int:
             continue
         stored_tensor = source.const_value
         stored_type = source.meta.get(STORED_TYPE_KEY, source.dtype)
+        shape = ir.Shape(stored_tensor.shape.numpy())
         lazy = ir.LazyTensor(
-            _converter(stored_tensor, numpy_type(target)),
-            dtype=target,
-            shape=stored_tensor.shape,
-            name=str(output.name),
+            _converter(stored_tensor, numpy_type(target)), dtype=target, shape=shape, name=str(output.name)
         )
         name = str(output.name)
-        replacement = ir.Value(name=f"{name}/lifted", type=ir.TensorType(target), shape=stored_tensor.shape)
+        replacement = ir.Value(name=f"{name}/lifted", type=ir.TensorType(target), shape=shape)
         replacement.const_value = lazy
         replacement.meta[STORED_TYPE_KEY] = stored_type
         output.replace_all_uses_with(replacement)
@@ -162,7 +160,7 @@ def lift_decompression(model: ir.Model) -> int:
 def _converter(tensor: ir.TensorProtocol, dtype: np.dtype):
     """A closure that reads `tensor` and converts it to `dtype` (for `ir.LazyTensor`)."""
 
-    def convert() -> ir.Tensor:
+    def convert() -> ir.TensorProtocol:
         return ir.tensor(np.asarray(tensor.numpy()).astype(dtype))
 
     return convert
