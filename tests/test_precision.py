@@ -16,7 +16,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompiler
-from qcompiler import io, precision
+from qcompiler import decompression, io, precision
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.options import CompressionOptions, WeightFormat
 from qcompiler.registry import backend_named
@@ -288,12 +288,12 @@ def test_weights_behind_a_cast_are_compressed_and_the_rest_stays_fp16():
 def test_lift_and_restore_round_trip_is_exact():
     model = _weights_behind_casts()
     before = {name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()}
-    assert precision.lift_decompression(model) == 3
+    assert decompression.lift_decompression(model) == 3
     assert [node.op_type for node in model.graph].count("Cast") == 0
     lifted = model.graph.initializers["w1"]
     assert lifted.dtype == ir.DataType.FLOAT and lifted.meta[precision.STORED_TYPE_KEY] == FP16
     np.testing.assert_array_equal(lifted.const_value.numpy(), before["w1_f16"].astype(np.float32))
-    assert precision.restore_decompression(model) == 3
+    assert decompression.restore_decompression(model) == 3
     restored = {str(node.outputs[0].name): node for node in model.graph if node.op_type == "Cast"}
     assert set(restored) == {"w1", "w2", "bias"}
     np.testing.assert_array_equal(restored["w2"].inputs[0].const_value.numpy(), before["w2_f16"])

@@ -20,6 +20,7 @@ from qcompiler.backend import (
     RunnerSettings,
 )
 from qcompiler.backends.onnxruntime.attention import fuse_group_query_attention
+from qcompiler.backends.onnxruntime.float32_compute import compute_in_float32
 from qcompiler.backends.onnxruntime.fusion import count_fusion
 from qcompiler.backends.onnxruntime.legality import check
 from qcompiler.backends.onnxruntime.lower import lower
@@ -27,8 +28,8 @@ from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
 from qcompiler.backends.onnxruntime.session import OnnxRuntimeRunner, create_session, session_options
 from qcompiler.io import save as save_onnx
-from qcompiler.precision import compute_in_float32, reduced_activations
 from qcompiler.precision import model_precision as precision_of
+from qcompiler.precision import reduced_activations
 
 
 class OnnxRuntimeBackend(Backend):

@@ -23,7 +23,7 @@ def save_openvino(
     """Write `model` (an `openvino.Model`) to `path` (``.xml``) and its ``.bin``; return the path.
 
     Weights keep their element types (``compress_to_fp16=False``: float constants stay f32; an
-    FP16 source's weights are f16 constants -> Convert already, `precision.restore_decompression`).
+    FP16 source's weights are f16 constants -> Convert already, `decompression.restore_decompression`).
     """
     import openvino as ov
 

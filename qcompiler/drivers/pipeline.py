@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from qcompiler import io, precision
+from qcompiler import decompression, io, precision
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.drivers.accuracy import budget_message
 from qcompiler.drivers.context import CompileContext, DataArg
@@ -114,7 +114,7 @@ def compile(  # noqa: A001 - the public name the design promises
     if onnx_source:  # IR comes folded, named and typed (and its decompression lifted by the frontend)
         with report.timed("normalize"):
             # before the optimizer folds small Casts of FP16 weights into FP32 initializers
-            report.model["decompression_lifted"] = precision.lift_decompression(working)
+            report.model["decompression_lifted"] = decompression.lift_decompression(working)
             # Weight-only compression matches no activation patterns: skip the rewrite rules.
             NormalizePass(rewrite=options.compression is None)(working)
     if options.accuracy.max_drop is not None:
@@ -129,8 +129,8 @@ def compile(  # noqa: A001 - the public name the design promises
         assert data is not None
         working = quantize_static(working, data, context)
     _require_work(working, report)
-    report.model["decompression_restored"] = precision.restore_decompression(
-        working, precision.onnx_cast if onnx_source else openvino_ir.convert_node
+    report.model["decompression_restored"] = decompression.restore_decompression(
+        working, decompression.onnx_cast if onnx_source else openvino_ir.convert_node
     )
     report.warnings.extend(context.backend.finalize(working))
     _stamp(working, resolved, options)

@@ -24,8 +24,9 @@ import pathlib
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.decompression import lift_decompression
 from qcompiler.errors import UnsupportedModelError
-from qcompiler.precision import STORED_TYPE_KEY, lift_decompression
+from qcompiler.precision import STORED_TYPE_KEY
 
 DOMAIN = "org.openvinotoolkit"
 ATTRIBUTES_KEY = "openvino.attributes"
@@ -180,7 +181,7 @@ _ELEMENTWISE = {"Multiply": "Mul", "Add": "Add"}
 def lift(model: ir.Model) -> int:
     """Rewrite the OpenVINO MatMul / Multiply / Add / Gather nodes the passes read as ONNX ops.
 
-    Weight decompression (``Constant f16 -> Convert``) is lifted first (`precision.lift_decompression`).
+    Weight decompression (``Constant f16 -> Convert``) is lifted first (`decompression.lift_decompression`).
 
     Only exact rewrites: elementwise ops with numpy broadcasting, MatMuls without ``transpose_a``
     whose ``transpose_b`` operand (if any) is a constant matrix, Gathers with a constant scalar
@@ -217,7 +218,7 @@ def lift(model: ir.Model) -> int:
 
 
 def convert_node(value: ir.Value, dtype: ir.DataType, name: str) -> ir.Node:
-    """An OpenVINO ``Convert`` of `value` to `dtype` in the dialect (`precision.restore_decompression`)."""
+    """An OpenVINO ``Convert`` of `value` to `dtype` in the dialect (`decompression.restore_decompression`)."""
     destination = {v: k for k, v in ELEMENT_TYPES.items()}[dtype]
     return ir.Node(
         DOMAIN,
