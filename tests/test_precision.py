@@ -340,3 +340,32 @@ def test_non_positive_declared_dims_are_dynamic(tmp_path):
     feeds = [{"x": np.random.default_rng(0).standard_normal((10, 4, 64)).astype(np.float32)}]
     result = qcompiler.compile(model, "ort-cpu", options, data=feeds, progress=False)
     assert result.report.nodes["quantized"] == 2
+
+
+@pytest.mark.slow
+def test_a_dynamo_exported_fp16_llama_compiles_int4_awq_and_stays_fp16(tmp_path):
+    """The synthetic Llama of `models/synthetic_llama.py` at test size: torch's FP16 export (FP32
+    RMSNorm / softmax upcasts inside, external data) compiles INT4 AWQ+SE for both runtimes."""
+    from qcompiler.models import synthetic_llama
+
+    path = synthetic_llama.build(tmp_path, size="tiny", dtype="float16")
+    assert (tmp_path / (path.name + ".data")).exists()
+    assert precision.model_precision(qcompiler.load(path)) == FP16
+    rng = np.random.default_rng(0)
+    feeds = [
+        {"input_ids": rng.integers(0, 512, (1, 32)), "attention_mask": np.ones((1, 32), np.int64)}
+        for _ in range(4)
+    ]
+    compression = CompressionOptions(
+        format=WeightFormat.INT4, group_size=32, symmetric=True, awq=True, scale_estimation=True
+    )
+    options = qcompiler.CompileOptions(compression=compression)
+    for target in ("ort-cpu", "openvino-cpu"):
+        result = qcompiler.compile(path, target, options, data=feeds, progress=False)
+        assert (
+            result.report.nodes["compressed"] == 2 * 7 + 1 + 1
+        )  # 7 MatMuls a layer, the head, the embedding
+        assert result.report.model["precision"] == "float16"
+    ort_result = qcompiler.compile(path, "ort-cpu", options, data=feeds, progress=False)
+    out = backend_named("onnxruntime").runner(ort_result.model).run(["logits"], feeds[0])[0]
+    assert out.dtype == np.float16 and np.isfinite(out).all()
