@@ -226,6 +226,7 @@ class CalibrationSettings:
             (`qcompiler.pieces`); None runs it whole.
         progress: show a tqdm bar.
         description: label of the progress bar.
+        together: sets of node names no piece cut may separate (`pieces.split`).
     """
 
     histogram_bins: int = 2048
@@ -233,6 +234,7 @@ class CalibrationSettings:
     piece_bytes: int | None = None
     progress: bool = True
     description: str = "calibrating"
+    together: tuple[frozenset[str], ...] = ()
 
 
 def collect(
@@ -371,7 +373,7 @@ class _PieceRun:
         common.RemoveUnusedNodesPass()(clone)
         piece_bytes = self.settings.piece_bytes
         if piece_bytes is not None and initializer_bytes(clone) > SPLIT_FACTOR * piece_bytes:
-            return split(clone, piece_bytes, keep=fetch)
+            return split(clone, piece_bytes, keep=fetch, together=self.settings.together)
         clone.graph.outputs[:] = [value for value in clone.graph.outputs if str(value.name) in fetch]
         return [Piece(clone, sorted(self.input_names), [])]
 

@@ -38,14 +38,16 @@ def _has_subgraphs(model: ir.Model) -> bool:
     )
 
 
-def _cuts(nodes: list[ir.Node], max_bytes: int) -> list[int]:
+def _cuts(nodes: list[ir.Node], max_bytes: int, together: Collection[Collection[str]] = ()) -> list[int]:
     """Start index of each piece after the first.
 
     Walks the nodes accumulating the bytes of the initializers they first read; when the next
     node would take a piece over `max_bytes`, the piece is cut at the position with the fewest
     live values among those where it held at least half of that (the latest such position).
+    No cut falls inside a set of `together` (node names): such a piece grows past `max_bytes`.
     """
     position = {id(node): index for index, node in enumerate(nodes)}
+    blocked = _blocked_cuts(nodes, together)
     last_use: dict[int, int] = {}
     born: dict[int, int] = {}
     for index, node in enumerate(nodes):
@@ -84,21 +86,35 @@ def _cuts(nodes: list[ir.Node], max_bytes: int) -> list[int]:
             held = sum(first_read[cut:index])
             candidates = [(count, where) for count, where in candidates if where > cut]
         held += fresh
-        if held >= max_bytes // 2 and index + 1 < len(nodes):
+        if held >= max_bytes // 2 and index + 1 < len(nodes) and (index + 1) not in blocked:
             candidates.append((live[index], index + 1))
     return cuts
 
 
-def split(model: ir.Model, max_bytes: int, keep: Collection[str] = ()) -> list[Piece]:
+def _blocked_cuts(nodes: list[ir.Node], together: Collection[Collection[str]]) -> set[int]:
+    """Cut positions (a cut at p starts a piece at node p) that would split a set of `together`."""
+    index_of = {str(node.name): index for index, node in enumerate(nodes)}
+    blocked: set[int] = set()
+    for names in together:
+        found = [index_of[name] for name in names if name in index_of]
+        if len(found) > 1:
+            blocked.update(range(min(found) + 1, max(found) + 1))
+    return blocked
+
+
+def split(
+    model: ir.Model, max_bytes: int, keep: Collection[str] = (), together: Collection[Collection[str]] = ()
+) -> list[Piece]:
     """Consume `model` (a private clone) into pieces of about `max_bytes` of weights each.
 
     `keep` names values to output from the piece that computes them (the model's own outputs are
-    dropped unless named).
+    dropped unless named). `together`: sets of node names no cut may separate (an AWQ group's
+    producer and consumers: scaled only when one piece holds them all).
     A model with nested graphs (If, Loop), or one that fits, comes back as a single piece.
     """
     nodes = list(model.graph)
     graph_inputs = [str(value.name) for value in model.graph.inputs]
-    cuts = [] if _has_subgraphs(model) else _cuts(nodes, max_bytes)
+    cuts = [] if _has_subgraphs(model) else _cuts(nodes, max_bytes, together)
     if not cuts:
         return [Piece(model, graph_inputs, [])]
     ranges = list(zip([0, *cuts], [*cuts, len(nodes)], strict=True))

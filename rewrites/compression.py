@@ -51,6 +51,29 @@ from qcompiler.weight_formats import (
 )
 
 
+def awq_spans(model: ir.Model, ignored: IgnoredScope) -> tuple[frozenset[str], ...]:
+    """For each AWQ input group that may fold, the nodes its scales touch.
+
+    Its consumers, its producer, and the MatMuls feeding the producer (a down projection's 1/s
+    goes into the up projection). Calibration keeps each span in one piece (`CalibrationSettings.together`): a group whose
+    producer is compressed in an earlier piece cannot be scaled.
+    """
+    spans = []
+    for group in find_groups(model, ignored):
+        if fold_precheck(group) is not None:
+            continue
+        names = {str(node.name) for node in group.consumers}
+        producer = group.activation.producer()
+        if producer is not None:
+            names.add(str(producer.name))
+            for value in producer.inputs:
+                feeder = value.producer() if value is not None else None
+                if feeder is not None and feeder.op_type in ("MatMul", "Gemm"):
+                    names.add(str(feeder.name))
+        spans.append(frozenset(names))
+    return tuple(spans)
+
+
 def _gram_of(unit: WeightUnit, grams: Mapping[str, Gram]) -> Gram | None:
     activation = unit.activation
     return None if activation is None else grams.get(str(activation.name))

@@ -138,3 +138,22 @@ def test_openvino_streams_return_every_feed_in_order():
         (one.run(names, feed) for feed in feeds), two.run_all(names, iter(feeds)), strict=True
     ):
         np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_cut_splits_a_set_that_must_stay_together():
+    """A piece grows past its budget rather than separate an AWQ group's producer from its consumers."""
+    from qcompiler.pieces import _cuts
+
+    rng = np.random.default_rng(0)
+    x = float_input("x", [2, 64])
+    graph = ir.Graph([x], [], nodes=[], name="chain")
+    value = x
+    for index in range(6):
+        weight = const(graph, f"w{index}", rng.standard_normal((64, 64)).astype(np.float32))  # 16 KB
+        value = add(graph, "MatMul", [value, weight], f"fc{index}")
+    graph.outputs.append(value)
+    nodes = list(graph)
+    free = _cuts(nodes, 40_000)
+    assert free and 2 in free  # two weights a piece: a cut before fc2
+    kept = _cuts(nodes, 40_000, [frozenset({"fc1", "fc2"})])
+    assert 2 not in kept and kept  # fc1 and fc2 in one piece, still cut elsewhere

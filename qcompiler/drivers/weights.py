@@ -12,7 +12,7 @@ from qcompiler.calibration import Statistics, StatKey, StatRequest
 from qcompiler.drivers.context import CompileContext, DataArg
 from qcompiler.drivers.weight_budget import BUDGET_GROUP_SIZES, compress_with_budget
 from qcompiler.options import CalibrationRuntime, CompressionOptions
-from qcompiler.rewrites.compression import compress_weights, gram_statistics
+from qcompiler.rewrites.compression import awq_spans, compress_weights, gram_statistics
 from qcompiler.rewrites.layerwise import LayerwiseCompression
 from qcompiler.rewrites.weight_plan import WeightUnit, plan_compression, stat_requests
 from qcompiler.targets import Target, fitted_group_size
@@ -87,6 +87,9 @@ def _calibrate(
     """
     runners = context.calibration_runners(model, CalibrationRuntime.OPENVINO_FAST)
     settings = context.calibration_settings("calibrating (weight compression)")
+    compression = context.options.compression
+    if compression is not None and compression.awq:  # no piece cut splits an AWQ group
+        settings = dataclasses.replace(settings, together=awq_spans(model, context.options.ignored))
     kept: dict[StatKey, object] = {}
     batches = 0
     for finished in calibration.stream(model, requests, data, runners, settings):
