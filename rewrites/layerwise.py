@@ -17,8 +17,8 @@ class LayerwiseCompression:
     Scale estimation, GPTQ, RTN and HQQ treat every weight on its own, and AWQ needs one input
     group's statistics and the weights it folds into, which pieces cut between blocks keep
     together; so a piece's Gram matrices are used and dropped before the next piece runs, and
-    GPTQ's full matrices (SmolLM2: 400 MB) never all exist. (An AWQ group whose producer sits in
-    an earlier, already compressed piece is left unscaled, with the reason in the report.)
+    GPTQ's full matrices (SmolLM2: 400 MB) never all exist. (Calibration never cuts inside an AWQ
+    group's span, `compression.awq_spans`; a group left split anyway is left unscaled, reported.)
     `--ratio` ranks all layers against each other and does not stream.
     """
 
