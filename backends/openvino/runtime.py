@@ -60,6 +60,10 @@ class OpenVINORunner:
         else:
             self._compiled = core.compile_model(model, "CPU", config)
         self._requests = [self._compiled.create_infer_request() for _ in range(max(streams, 1))]
+        # OpenVINO's pybind11 initialises its numpy API lazily under std::call_once; first used by
+        # two stream threads at once it deadlocked (both waiting in gil_safe_call_once_and_store,
+        # the main thread waiting for the GIL: seen in CI). Touch it here, on this thread, first.
+        _ = ov.Tensor(np.zeros(1, np.float32)).data
         self._request = self._requests[0]
         self._outputs = {name: output for output in self._compiled.outputs for name in output.get_names()}
         self.output_names = [output.get_any_name() for output in self._compiled.outputs]
