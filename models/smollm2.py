@@ -32,6 +32,7 @@ import numpy as np
 
 from qcompiler.errors import QCompileError
 from qcompiler.models import build_cli, cache_dir
+from qcompiler.models.causal_lm_export import export_logits, logits_module
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = "SmolLM2-135M-Instruct.onnx"
@@ -101,30 +102,11 @@ def export(folder: pathlib.Path, dtype: str = "float32") -> pathlib.Path:
     model, tokenizer = _load(dtype)
     tokenizer.save_pretrained(str(folder / TOKENIZER_FOLDER))
 
-    class Logits(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):  # noqa: D102
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    module = Logits(model).eval()
-    ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    module = logits_module(model)
     path = folder / file_name(dtype)
     with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=folder) as staging:
         staged = pathlib.Path(staging) / file_name(dtype)
-        program = torch.onnx.export(
-            module,
-            (ids, torch.ones_like(ids)),
-            dynamo=True,
-            opset_version=17,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-        )
-        program.save(str(staged), external_data=False)
+        export_logits(module, staged, external_data=False)
         check = torch.randint(100, 20000, (2, 37), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             expected = module(check, torch.ones_like(check)).float().numpy()

@@ -18,6 +18,7 @@ import tempfile
 
 from qcompiler.errors import QCompileError
 from qcompiler.models import cache_dir
+from qcompiler.models.causal_lm_export import export_logits, logits_module
 
 SIZES: dict[str, dict[str, int]] = {
     # 1.07B: TinyLlama-1.1B's shapes with SmolLM2's 49152-token vocabulary, tied embeddings
@@ -87,29 +88,10 @@ def export(path: pathlib.Path, size: str, dtype: str) -> pathlib.Path:
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
 
-    class Logits(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):  # noqa: D102
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    ids = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
     with tempfile.TemporaryDirectory(prefix=".llama-", dir=path.parent) as staging:
         staged = pathlib.Path(staging) / path.name
-        program = torch.onnx.export(
-            Logits(model),
-            (ids, torch.ones_like(ids)),
-            dynamo=True,
-            opset_version=17,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-        )
-        program.save(str(staged), external_data=True)
-        del program, model
+        export_logits(logits_module(model), staged, external_data=True)
+        del model
         save(ir.load(staged), path, external_data=True)
     return path
 

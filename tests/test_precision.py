@@ -97,6 +97,17 @@ def _float_initializer_types(model: ir.Model) -> set[ir.DataType]:
     return {v.dtype for v in model.graph.initializers.values() if v.dtype in precision.FLOAT_TYPES}
 
 
+def _openvino_float_constants(model) -> set[str]:
+    """Element types of an `openvino.Model`'s float constants above 64 bytes (scalars aside)."""
+    return {
+        op.get_output_element_type(0).get_type_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Constant"
+        and op.get_output_element_type(0).is_real()
+        and op.get_byte_size() > 64
+    }
+
+
 def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     reference, candidate = reference.astype(np.float32), candidate.astype(np.float32)
     return float(np.linalg.norm(candidate - reference) / np.linalg.norm(reference))
@@ -152,15 +163,7 @@ def test_fp16_w8a8_for_openvino_runs_in_openvino_and_stays_fp16(tmp_path):
     got = compiled({"x": feed["x"].astype(np.float16)})[0]
     reference = _run_ort(transformer_block(), feed)
     assert _relative_error(reference, got) < 0.05
-    constants = ov.Core().read_model(str(path)).get_ordered_ops()
-    float_constants = {
-        op.get_output_element_type(0).get_type_name()
-        for op in constants
-        if op.get_type_name() == "Constant"
-        and op.get_output_element_type(0).is_real()
-        and op.get_byte_size() > 64
-    }
-    assert float_constants == {"f16"}
+    assert _openvino_float_constants(ov.Core().read_model(str(path))) == {"f16"}
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "openvino-cpu"])
@@ -223,14 +226,7 @@ def test_bf16_is_refused_for_onnxruntime_in_one_line_and_compiles_for_openvino(t
     path = result.save(tmp_path / "bf16.xml")
     artifact = ov.Core().read_model(str(path))
     assert artifact.input(0).get_element_type() == ov.Type.bf16
-    stored = {
-        op.get_output_element_type(0).get_type_name()
-        for op in artifact.get_ordered_ops()
-        if op.get_type_name() == "Constant"
-        and op.get_output_element_type(0).is_real()
-        and op.get_byte_size() > 64
-    }
-    assert stored == {"bf16"}  # LayerNorm and the INT4 scales: no FP32 copy
+    assert _openvino_float_constants(artifact) == {"bf16"}  # LayerNorm and the INT4 scales: no FP32 copy
     steps = ov.preprocess.PrePostProcessor(artifact)  # numpy has no bf16: f32 in and out
     steps.input().tensor().set_element_type(ov.Type.f32)
     steps.output().tensor().set_element_type(ov.Type.f32)
@@ -322,14 +318,9 @@ def test_fp16_compressed_openvino_ir_compresses_its_weights(tmp_path):
     ops = ov.Core().read_model(str(path)).get_ordered_ops()
     types = {op.get_output_element_type(0).get_type_name() for op in ops if op.get_type_name() == "Constant"}
     assert "u4" in types or "i4" in types
-    float_constants = {
-        op.get_output_element_type(0).get_type_name()
-        for op in ops
-        if op.get_type_name() == "Constant"
-        and op.get_output_element_type(0).is_real()
-        and op.get_byte_size() > 64
-    }
-    assert float_constants == {"f16"}  # LayerNorm stored FP16 again, as the input had it
+    assert _openvino_float_constants(ov.Core().read_model(str(path))) == {
+        "f16"
+    }  # LayerNorm stored FP16 again
 
 
 def test_non_positive_declared_dims_are_dynamic(tmp_path):
