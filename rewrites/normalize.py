@@ -14,6 +14,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants, optimize_ir
 
 from qcompiler.irutil import add_initializer, forget_removed_io, release_mapped
+from qcompiler.rewrites.conv_affine import FoldConvAffinePass
 
 
 class FoldWeightTransposePass(ir.passes.InPlacePass):
@@ -63,7 +64,9 @@ class NormalizePass(ir.passes.InPlacePass):
        lifts every Constant to an initializer, removes unused nodes and eliminates common
        subexpressions).
     2. Initializers listed as graph inputs are removed from the inputs, so weights are constants.
-    3. Transposes of initializers that feed MatMul/Gemm weights (tied LM heads) are folded.
+    3. Transposes of initializers that feed MatMul/Gemm weights (tied LM heads) are folded, and
+       per-channel affine ops after a Conv (bias Add, BatchNormalization, scalar Mul / Add) fold
+       into its weight and bias.
     4. Every node gets a unique name; shapes and types are inferred and the graph sorted.
     """
 
@@ -84,6 +87,7 @@ class NormalizePass(ir.passes.InPlacePass):
         else:
             _fold_without_rewrites(model)
         FoldWeightTransposePass()(model)
+        FoldConvAffinePass()(model)
         common.NameFixPass()(model)
         common.ShapeInferencePass()(model)
         common.TopologicalSortPass()(model)

@@ -29,6 +29,9 @@ decompressed to f32 when the model is compiled (measured: tests/test_openvino.py
 QUANTIZED_OP_TYPES = frozenset({"MatMul", "Convolution"})
 ELTWISE_TYPES = frozenset({"Add", "Multiply"})
 PASS_THROUGH = frozenset({"Reshape", "Slice", "Convert", "Transpose"})
+WEIGHT_READERS = frozenset({"MatMul", "Gather", "Convolution", "GroupConvolution", "ConvolutionBackpropData"})
+"""Ops that read a decompressed weight: compressed MatMul / Gather tables, and W8A8 Conv weights
+(the i8 constant of a Q/DQ'd Conv weight, which OpenVINO's low-precision transformations run int8)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +108,8 @@ def _trace(constant) -> Decompression:
     node = _only_reader(node.output(0))
     while node is not None and node.get_type_name() in PASS_THROUGH:
         node = _only_reader(node.output(0))
-    if node is None or node.get_type_name() not in ("MatMul", "Gather"):
-        return result(node, "the decompressed weight feeds neither a MatMul nor a Gather", zero_point)
+    if node is None or node.get_type_name() not in WEIGHT_READERS:
+        return result(node, "the decompressed weight feeds no MatMul, Gather or Convolution", zero_point)
     return result(node, zero_point=zero_point)
 
 
