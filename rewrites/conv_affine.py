@@ -23,17 +23,20 @@ FOLDABLE = frozenset({"Add", "Sub", "Mul", "Div", "BatchNormalization"})
 class FoldConvAffinePass(ir.passes.InPlacePass):
     """Fold ``Conv -> Add / Sub / Mul / Div (per-channel constant) -> ...`` and BatchNormalization.
 
-    A follower is folded only when it is the Conv output's single reader, the output is not a graph
-    output, the weight (and bias) are constants, and the constant broadcasts per output channel.
+    A follower is folded only when it is the single reader of the tensor before it, that tensor is
+    not a graph output, the weight (and bias) are constants, and the constant broadcasts per output
+    channel. BatchNormalization is handled here rather than by onnxscript's
+    ``fuse_batchnorm_into_conv_rule``: that rule is not in the optimizer's default set (PP-OCRv5 cls
+    keeps all 27 after it) and writes its weight without the stored FP16 type.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Fold every chain; `modified` says whether any op was folded."""
-        folded = 0
-        for node in list(model.graph):
-            if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
-                while _fold_follower(model.graph, node):
-                    folded += 1
+        folded = sum(
+            _fold_followers(model.graph, node)
+            for node in list(model.graph)
+            if node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+        )
         return ir.passes.PassResult(model, modified=folded > 0)
 
 
@@ -50,47 +53,52 @@ def _per_channel(value: ir.Value | None, channels: int, rank: int) -> np.ndarray
     return np.broadcast_to(array.reshape(-1), (channels,)).copy()
 
 
-def _fold_follower(graph: ir.Graph, conv: ir.Node) -> bool:
-    """Fold the single reader of `conv`'s output into it; False when there is nothing to fold."""
+def _fold_followers(graph: ir.Graph, conv: ir.Node) -> int:
+    """Fold the chain of affine ops after `conv` into its weight and bias, written once; how many."""
     output = conv.outputs[0]
     weight = conv.inputs[1] if len(conv.inputs) > 1 else None
     bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-    uses = list(output.uses())
     if (
-        output.is_graph_output()
-        or len(uses) != 1
-        or weight is None
+        weight is None
         or weight.const_value is None
         or weight.dtype not in FLOAT_TYPES
         or (bias is not None and bias.const_value is None)
     ):
-        return False
-    follower = uses[0].node
-    if (
-        follower.op_type not in FOLDABLE
-        or follower.domain not in ("", "ai.onnx")
-        or len(follower.outputs) != 1
-    ):
-        return False
-    channels, rank = weight.const_value.numpy().shape[0], len(weight.const_value.shape)
-    kernel = weight.const_value.numpy().astype(np.float64)
-    shift = np.zeros(channels) if bias is None else bias.const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
-    folded = _affine(follower, uses[0].idx, channels, rank)
-    if folded is None:
-        return False
-    scale, offset = folded
-    kernel *= scale.reshape((-1,) + (1,) * (rank - 1))
-    shift = shift * scale + offset
-    conv.replace_input_with(1, _replacement(graph, weight, kernel))
-    new_bias = _replacement(graph, bias or weight, shift, name=f"{conv.name}_bias" if bias is None else None)
+        return 0
+    dims = weight.const_value.shape.numpy()
+    channels, rank = dims[0], len(dims)
+    scale, offset = np.ones(channels), np.zeros(channels)
+    followers: list[ir.Node] = []
+    tail = output
+    while not tail.is_graph_output() and len(uses := list(tail.uses())) == 1:
+        follower = uses[0].node
+        if (
+            follower.op_type not in FOLDABLE
+            or follower.domain not in ("", "ai.onnx")
+            or len(follower.outputs) != 1
+        ):
+            break
+        affine = _affine(follower, uses[0].idx, channels, rank)
+        if affine is None:
+            break
+        scale, offset = scale * affine[0], offset * affine[0] + affine[1]
+        followers.append(follower)
+        tail = follower.outputs[0]
+    if not followers:
+        return 0
+    kernel = weight.const_value.numpy().astype(np.float64) * scale.reshape((-1,) + (1,) * (rank - 1))
+    shift = offset if bias is None else bias.const_value.numpy().astype(np.float64) * scale + offset  # type: ignore[union-attr]
+    conv.replace_input_with(1, _replacement(graph, weight, kernel, f"{weight.name}_folded"))
     if bias is None:
         conv.resize_inputs(3)
-    conv.replace_input_with(2, new_bias)
-    result, constants = follower.outputs[0], [weight, bias, *follower.inputs]
-    name = result.name
-    result.replace_all_uses_with(output, replace_graph_outputs=True)
-    graph.remove(follower, safe=True)
-    output.name = name  # readers, graph outputs and reports keep the follower's tensor name
+    conv.replace_input_with(
+        2, _replacement(graph, weight, shift, f"{bias.name}_folded" if bias else f"{conv.name}_bias")
+    )
+    constants = [weight, bias, *(value for node in followers for value in node.inputs)]
+    name = tail.name
+    tail.replace_all_uses_with(output, replace_graph_outputs=True)
+    graph.remove(followers, safe=True)
+    output.name = name  # readers, graph outputs and reports keep the last follower's tensor name
     for old in constants:
         if (
             old is not None
@@ -99,7 +107,7 @@ def _fold_follower(graph: ir.Graph, conv: ir.Node) -> bool:
             and old.name in graph.initializers
         ):
             del graph.initializers[str(old.name)]
-    return True
+    return len(followers)
 
 
 def _affine(
@@ -133,12 +141,11 @@ def _affine(
     return 1.0 / constant, zeros  # Div
 
 
-def _replacement(graph: ir.Graph, like: ir.Value, array: np.ndarray, name: str | None = None) -> ir.Value:
-    """A new initializer in `like`'s type (and stored type) holding `array`."""
+def _replacement(graph: ir.Graph, like: ir.Value, array: np.ndarray, name: str) -> ir.Value:
+    """A new initializer `name` in `like`'s type (and stored type) holding `array`."""
     dtype = like.dtype
     assert dtype is not None
-    base = str(like.name).removesuffix("_folded")
-    value = add_initializer(graph, name or f"{base}_folded", array.astype(dtype.numpy()))
+    value = add_initializer(graph, name, array.astype(dtype.numpy()))
     if STORED_TYPE_KEY in like.meta:
         value.meta[STORED_TYPE_KEY] = like.meta[STORED_TYPE_KEY]
     return value

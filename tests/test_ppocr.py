@@ -6,6 +6,7 @@ import pytest
 
 import qcompiler
 from qcompiler.models import ppocr
+from qcompiler.opset import upgrade_opset
 from qcompiler.rewrites.normalize import NormalizePass
 from tests.graphs import run
 
@@ -26,8 +27,6 @@ def test_normalized_rec_folds_conv_biases_and_computes_the_same(lines):
     """Every Conv's bias Add / affine block is folded; the logits stay equal to 1e-4."""
     model = qcompiler.load(ppocr.model_path("rec"))
     original = qcompiler.load(ppocr.model_path("rec"))
-    from qcompiler.opset import upgrade_opset
-
     upgrade_opset(model, 13)
     NormalizePass()(model)
     convs = [node for node in model.graph if node.op_type == "Conv"]
