@@ -55,15 +55,15 @@ def save_result(result, output: pathlib.Path) -> None:
     result.save(output)
 
 
-def nncf_openvino(model: pathlib.Path, feeds, output: pathlib.Path) -> None:
-    """NNCF quantize on the OpenVINO backend, TRANSFORMER model type (SmoothQuant on)."""
+def nncf_openvino(model: pathlib.Path, feeds, output: pathlib.Path, *, transformer: bool = True) -> None:
+    """NNCF quantize on the OpenVINO backend: TRANSFORMER model type (SmoothQuant on), else its defaults."""
     import nncf
     import openvino as ov
 
     quantized = nncf.quantize(
         ov.convert_model(str(model)),
         nncf.Dataset(feeds),
-        model_type=nncf.ModelType.TRANSFORMER,
+        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
         subset_size=len(feeds),
     )
     ov.save_model(quantized, str(output), compress_to_fp16=False)

@@ -34,13 +34,15 @@ from qcompiler.reducers import (
     GramReducer,
     Histogram,
     HistogramReducer,
+    MeanMinMaxReducer,
+    MeanPerChannelReducer,
     MinMaxPerChannelReducer,
     MinMaxReducer,
     Reducer,
     RowSampleReducer,
 )
 
-StatKey = tuple[str, "StatKind", int, int]
+StatKey = tuple[str, "StatKind", int, int, "tuple[float, float] | None"]
 
 
 class StatKind(enum.Enum):
@@ -48,10 +50,14 @@ class StatKind(enum.Enum):
 
     MINMAX = "minmax"
     """Per-tensor (min, max)."""
+    MEAN_MINMAX = "mean_minmax"
+    """Per-tensor (mean of per-sample minima, mean of per-sample maxima)."""
     HISTOGRAM = "histogram"
     """Per-tensor `Histogram` (percentile and MSE ranges)."""
     ABSMAX_PER_CHANNEL = "absmax_per_channel"
     """max |x| per channel along `axis`."""
+    MEAN_PER_CHANNEL = "mean_per_channel"
+    """Mean per channel along `axis` (bias correction: a layer's output shift)."""
     MINMAX_PER_CHANNEL = "minmax_per_channel"
     """(min, max) vectors per channel along `axis` (SmoothQuant: exact ranges after scaling)."""
     ROW_SAMPLE = "row_sample"
@@ -65,13 +71,15 @@ class StatRequest:
     """One statistic of one tensor.
 
     `axis` is the channel axis of per-channel statistics and samples; `size` the number of rows
-    of a ROW_SAMPLE.
+    of a ROW_SAMPLE; `bounds` clip a MEAN_PER_CHANNEL's values first (the float reference of a
+    quantizer whose saturation replaced a Relu / Clip).
     """
 
     value: ir.Value
     kind: StatKind
     axis: int = -1
     size: int = 0
+    bounds: tuple[float, float] | None = None
 
     @classmethod
     def channel_minmax(cls, value: ir.Value) -> StatRequest:
@@ -94,19 +102,23 @@ class StatRequest:
     @property
     def key(self) -> StatKey:
         """Identity used to merge equal requests from different passes."""
-        return (str(self.value.name), self.kind, self.axis, self.size)
+        return (str(self.value.name), self.kind, self.axis, self.size, self.bounds)
 
 
 def make_reducer(request: StatRequest, histogram_bins: int) -> Reducer:
     """The reducer that computes `request`."""
     if request.kind is StatKind.MINMAX:
         return MinMaxReducer()
+    if request.kind is StatKind.MEAN_MINMAX:
+        return MeanMinMaxReducer()
     if request.kind is StatKind.HISTOGRAM:
         return HistogramReducer(histogram_bins)
     if request.kind is StatKind.ABSMAX_PER_CHANNEL:
         return AbsMaxPerChannelReducer(request.axis)
     if request.kind is StatKind.MINMAX_PER_CHANNEL:
         return MinMaxPerChannelReducer(request.axis)
+    if request.kind is StatKind.MEAN_PER_CHANNEL:
+        return MeanPerChannelReducer(request.axis, request.bounds)
     if request.kind is StatKind.GRAM:
         return GramReducer(request.size)
     return RowSampleReducer(request.axis, request.size)

@@ -103,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--op-types", nargs="+", metavar="OP", help="quantize exactly these op types")
     quant.add_argument(
-        "--range", help="activation range: minmax | percentile | mse | search (default: the preset's)"
+        "--range",
+        help="activation range: minmax | mean-minmax | percentile | mse | search (default: the preset's)",
+    )
+    quant.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold each quantized Conv's output mean shift into its bias (default: on)",
     )
     quant.add_argument(
         "--percentile", type=float, default=99.999, help="kept percentile for --range percentile"
@@ -214,6 +221,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
             symmetric=args.symmetric_activations,
             range_method=parse_enum(RangeMethod, args.range, "--range") if args.range else None,  # type: ignore[arg-type]
             percentile=args.percentile,
+            bias_correction=args.bias_correction,
         ),
         weights=WeightOptions(per_channel=not args.per_tensor_weights),
         smooth_quant=SmoothQuantOptions(enabled=args.smooth_quant, alpha=args.smooth_alpha),

@@ -30,6 +30,9 @@ class RangeMethod(enum.Enum):
 
     MINMAX = "minmax"
     """Observed min and max over all calibration data."""
+    MEAN_MINMAX = "mean-minmax"
+    """The mean over calibration samples of each sample's min and max (NNCF's default for
+    per-tensor activations): one outlier image does not set the range."""
     PERCENTILE = "percentile"
     """Clip to a percentile of the observed distribution (histogram)."""
     MSE = "mse"
@@ -92,6 +95,9 @@ class ActivationOptions:
         range_method: how the clipping range is chosen; None takes the preset's choice.
         percentile: the percentile kept by ``RangeMethod.PERCENTILE`` (on each side).
         sample_rows: calibration rows kept per tensor for ``RangeMethod.SEARCH``.
+        bias_correction: fold the mean shift each quantized Conv's quantizers add to its output
+            into its bias (one more calibration run, of the quantized model); only Convs are
+            corrected, so it changes nothing on a model without them.
     """
 
     dtype: QuantType | None = None
@@ -99,6 +105,7 @@ class ActivationOptions:
     range_method: RangeMethod | None = None
     percentile: float = 99.999
     sample_rows: int = 512
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:

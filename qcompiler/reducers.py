@@ -66,6 +66,34 @@ class MinMaxReducer:
         return (self.lo, self.hi)
 
 
+class MeanMinMaxReducer:
+    """The mean over samples (rows of axis 0) of each sample's minimum and maximum.
+
+    Robust to the rare outlier sample that sets a global MinMax range (NNCF's default
+    ``MEAN_MINMAX`` estimator for per-tensor activations); independent of how samples are batched.
+    """
+
+    def __init__(self) -> None:
+        self.lo_sum = 0.0
+        self.hi_sum = 0.0
+        self.samples = 0
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch (NaNs are ignored)."""
+        if not array.size:
+            return
+        rows = array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)
+        self.lo_sum += float(np.nanmin(rows, axis=1).sum())
+        self.hi_sum += float(np.nanmax(rows, axis=1).sum())
+        self.samples += rows.shape[0]
+
+    def result(self) -> tuple[float, float]:
+        """(mean min, mean max); (0, 0) when nothing was seen."""
+        if not self.samples:
+            return (0.0, 0.0)
+        return (self.lo_sum / self.samples, self.hi_sum / self.samples)
+
+
 class HistogramReducer:
     """A fixed number of equal-width bins whose range grows to cover every batch.
 
@@ -151,6 +179,34 @@ class MinMaxPerChannelReducer:
         if self.lo is None or self.hi is None:
             raise DataError("per-channel statistic requested but no data was seen")
         return self.lo, self.hi
+
+
+class MeanPerChannelReducer:
+    """Mean per channel along `axis` over every other axis and every batch (float64 sums).
+
+    With `bounds`, of the values clipped to them.
+    """
+
+    def __init__(self, axis: int, bounds: tuple[float, float] | None = None) -> None:
+        self.axis = axis
+        self.bounds = bounds
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold in one batch."""
+        array = np.asarray(array) if self.bounds is None else np.clip(array, *self.bounds)
+        moved = np.moveaxis(array, self.axis, -1)
+        rows = moved.reshape(-1, moved.shape[-1])
+        sums = rows.sum(axis=0, dtype=np.float64)
+        self.total = sums if self.total is None else self.total + sums
+        self.count += rows.shape[0]
+
+    def result(self) -> np.ndarray:
+        """The mean per channel."""
+        if self.total is None:
+            raise DataError("per-channel statistic requested but no data was seen")
+        return self.total / max(self.count, 1)
 
 
 class RowSampleReducer:

@@ -59,6 +59,8 @@ class Report:
     size_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     activation_quantizers: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
     smooth_quant: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    bias_correction: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    """Per Conv: the largest and mean |shift| folded into its bias, or why it was left alone."""
     compression: dict[str, object] = dataclasses.field(default_factory=dict)
     fallback: dict[str, object] = dataclasses.field(default_factory=dict)
     mixed_precision: dict[str, object] = dataclasses.field(default_factory=dict)
@@ -135,6 +137,9 @@ class Report:
                     f"{len(smoothed)} of {len(self.smooth_quant)} groups smoothed ({inserted} with an inserted Mul)",
                 )
             )
+        if self.bias_correction:
+            corrected = sum("max_abs_shift" in entry for entry in self.bias_correction.values())
+            rows.append(("bias correction", f"{corrected} of {len(self.bias_correction)} Convs corrected"))
         if self.activation_quantizers:
             methods: dict[str, int] = {}
             for quantizer in self.activation_quantizers.values():

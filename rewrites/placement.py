@@ -4,7 +4,8 @@ Placement reads the graph, the target's capabilities and the options, and return
 without touching the graph. The plan says, per quantized node, which inputs are activations
 (per-tensor quantizers from calibration), which input is a constant weight (per-channel symmetric
 along the output-channel axis), whether the bias becomes int32, and whether the output needs its
-own quantizer for the runtime to fuse. Nodes left in float are listed with the reason.
+own quantizer for the runtime to fuse (measured after a Relu / Clip that alone reads the output:
+`activation_clamps`). Nodes left in float are listed with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from qcompiler.calibration import StatKind, StatRequest
 from qcompiler.errors import OptionError
 from qcompiler.options import CompileOptions, Preset, RangeMethod
 from qcompiler.precision import FLOAT_TYPES
+from qcompiler.rewrites.activation_clamps import output_clamp
 from qcompiler.targets import Target
 
 
@@ -81,6 +83,12 @@ class QuantizedUnit:
     quantize_output: bool
     symmetric: bool = False
     """Its activation quantizers are symmetric whatever the options say (attention scores)."""
+    output_clamp: ir.Node | None = None
+    """The Relu / Clip that alone reads the output: the output quantizer takes the clamp's range."""
+
+    def output_value(self) -> ir.Value:
+        """The tensor whose range the output quantizer takes: after the clamp, when there is one."""
+        return (self.output_clamp or self.node).outputs[0]
 
 
 @dataclasses.dataclass
@@ -99,7 +107,7 @@ class QuantPlan:
                 assert value is not None
                 seen.setdefault(id(value), value)
             if unit.quantize_output:
-                seen.setdefault(id(unit.node.outputs[0]), unit.node.outputs[0])
+                seen.setdefault(id(unit.output_value()), unit.output_value())
         return list(seen.values())
 
     def symmetric_values(self) -> set[str]:
@@ -116,7 +124,9 @@ class QuantPlan:
         requests = []
         for value in self.activation_values():
             requests.append(StatRequest(value, StatKind.MINMAX))
-            if method is not RangeMethod.MINMAX:
+            if method is RangeMethod.MEAN_MINMAX:
+                requests.append(StatRequest(value, StatKind.MEAN_MINMAX))
+            elif method is not RangeMethod.MINMAX:
                 requests.append(StatRequest(value, StatKind.HISTOGRAM))
             if method is RangeMethod.SEARCH:
                 requests.append(StatRequest.row_sample(value, sample_rows))
@@ -197,7 +207,10 @@ def _try_plan_node(
         bias_index = spec.bias_input
     output = node.outputs[0]
     quantize_output = node.op_type in target.output_quantized_ops and not output.is_graph_output()
-    return QuantizedUnit(node, activations, weight_index, axis, bias_index, quantize_output)
+    clamp = output_clamp(node) if quantize_output else None
+    return QuantizedUnit(
+        node, activations, weight_index, axis, bias_index, quantize_output, output_clamp=clamp
+    )
 
 
 def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) -> QuantPlan:

@@ -10,7 +10,9 @@ Cases, in the order the pass handles them:
 3. A bias on a target that wants it becomes int32 with scale = input scale * weight scale and
    zero point 0 (what QLinearConv/QGemm consume).
 4. A unit whose runtime kernel needs a quantized output (QLinearConv) gets Q/DQ on its output;
-   every consumer of that output then reads through its own DQ.
+   every consumer of that output then reads through its own DQ. When a Relu / Clip alone reads
+   that output, the quantizer takes the clamp's output range, and the clamp is dropped where the
+   quantizer's saturation does its work (`activation_clamps`).
 
 Node names say what each new node is, and ``metadata_props`` record the decision
 (``qcompiler.quantizer``), so a Netron user sees why a layer looks the way it does.
@@ -23,13 +25,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibration import Statistics, StatRequest
+from qcompiler.calibration import Statistics, StatKind, StatRequest
 from qcompiler.disjoint_sets import DisjointSets
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, off_midpoint, quantize, symmetric_weight_scales
 from qcompiler.options import ActivationOptions, QuantType, RangeMethod
 from qcompiler.precision import as_scale, as_type, float_type_of
+from qcompiler.rewrites.activation_clamps import clamp_bounds, makes_redundant, remove_clamp
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
 from qcompiler.rewrites.ranges import candidate_ranges, choose_range, search_range
 
@@ -48,6 +51,10 @@ class ActivationQuantizer:
     observed_hi: float
     method: str
     symmetric: bool = False
+    folded_activation: str = ""
+    """The Relu / Clip node this quantizer's saturation replaced (dropped from the graph)."""
+    folded_bounds: tuple[float, float] | None = None
+    """That clamp's interval: what the float model computed from the quantizer's input."""
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -86,6 +93,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._choose_activation_quantizers()
         if self.unified_eltwise_scales:
             self._unify_eltwise_scales()
+        self._fold_output_clamps(graph)
         self._q_outputs: dict[int, ir.Value] = {}
         self._quantized_weights: dict[
             tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]
@@ -111,7 +119,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for value in self.plan.activation_values():
             symmetric = options.symmetric or str(value.name) in wanted_symmetric
             observed = self.statistics.minmax(value)
-            histogram = None if method is RangeMethod.MINMAX else self.statistics.histogram(value)
+            histogram = (
+                None
+                if method in (RangeMethod.MINMAX, RangeMethod.MEAN_MINMAX)
+                else self.statistics.histogram(value)
+            )
             chosen = method.value
             if method is RangeMethod.SEARCH:
                 assert histogram is not None
@@ -125,6 +137,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     self.activation_type,
                     symmetric=symmetric,
                 )
+            elif method is RangeMethod.MEAN_MINMAX:
+                lo, hi = self.statistics[StatRequest(value, StatKind.MEAN_MINMAX)]  # type: ignore[misc]
             else:
                 lo, hi = choose_range(
                     method,
@@ -176,6 +190,30 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     method="unified",
                 )
 
+    def _fold_output_clamps(self, graph: ir.Graph) -> None:
+        """Give each clamped output the clamp's quantizer; drop the clamps that it makes redundant.
+
+        Values outside a range inside the clamp's interval saturate to its ends either way, so the
+        Conv output quantized with the clamp output's range, then clamped, equals the clamp output
+        quantized; when the quantizer's domain lies inside the interval the clamp does nothing.
+        """
+        for unit in self.plan.units:
+            clamp = unit.output_clamp
+            if not unit.quantize_output or clamp is None:
+                continue
+            output, result = unit.node.outputs[0], clamp.outputs[0]
+            params = self.quantizers[str(result.name)]
+            bounds = clamp_bounds(clamp)
+            assert bounds is not None
+            stored = as_scale(params.scale, float_type_of(result))
+            if makes_redundant(bounds, stored, params.zero_point, self.activation_type):
+                self.quantizers[str(result.name)] = dataclasses.replace(
+                    params, folded_activation=str(clamp.name), folded_bounds=bounds
+                )
+                remove_clamp(graph, clamp)  # the Conv output now carries the clamp's tensor name
+            else:
+                self.quantizers[str(output.name)] = params
+
     def _activation_q(
         self, graph: ir.Graph, value: ir.Value, before: ir.Node
     ) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -214,6 +252,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             f"{'symmetric' if params.symmetric else 'asymmetric'} "
             f"range={params.method} [{params.lo:.6g}, {params.hi:.6g}] "
             f"observed [{params.observed_lo:.6g}, {params.observed_hi:.6g}]"
+            + (f"; saturation replaces {params.folded_activation}" if params.folded_activation else "")
         )
 
     def _dequantize_input(self, graph: ir.Graph, node: ir.Node, index: int, value: ir.Value | None) -> None:

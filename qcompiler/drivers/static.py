@@ -1,10 +1,15 @@
-"""The W8A8 stages: SmoothQuant -> plan -> calibrate -> [embeddings] -> insert QDQ (or the fallback search) -> lower -> check."""
+"""The W8A8 stages: SmoothQuant -> plan -> calibrate -> [embeddings] -> insert QDQ -> lower -> check.
+
+With ``--max-drop`` a fallback search replaces insert-and-lower; without it, bias correction runs
+between inserting QDQ and lowering.
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler import calibration
@@ -13,8 +18,9 @@ from qcompiler.drivers.accuracy import run_search
 from qcompiler.drivers.context import CompileContext, DataArg
 from qcompiler.drivers.static_fallback import StaticCandidates, static_groups
 from qcompiler.options import CalibrationRuntime, QuantType
+from qcompiler.rewrites import bias_correction
 from qcompiler.rewrites.compression import compress_embedding_tables
-from qcompiler.rewrites.placement import plan_quantizers
+from qcompiler.rewrites.placement import QuantizedUnit, plan_quantizers
 from qcompiler.rewrites.qdq import InsertQDQPass
 from qcompiler.rewrites.smoothing import apply_smoothquant, find_groups, smoothquant_requests
 
@@ -81,8 +87,12 @@ def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -
             unified_eltwise_scales=target.unified_eltwise_scales,
             unsigned_midpoint=target.unsigned_midpoint,
         )
+        weights = bias_correction.float_weights(plan.units) if options.activations.bias_correction else {}
         with report.timed("quantize"):
             insert(working)
+        if weights:
+            with report.timed("bias_correction"):
+                report.bias_correction = correct_biases(working, plan.units, weights, insert, data, context)
         with report.timed("lower"):
             backend.lower(working)
             backend.check(working)
@@ -103,6 +113,33 @@ def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -
         with report.timed("count_fusion"):
             report.fusion = backend.count_fusion(working, quantized_names)
     return working
+
+
+def correct_biases(
+    model: ir.Model,
+    units: list[QuantizedUnit],
+    weights: dict[str, np.ndarray],
+    insert: InsertQDQPass,
+    data: DataArg,
+    context: CompileContext,
+) -> dict[str, dict[str, object]]:
+    """Measure the QDQ model's per-channel input means (one run) and fold each Conv's shift into its bias."""
+    sites, skipped = bias_correction.correction_sites(units, weights, insert.quantizers)
+    summary: dict[str, dict[str, object]] = {name: {"skipped": reason} for name, reason in skipped.items()}
+    if not sites:
+        return summary
+    requests = [request for site in sites for request in site.requests()]
+    statistics = context.collect(
+        model, requests, data, CalibrationRuntime.ONNXRUNTIME, description="calibrating (bias correction)"
+    )
+    for site in sites:
+        shift = bias_correction.output_shift(site, statistics)
+        bias_correction.apply(model.graph, site, shift)
+        summary[str(site.node.name)] = {
+            "max_abs_shift": round(float(np.abs(shift).max()), 6),
+            "mean_abs_shift": round(float(np.abs(shift).mean()), 6),
+        }
+    return summary
 
 
 def smooth_quant(
