@@ -64,25 +64,17 @@ def compile_with(tool: str, model: pathlib.Path, calibration: pathlib.Path, outp
         target = "openvino-cpu" if tool in OPENVINO_OUTPUT else "ort-cpu"
         peers.save_result(qcompiler.compile(model, target, options, data=feeds, progress=False), output)
     elif tool == "ort":
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantType
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.iterator = iter(feeds)
-
-            def get_next(self):
-                return next(self.iterator, None)
-
         # onnxruntime's documented flow: quant_pre_process (its optimizer folds BatchNormalization
-        # and Constant nodes into initializers, shapes inferred) before quantize_static
+        # and Constant nodes into initializers) before quantize_static
         prepared = output.with_name(output.stem + "_prepared.onnx")
         quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(output),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
+        peers.ort_quantize_static(
+            prepared,
+            feeds,
+            output,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
@@ -100,12 +92,7 @@ def compile_with(tool: str, model: pathlib.Path, calibration: pathlib.Path, outp
 
 def worker(args: argparse.Namespace) -> None:
     """Child process: compile, then print wall time and own peak RSS as JSON."""
-    start = time.perf_counter()
-    compile_with(args.worker, args.model, args.calibration, args.output)
-    seconds = time.perf_counter() - start
-    from qcompiler.report import peak_rss_mb
-
-    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}))
+    peers.report_compile(lambda: compile_with(args.worker, args.model, args.calibration, args.output))
 
 
 class Task:

@@ -52,42 +52,27 @@ def compile_with(
 ) -> None:
     """Run one tool; writes `output`."""
     import onnx
+    from onnxruntime.quantization import QuantType
 
     feeds = peers.load_feeds(calibration)
     if tool in ("qcompiler", "qcompiler-nosq"):
         peers.qcompiler_w8a8(model_path, feeds, output, smooth_quant=tool == "qcompiler")
     elif tool in ("qcompiler-ov", "qcompiler-ovir"):
         peers.qcompiler_w8a8(model_path, feeds, output, smooth_quant=True, target="openvino-cpu")
-    elif tool in ("ort-all", "ort-matmul"):
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.iterator = iter(feeds)
-
-            def get_next(self):
-                return next(self.iterator, None)
-
-        if tool == "ort-all":
-            quantize_static(
-                str(model_path),
-                str(output),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-            )
-        else:
-            quantize_static(
-                str(model_path),
-                str(output),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul"],
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
+    elif tool == "ort-all":
+        peers.ort_quantize_static(
+            model_path, feeds, output, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8
+        )
+    elif tool == "ort-matmul":
+        peers.ort_quantize_static(
+            model_path,
+            feeds,
+            output,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     elif tool == "nncf-ov":
         peers.nncf_openvino(model_path, feeds, output)
     elif tool in ("nncf", "nncf-nosq"):
@@ -112,13 +97,7 @@ def compile_with(
 
 def worker(args: argparse.Namespace) -> None:
     """Child process: compile, then print wall time and own peak RSS as JSON."""
-    start = time.perf_counter()
-    compile_with(args.worker, args.model, args.calibration, args.output)
-    seconds = time.perf_counter() - start
-    from qcompiler.report import peak_rss_mb
-
-    peak = peak_rss_mb()  # VmHWM: ru_maxrss would include the parent's memory (kept across exec)
-    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}))
+    peers.report_compile(lambda: compile_with(args.worker, args.model, args.calibration, args.output))
 
 
 def latency_ms(runner: peers.Runner, batch: int, seq: int = 128, repeats: int = 20) -> float:

@@ -50,6 +50,34 @@ def qcompiler_w8a8(
     save_result(qcompiler.compile(model, target, options, data=feeds, progress=False), output)
 
 
+def ort_quantize_static(model: pathlib.Path, feeds, output: pathlib.Path, **options) -> None:
+    """onnxruntime's quantize_static in QDQ format over `feeds`; `options` are its keyword arguments."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.iterator = iter(feeds)
+
+        def get_next(self):
+            return next(self.iterator, None)
+
+    quantize_static(str(model), str(output), Reader(), quant_format=QuantFormat.QDQ, **options)
+
+
+def report_compile(compile_once) -> None:
+    """Child process side: run `compile_once()`, then print its wall time and this process's peak RSS as JSON."""
+    import json
+    import time
+
+    from qcompiler.report import peak_rss_mb
+
+    start = time.perf_counter()
+    compile_once()
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mb()  # VmHWM: ru_maxrss would include the parent's memory (kept across exec)
+    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)}))
+
+
 def save_result(result, output: pathlib.Path) -> None:
     """Write a compile result: its OpenVINO artifact as .xml, else the ONNX model."""
     result.save(output)

@@ -95,6 +95,24 @@ def test_cnn_through_the_cli(tmp_path):
     assert main([str(model), "--target", "ort-cpu", "--synthetic", "-q"]) == 0
     report = json.loads((tmp_path / "cnn.ort-cpu.report.json").read_text())
     assert report["fusion"]["kernels"] == {"QGemm": 1, "QLinearConv": 1}
+    assert "max_abs_shift" in report["bias_correction"]["conv"]  # on by default for Convs
+    assert report["activation_quantizers"]["relu_out"]["folded_activation"] == "relu"
+    assert (
+        main(
+            [
+                str(model),
+                "--target",
+                "ort-cpu",
+                "--synthetic",
+                "-q",
+                "--no-bias-correction",
+                "-o",
+                str(tmp_path / "plain.onnx"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "plain.report.json").read_text())["bias_correction"] == {}
 
 
 @pytest.mark.parametrize(
