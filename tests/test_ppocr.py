@@ -41,8 +41,9 @@ def test_normalized_rec_folds_conv_biases_and_computes_the_same(lines):
 
 
 def test_rec_w8a8_character_error_rate(lines):
-    """CER of the ort-cpu W8A8 artifact (FP32 0.5 % here): MinMax under 10 % (16 % before the Conv
-    biases were folded), MSE ranges under 2 %."""
+    """CER of the ort-cpu W8A8 artifact (FP32 0.5 % here), bias correction on: MinMax under 2.5 %
+    (measured 1.35 %; 6.5 % without bias correction, 16 % before the Conv biases were folded), MSE
+    ranges under 1.2 % (measured 0.68 %; 0.82 % without)."""
     calibration, evaluation = lines
     feeds = list(ppocr.batches(calibration.inputs, 8))
     source = ppocr.model_path("rec")
@@ -55,5 +56,5 @@ def test_rec_w8a8_character_error_rate(lines):
         cers[method] = _cer(
             qcompiler.compile(source, "ort-cpu", options, data=feeds, progress=False).model, evaluation
         )
-    assert cers[qcompiler.RangeMethod.MINMAX] < 0.10
-    assert cers[qcompiler.RangeMethod.MSE] < 0.02
+    assert cers[qcompiler.RangeMethod.MINMAX] < 0.025
+    assert cers[qcompiler.RangeMethod.MSE] < 0.012
