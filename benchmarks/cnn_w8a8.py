@@ -34,10 +34,10 @@ import peers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = {
-    "qcompiler": "qcompiler --target ort-cpu, defaults (MinMax; U8 activations, S8 per-channel weights)",
+    "qcompiler": "qcompiler --target ort-cpu, defaults (MinMax; U8 activations, S8 per-channel weights; bias correction on)",
     "qcompiler-mse": "qcompiler --target ort-cpu --range mse",
     "qcompiler-mean": "qcompiler --target ort-cpu --range mean-minmax",
-    "qcompiler-ov": "qcompiler --target openvino-cpu, defaults; runs in OpenVINO CPU",
+    "qcompiler-ov": "qcompiler --target openvino-cpu, defaults (MinMax, bias correction on); runs in OpenVINO CPU",
     "qcompiler-ov-mse": "qcompiler --target openvino-cpu --range mse; runs in OpenVINO CPU",
     "ort": "onnxruntime quant_pre_process + quantize_static QDQ U8S8 per-channel MinMax (opset 17 copy)",
     "nncf": "NNCF quantize (ONNX backend) defaults (opset 17 copy); runs in onnxruntime",
