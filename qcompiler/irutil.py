@@ -102,6 +102,17 @@ def insert_dequantize(
     return dq
 
 
+def dequantized_source(value: ir.Value | None) -> ir.Value | None:
+    """The float tensor x of a DequantizeLinear(QuantizeLinear(x)) chain ending in `value`, else None."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+        return None
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    return q.inputs[0]
+
+
 def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Remove an initializer nothing reads any more."""
     if not value.uses() and value.is_initializer() and not value.is_graph_output():

@@ -67,11 +67,15 @@ def makes_redundant(
     """
     qmin, qmax = type_range(qtype)
     step = float(np.asarray(scale, np.float64))
-    lower, upper = step * (qmin - zero_point), step * (qmax - zero_point)
     low, high = bounds
-    return lower >= low - REDUNDANCY_TOLERANCE * max(
-        1.0, abs(low)
-    ) and upper <= high + REDUNDANCY_TOLERANCE * max(1.0, abs(high))
+    return step * (qmin - zero_point) >= low - _slack(low) and step * (qmax - zero_point) <= high + _slack(
+        high
+    )
+
+
+def _slack(bound: float) -> float:
+    """`REDUNDANCY_TOLERANCE` relative to a finite bound (absolute near 0); an infinite one needs none."""
+    return REDUNDANCY_TOLERANCE * max(1.0, abs(bound)) if math.isfinite(bound) else 0.0
 
 
 def remove_clamp(graph: ir.Graph, clamp: ir.Node) -> None:

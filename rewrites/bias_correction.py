@@ -25,7 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import Statistics, StatKind, StatRequest
-from qcompiler.irutil import add_initializer, drop_if_unused
+from qcompiler.irutil import add_initializer, dequantized_source, drop_if_unused
+from qcompiler.numerics import dequantize
 from qcompiler.rewrites.placement import QuantizedUnit
 from qcompiler.rewrites.qdq import ActivationQuantizer
 
@@ -37,9 +38,10 @@ class CorrectionSite:
     """One Conv whose bias is corrected, found in the QDQ model."""
 
     node: ir.Node
-    float_weight: np.ndarray
+    float_weight: ir.TensorProtocol
+    """The kernel as it was before QDQ replaced it (read when the shift is computed)."""
     quantized_input: ir.Value
-    """The DequantizeLinear output the Conv reads: Q(x)."""
+    """A DequantizeLinear output of x's quantizer: Q(x) (the first one, so Convs sharing x share it)."""
     float_input: ir.Value
     """The tensor its QuantizeLinear reads: x."""
     bounds: tuple[float, float] | None = None
@@ -53,19 +55,24 @@ class CorrectionSite:
         ]
 
 
-def float_weights(units: list[QuantizedUnit]) -> dict[str, np.ndarray]:
-    """The float kernels of the units bias correction can treat, read before QDQ replaces them."""
+def float_weights(units: list[QuantizedUnit]) -> dict[str, ir.TensorProtocol]:
+    """The float kernels of the units bias correction can treat, kept before QDQ replaces them.
+
+    The tensors themselves: nothing is copied until a shift is computed.
+    """
     kept = {}
     for unit in units:
         weight = unit.node.inputs[unit.weight_input] if unit.weight_input is not None else None
         if unit.node.op_type in CORRECTED_OPS and unit.activation_inputs == (0,) and weight is not None:
             assert weight.const_value is not None
-            kept[str(unit.node.name)] = np.asarray(weight.const_value.numpy(), np.float64)
+            kept[str(unit.node.name)] = weight.const_value
     return kept
 
 
 def correction_sites(
-    units: list[QuantizedUnit], weights: dict[str, np.ndarray], quantizers: Mapping[str, ActivationQuantizer]
+    units: list[QuantizedUnit],
+    weights: Mapping[str, ir.TensorProtocol],
+    quantizers: Mapping[str, ActivationQuantizer],
 ) -> tuple[list[CorrectionSite], dict[str, str]]:
     """The sites in the QDQ model, and why each other unit with a float kernel is left alone.
 
@@ -78,21 +85,17 @@ def correction_sites(
             continue
         node = unit.node
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        dq = node.inputs[0].producer() if node.inputs[0] is not None else None
-        q = (
-            dq.inputs[0].producer()
-            if dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0] is not None
-            else None
-        )
+        source = dequantized_source(node.inputs[0])
         if bias is None:
             skipped[name] = "no bias input"
-        elif q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None:
+        elif source is None:
             skipped[name] = "input is not quantized in the model"
         else:
-            source = q.inputs[0]
+            q = node.inputs[0].producer().inputs[0].producer()  # type: ignore[union-attr]
+            quantized = q.outputs[0].uses()[0].node.outputs[0]  # type: ignore[union-attr]
             chosen = quantizers.get(str(source.name))
             bounds = chosen.folded_bounds if chosen is not None else None
-            sites.append(CorrectionSite(node, weights[name], node.inputs[0], source, bounds))  # type: ignore[arg-type]
+            sites.append(CorrectionSite(node, weights[name], quantized, source, bounds))
     return sites, skipped
 
 
@@ -102,8 +105,9 @@ def output_shift(site: CorrectionSite, statistics: Statistics) -> np.ndarray:
     groups = node.attributes.get_int("group", 1)
     mean_x = np.asarray(statistics[site.requests()[0]], np.float64)
     mean_q = np.asarray(statistics[site.requests()[1]], np.float64)
-    float_sum = site.float_weight.reshape(site.float_weight.shape[:2] + (-1,)).sum(-1)  # [M, C/g]
-    quantized_sum = _dequantized_weight(node).reshape(float_sum.shape + (-1,)).sum(-1)
+    kernel = np.asarray(site.float_weight.numpy(), np.float64)
+    float_sum = kernel.reshape(kernel.shape[:2] + (-1,)).sum(-1)  # [M, C/g]
+    quantized_sum = _dequantized_weight(node).astype(np.float64).reshape(float_sum.shape + (-1,)).sum(-1)
     outputs, per_group = float_sum.shape
     group_of = np.arange(outputs) // (outputs // groups)
     channels = group_of[:, None] * per_group + np.arange(per_group)[None, :]  # [M, C/g] input channel
@@ -141,18 +145,9 @@ def apply(graph: ir.Graph, site: CorrectionSite, shift: np.ndarray) -> None:
 
 
 def _dequantized_weight(node: ir.Node) -> np.ndarray:
-    """The kernel the Conv computes with: its weight DequantizeLinear's codes times scales."""
+    """The kernel the Conv computes with: what its weight DequantizeLinear returns."""
     dq = node.inputs[1].producer() if node.inputs[1] is not None else None
     assert dq is not None and dq.op_type == "DequantizeLinear"
-    codes = np.asarray(dq.inputs[0].const_value.numpy(), np.float64)  # type: ignore[union-attr]
-    scales = np.asarray(dq.inputs[1].const_value.numpy(), np.float64)  # type: ignore[union-attr]
-    zero = dq.inputs[2] if len(dq.inputs) > 2 else None
-    zeros = (
-        np.asarray(zero.const_value.numpy(), np.float64)
-        if zero is not None and zero.const_value is not None
-        else 0.0
-    )
-    if scales.ndim == 1 and scales.size > 1:
-        scales = scales.reshape((-1,) + (1,) * (codes.ndim - 1))
-        zeros = np.reshape(zeros, (-1,) + (1,) * (codes.ndim - 1)) if np.ndim(zeros) else zeros
-    return (codes - zeros) * scales
+    codes, scales, *zero = (value.const_value.numpy() for value in dq.inputs if value is not None)  # type: ignore[union-attr]
+    axis = dq.attributes.get_int("axis", 1) if np.ndim(scales) else None
+    return dequantize(codes, scales, zero[0] if zero else 0, axis)

@@ -28,7 +28,7 @@ import onnx_ir as ir
 from qcompiler.calibration import Statistics, StatKind, StatRequest
 from qcompiler.disjoint_sets import DisjointSets
 from qcompiler.errors import UnsupportedModelError
-from qcompiler.irutil import add_initializer, drop_if_unused, insert_dequantize
+from qcompiler.irutil import add_initializer, dequantized_source, drop_if_unused, insert_dequantize
 from qcompiler.numerics import activation_params, int32_bias, off_midpoint, quantize, symmetric_weight_scales
 from qcompiler.options import ActivationOptions, QuantType, RangeMethod
 from qcompiler.precision import as_scale, as_type, float_type_of
@@ -305,7 +305,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         assert index is not None and unit.weight_input is not None
         bias = node.inputs[index]
         assert bias is not None and bias.const_value is not None
-        activation = _dequantized_source(node.inputs[unit.activation_inputs[0]])
+        activation = dequantized_source(node.inputs[unit.activation_inputs[0]])
+        assert activation is not None
         input_scale = self.quantizers[str(activation.name)].scale
         weight_dq = node.inputs[unit.weight_input]
         assert weight_dq is not None and weight_dq.producer() is not None
@@ -335,16 +336,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if consumer is q.producer():
                 continue
             self._dequantize_input(graph, consumer, index, output)
-
-
-def _dequantized_source(value: ir.Value | None) -> ir.Value:
-    """The float tensor a DequantizeLinear(QuantizeLinear(x)) chain started from."""
-    assert value is not None
-    dq = value.producer()
-    assert dq is not None and dq.op_type == "DequantizeLinear"
-    q = dq.inputs[0].producer()  # type: ignore[union-attr]
-    assert q is not None and q.op_type == "QuantizeLinear"
-    return q.inputs[0]  # type: ignore[return-value]
 
 
 def _np_type(qtype: QuantType) -> type[np.integer]:

@@ -118,7 +118,7 @@ def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -
 def correct_biases(
     model: ir.Model,
     units: list[QuantizedUnit],
-    weights: dict[str, np.ndarray],
+    weights: dict[str, ir.TensorProtocol],
     insert: InsertQDQPass,
     data: DataArg,
     context: CompileContext,
