@@ -21,6 +21,7 @@ from qcompiler.errors import OptionError
 from qcompiler.options import CompileOptions, Preset, RangeMethod
 from qcompiler.precision import FLOAT_TYPES
 from qcompiler.rewrites.activation_clamps import output_clamp
+from qcompiler.rewrites.ranges import HISTOGRAM_METHODS
 from qcompiler.targets import Target
 
 
@@ -126,7 +127,7 @@ class QuantPlan:
             requests.append(StatRequest(value, StatKind.MINMAX))
             if method is RangeMethod.MEAN_MINMAX:
                 requests.append(StatRequest(value, StatKind.MEAN_MINMAX))
-            elif method is not RangeMethod.MINMAX:
+            if method in HISTOGRAM_METHODS:
                 requests.append(StatRequest(value, StatKind.HISTOGRAM))
             if method is RangeMethod.SEARCH:
                 requests.append(StatRequest.row_sample(value, sample_rows))

@@ -34,7 +34,7 @@ from qcompiler.options import ActivationOptions, QuantType, RangeMethod
 from qcompiler.precision import as_scale, as_type, float_type_of
 from qcompiler.rewrites.activation_clamps import clamp_bounds, makes_redundant, remove_clamp
 from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
-from qcompiler.rewrites.ranges import candidate_ranges, choose_range, search_range
+from qcompiler.rewrites.ranges import HISTOGRAM_METHODS, candidate_ranges, choose_range, search_range
 
 ALGORITHM_KEY = "qcompiler.quantizer"
 
@@ -119,10 +119,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for value in self.plan.activation_values():
             symmetric = options.symmetric or str(value.name) in wanted_symmetric
             observed = self.statistics.minmax(value)
-            histogram = (
-                None
-                if method in (RangeMethod.MINMAX, RangeMethod.MEAN_MINMAX)
-                else self.statistics.histogram(value)
+            histogram = self.statistics.histogram(value) if method in HISTOGRAM_METHODS else None
+            mean_minmax = (
+                self.statistics[StatRequest(value, StatKind.MEAN_MINMAX)]
+                if method is RangeMethod.MEAN_MINMAX
+                else None
             )
             chosen = method.value
             if method is RangeMethod.SEARCH:
@@ -137,8 +138,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     self.activation_type,
                     symmetric=symmetric,
                 )
-            elif method is RangeMethod.MEAN_MINMAX:
-                lo, hi = self.statistics[StatRequest(value, StatKind.MEAN_MINMAX)]  # type: ignore[misc]
             else:
                 lo, hi = choose_range(
                     method,
@@ -147,6 +146,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     self.activation_type,
                     symmetric=symmetric,
                     percentile=options.percentile,
+                    mean_minmax=mean_minmax,  # type: ignore[arg-type]
                 )
             scale, zero_point = activation_params(lo, hi, self.activation_type, symmetric=symmetric)
             if self.unsigned_midpoint and not symmetric:

@@ -108,6 +108,10 @@ def search_range(
     return best, candidates[best], errors
 
 
+HISTOGRAM_METHODS = frozenset({RangeMethod.PERCENTILE, RangeMethod.MSE, RangeMethod.SEARCH})
+"""Range methods that read a histogram of the tensor."""
+
+
 def choose_range(
     method: RangeMethod,
     minmax: tuple[float, float],
@@ -116,8 +120,17 @@ def choose_range(
     *,
     symmetric: bool,
     percentile: float,
+    mean_minmax: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
-    """The clipping range `method` picks; histogram-based methods need `histogram`."""
+    """The clipping range `method` picks.
+
+    Histogram-based methods need `histogram`; MEAN_MINMAX needs `mean_minmax`, the mean of
+    per-sample extremes (`StatKind.MEAN_MINMAX`).
+    """
+    if method is RangeMethod.MEAN_MINMAX:
+        if mean_minmax is None:
+            raise ValueError("RangeMethod.MEAN_MINMAX needs the MEAN_MINMAX statistic")
+        return mean_minmax
     if method is RangeMethod.MINMAX or histogram is None:
         return minmax
     if method is RangeMethod.SEARCH:
