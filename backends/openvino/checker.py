@@ -26,6 +26,10 @@ INTEGER_TYPES = frozenset({"u8", "i8", "u4", "i4"})
 CPU_RUNTIME_COMPRESSED = frozenset({"u8", "i8", "u4", "i4", "nf4", "f4e2m1"})
 """Weight types OpenVINO 2026.4's CPU plugin keeps compressed at run time; f8e4m3 weights are
 decompressed to f32 when the model is compiled (measured: tests/test_openvino.py)."""
+CPU_EXPANDED_COMPUTE_TYPES = frozenset({"bf16"})
+"""Compute types whose graphs OpenVINO 2026.4.1's CPU plugin (f32 hint, no AMX / avx512_bf16) runs
+with every compressed weight expanded at compile time, whatever the scales' type (an f16 graph
+keeps them compressed)."""
 QUANTIZED_OP_TYPES = frozenset({"MatMul", "Convolution"})
 ELTWISE_TYPES = frozenset({"Add", "Multiply"})
 PASS_THROUGH = frozenset({"Reshape", "Slice", "Convert", "Transpose"})
@@ -243,12 +247,11 @@ def _runtime_rules(model, found: list[Decompression], target: Target) -> tuple[l
             continue
         message = f"{item.reader}: its {item.element_type} weight is decompressed when OpenVINO CPU compiles the model"
         reader = readers.get(item.reader)
-        bf16 = reader is not None and reader.get_output_element_type(0) == ov.Type.bf16
-        if bf16:
-            # OpenVINO 2026.4.1's CPU plugin (f32 hint, no AMX / avx512_bf16) expands every compressed
-            # weight of a bf16 graph to bf16 at compile time (an FP16 graph keeps them compressed)
+        compute = reader.get_output_element_type(0).get_type_name() if reader is not None else ""
+        if compute in CPU_EXPANDED_COMPUTE_TYPES:
             warnings.append(
-                message + " (OpenVINO CPU expands compressed weights of a bf16 graph: smaller on disk only)"
+                message
+                + f" (the CPU plugin expands the compressed weights of a {compute} graph: smaller on disk only)"
             )
         elif item.element_type in CPU_RUNTIME_COMPRESSED:
             problems.append(message)
