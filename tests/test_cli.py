@@ -92,26 +92,13 @@ def test_synthetic_is_flagged(workspace):
 def test_cnn_through_the_cli(tmp_path):
     """Conv and Gemm compile and fuse (QLinearConv, QGemm) from the command line."""
     model = io.save(gemm_conv_model(), tmp_path / "cnn.onnx")
-    assert main([str(model), "--target", "ort-cpu", "--synthetic", "-q"]) == 0
+    arguments = [str(model), "--target", "ort-cpu", "--synthetic", "-q"]
+    assert main(arguments) == 0
     report = json.loads((tmp_path / "cnn.ort-cpu.report.json").read_text())
     assert report["fusion"]["kernels"] == {"QGemm": 1, "QLinearConv": 1}
     assert "max_abs_shift" in report["bias_correction"]["conv"]  # on by default for Convs
     assert report["activation_quantizers"]["relu_out"]["folded_activation"] == "relu"
-    assert (
-        main(
-            [
-                str(model),
-                "--target",
-                "ort-cpu",
-                "--synthetic",
-                "-q",
-                "--no-bias-correction",
-                "-o",
-                str(tmp_path / "plain.onnx"),
-            ]
-        )
-        == 0
-    )
+    assert main([*arguments, "--no-bias-correction", "-o", str(tmp_path / "plain.onnx")]) == 0
     assert json.loads((tmp_path / "plain.report.json").read_text())["bias_correction"] == {}
 
 
