@@ -189,10 +189,8 @@ def main() -> None:
     parser.add_argument("--tools", help="comma-separated subset of the model's tools")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--reuse", action="store_true", help="keep earlier rows of tools not run now")
-    peers.add_worker_arguments(parser)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = peers.parse_or_work(parser, worker)
+    if args is None:
         return
     from qcompiler.models import minilm, smollm2
     from qcompiler.report import versions

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -166,26 +165,13 @@ def run_kind(task: Task, tools: list[str], work: pathlib.Path) -> dict[str, dict
     }
     for tool in tools:
         output = work / f"{task.kind}_{tool}.{'xml' if tool in OPENVINO_OUTPUT else 'onnx'}"
-        command = [
-            sys.executable,
-            str(pathlib.Path(__file__).resolve()),
-            "--worker",
-            tool,
-            "--model",
-            str(upgraded if tool in UPGRADED_INPUT else source),
-            "--calibration",
-            str(calibration),
-            "--output",
-            str(output),
-        ]
+        model = upgraded if tool in UPGRADED_INPUT else source
         # cwd: quant_pre_process leaves a temporary .data file in the working folder
-        process = subprocess.run(command, capture_output=True, text=True, check=False, cwd=work)
-        if process.returncode != 0:
-            error = (process.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            rows[tool] = {"description": TOOLS[tool], "error": error}
-            print(f"{task.kind} {tool}: FAILED {error}", file=sys.stderr)
+        measured = peers.compile_in_child(__file__, tool, model, calibration, output, cwd=work)
+        rows[tool] = {"description": TOOLS[tool], **measured}
+        if "error" in measured:
+            print(f"{task.kind} {tool}: FAILED {measured['error']}", file=sys.stderr)
             continue
-        rows[tool] = {"description": TOOLS[tool], **json.loads(process.stdout.strip().splitlines()[-1])}
         artifacts[tool] = output
     for name, path in artifacts.items():
         runner = peers.Runner(path)
@@ -210,10 +196,8 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=50, help="det evaluation pages")
     parser.add_argument("--calib-images", type=int, default=64, help="calibration images per model")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
-    peers.add_worker_arguments(parser)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = peers.parse_or_work(parser, worker)
+    if args is None:
         return
     from qcompiler.report import versions
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -181,10 +180,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--reuse", action="store_true", help="keep earlier rows of tools not run now")
-    peers.add_worker_arguments(parser)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = peers.parse_or_work(parser, worker)
+    if args is None:
         return
 
     import openvino as ov
@@ -239,27 +236,12 @@ def main() -> None:
         )
         for tool in tools:
             output = work / (f"{tool}.xml" if tool in OPENVINO_OUTPUT else f"{tool}.onnx")
-            command = [
-                sys.executable,
-                __file__,
-                "--worker",
-                tool,
-                "--model",
-                str(fp32_ov if tool in IR_INPUT else model_path),
-                "--calibration",
-                str(calibration),
-                "--output",
-                str(output),
-            ]
-            process = subprocess.run(command, capture_output=True, text=True, check=False)
-            if process.returncode != 0:
-                rows[tool] = {
-                    "description": TOOLS[tool],
-                    "error": process.stderr.strip().splitlines()[-1][:300],
-                }
+            model = fp32_ov if tool in IR_INPUT else model_path
+            measured = peers.compile_in_child(__file__, tool, model, calibration, output)
+            if "error" in measured:
+                rows[tool] = {"description": TOOLS[tool], **measured}
                 print(f"{tool}: FAILED {rows[tool]['error']}", file=sys.stderr)
                 continue
-            measured = json.loads(process.stdout.strip().splitlines()[-1])
             row = {
                 "description": TOOLS[tool],
                 **measured,

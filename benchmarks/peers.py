@@ -130,6 +130,34 @@ def version_of(name: str) -> str:
         return "not installed"
 
 
+def parse_or_work(parser, worker):
+    """Parse the command line; in a child started by `compile_in_child`, run `worker(args)` and return None."""
+    add_worker_arguments(parser)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return None
+    return args
+
+
+def compile_in_child(
+    script: str, tool: str, model: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path, **run
+) -> dict:
+    """Compile with `tool` in a child process of `script`: the JSON line its worker prints (wall time,
+    peak RSS, ...), or ``{"error": the last line of its stderr}``. `run`: extra `subprocess.run`
+    arguments (``cwd``)."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(pathlib.Path(script).resolve()), "--worker", tool, "--model", str(model)]
+    command += ["--calibration", str(calibration), "--output", str(output)]
+    process = subprocess.run(command, capture_output=True, text=True, check=False, **run)
+    if process.returncode != 0:
+        return {"error": (process.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
 def add_worker_arguments(parser) -> None:
     """The hidden flags a benchmark passes to itself to compile one tool in a child process."""
     import argparse

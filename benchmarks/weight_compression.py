@@ -251,10 +251,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="SmolLM2: 512-token test windows")
     parser.add_argument("--reuse", action="store_true", help="keep earlier rows of tools not run now")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
-    peers.add_worker_arguments(parser)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    args = peers.parse_or_work(parser, worker)
+    if args is None:
         return
     from qcompiler.report import versions
 
