@@ -69,7 +69,15 @@ def report_compile(compile_once) -> None:
     import json
     import time
 
-    from qcompiler.report import peak_rss_mb
+    try:
+        from qcompiler.report import peak_rss_mb
+    except ImportError:  # a peer's own virtual environment (ModelOpt's) has no qcompiler
+
+        def peak_rss_mb() -> float:
+            status = pathlib.Path("/proc/self/status").read_text()
+            return (
+                int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+            )
 
     start = time.perf_counter()
     compile_once()
@@ -141,16 +149,29 @@ def parse_or_work(parser, worker):
 
 
 def compile_in_child(
-    script: str, tool: str, model: pathlib.Path, calibration: pathlib.Path, output: pathlib.Path, **run
+    script: str,
+    tool: str,
+    model: pathlib.Path,
+    calibration: pathlib.Path,
+    output: pathlib.Path,
+    python: str | None = None,
+    **run,
 ) -> dict:
     """Compile with `tool` in a child process of `script`: the JSON line its worker prints (wall time,
-    peak RSS, ...), or ``{"error": the last line of its stderr}``. `run`: extra `subprocess.run`
-    arguments (``cwd``)."""
+    peak RSS, ...), or ``{"error": the last line of its stderr}``. `python`: another interpreter (a
+    peer's own virtual environment); `run`: extra `subprocess.run` arguments (``cwd``)."""
     import json
     import subprocess
     import sys
 
-    command = [sys.executable, str(pathlib.Path(script).resolve()), "--worker", tool, "--model", str(model)]
+    command = [
+        python or sys.executable,
+        str(pathlib.Path(script).resolve()),
+        "--worker",
+        tool,
+        "--model",
+        str(model),
+    ]
     command += ["--calibration", str(calibration), "--output", str(output)]
     process = subprocess.run(command, capture_output=True, text=True, check=False, **run)
     if process.returncode != 0:

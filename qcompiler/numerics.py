@@ -1,23 +1,37 @@
 """Quantize / dequantize arithmetic, numpy only, matching ONNX QuantizeLinear semantics.
 
 ONNX rounds half to even and saturates to the element type's range; `quantize` does the same, so
-a graph's QuantizeLinear and this module agree bit for bit (tested against onnxruntime).
+a graph's QuantizeLinear and this module agree bit for bit (tested against onnxruntime). FP8
+(E4M3FN) codes are ml_dtypes' float8_e4m3fn: x / scale saturated to +-448, then rounded to the
+nearest E4M3 value, ties to even (QuantizeLinear with ``saturate=1``, the default).
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from qcompiler.options import QuantType
 
-NUMPY_TYPES: dict[QuantType, type[np.integer]] = {QuantType.INT8: np.int8, QuantType.UINT8: np.uint8}
+NUMPY_TYPES: dict[QuantType, np.dtype] = {
+    QuantType.INT8: np.dtype(np.int8),
+    QuantType.UINT8: np.dtype(np.uint8),
+    QuantType.FP8: np.dtype(ml_dtypes.float8_e4m3fn),
+}
+FP8_MAX = 448.0
+"""The largest finite FLOAT8E4M3FN value."""
 
 SMALLEST_SCALE = float(np.finfo(np.float32).tiny) * 1e8
 """Floor for scales so an all-zero tensor still gets a valid (positive, finite) scale."""
 
 
 def type_range(qtype: QuantType, *, symmetric: bool = False) -> tuple[int, int]:
-    """The integer range a quantizer uses; symmetric INT8 drops -128 so zero maps to 0 exactly."""
+    """The code range a quantizer uses; symmetric INT8 drops -128 so zero maps to 0 exactly.
+
+    FP8: +-448 (its codes are not evenly spaced; the range is what saturates).
+    """
+    if qtype is QuantType.FP8:
+        return (-int(FP8_MAX), int(FP8_MAX))
     if qtype is QuantType.INT8:
         return (-127, 127) if symmetric else (-128, 127)
     return (0, 255)
@@ -30,7 +44,7 @@ def activation_params(lo: float, hi: float, qtype: QuantType, *, symmetric: bool
     """
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     qmin, qmax = type_range(qtype, symmetric=symmetric)
-    if symmetric:
+    if symmetric or qtype.is_float:
         absmax = max(-lo, hi)
         scale = max(2.0 * absmax / (qmax - qmin), SMALLEST_SCALE)
         zero_point = (qmin + qmax + 1) // 2 if qtype is QuantType.UINT8 else 0
@@ -86,9 +100,11 @@ def quantize(
     qtype: QuantType,
     axis: int | None = None,
 ) -> np.ndarray:
-    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
-    info = np.iinfo(NUMPY_TYPES[qtype])
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point) (FP8: see the module)."""
     s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    if qtype.is_float:
+        return np.clip(x.astype(np.float32) / s, -FP8_MAX, FP8_MAX).astype(NUMPY_TYPES[qtype])
+    info = np.iinfo(NUMPY_TYPES[qtype])
     z = _broadcast(np.asarray(zero_point, dtype=np.int32), x.ndim, axis)
     q = np.rint(x.astype(np.float32) / s) + z
     return np.clip(q, info.min, info.max).astype(NUMPY_TYPES[qtype])
@@ -100,8 +116,10 @@ def dequantize(
     zero_point: np.ndarray | int,
     axis: int | None = None,
 ) -> np.ndarray:
-    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32 (integer or FP8 codes)."""
     s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    if q.dtype == NUMPY_TYPES[QuantType.FP8]:
+        return (q.astype(np.float32) * s).astype(np.float32)
     z = _broadcast(np.asarray(zero_point, dtype=np.int32), q.ndim, axis)
     return ((q.astype(np.int32) - z) * s).astype(np.float32)
 

@@ -43,10 +43,17 @@ class RangeMethod(enum.Enum):
 
 
 class QuantType(enum.Enum):
-    """Integer element types a quantizer can produce."""
+    """Element types a quantizer can produce."""
 
     INT8 = "int8"
     UINT8 = "uint8"
+    FP8 = "fp8"
+    """FLOAT8E4M3FN: symmetric by definition (zero point 0), scale = range / 448 (TensorRT)."""
+
+    @property
+    def is_float(self) -> bool:
+        """A float code type (FP8): values round to its grid, not to integers."""
+        return self is QuantType.FP8
 
 
 class NodeLike(Protocol):
@@ -166,6 +173,8 @@ class CompressionOptions:
         ratio: fraction of the compressible MatMul weights (by size) in `format`; the rest, the
             most sensitive ones, in INT8.
         backup_layers: keep the embeddings and the last MatMul in INT8 (NNCF's default policy).
+        symmetric_backups: those INT8 backups symmetric, one scale per channel (for runtimes
+            without weight zero points or INT8 blocks: TensorRT); else asymmetric in blocks.
         damping: GPTQ's Hessian damping, relative to the mean diagonal.
         accuracy_level: MatMulNBits' ``accuracy_level`` for ORT (4: int8 activations in the
             kernel, fastest; 0: float). None: 4 for 4-bit formats, 0 for INT8 weights (whose
@@ -184,6 +193,7 @@ class CompressionOptions:
     hqq: bool = False
     ratio: float = 1.0
     backup_layers: bool = True
+    symmetric_backups: bool = False
     damping: float = 0.01
     accuracy_level: int | None = None
     fuse_attention: bool = True

@@ -19,6 +19,7 @@ from qcompiler.targets import Target, get_target
 _BACKENDS: dict[str, str] = {
     "onnxruntime": "qcompiler.backends.onnxruntime.backend",
     "openvino": "qcompiler.backends.openvino.backend",
+    "tensorrt": "qcompiler.backends.tensorrt.backend",
 }
 """`Target.backend` -> the module holding its ``BACKEND``."""
 

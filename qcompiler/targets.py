@@ -49,6 +49,11 @@ class Target:
         unsigned_midpoint: an asymmetric uint8 activation quantizer never gets zero point 128:
             OpenVINO reads that range, [-128 s, 127 s], as signed int8 and runs the MatMul as
             i8 x i8, slower than u8 x i8 on x86 (MiniLM: 6 of 36 FullyConnected).
+        activation_types: the activation element types the runtime runs (``--activation-type``).
+        symmetric_activations: activation quantizers must have zero point 0 (TensorRT's parser
+            rejects any other).
+        weight_block_sizes: the INT4 block sizes the runtime's weight-only kernels take (None: any);
+            a target that lists them takes no INT8 blocks either.
     """
 
     name: str
@@ -73,6 +78,13 @@ class Target:
     int8_embeddings: bool = False
     int8_attention_scores: bool = False
     unsigned_midpoint: bool = False
+    activation_types: frozenset[QuantType] = frozenset({QuantType.UINT8, QuantType.INT8})
+    symmetric_activations: bool = False
+    weight_block_sizes: tuple[int, ...] | None = None
+
+    def weight_type_for(self, activation_type: QuantType) -> QuantType:
+        """The W8A8 weight type beside `activation_type` (FP8 activations take FP8 weights)."""
+        return QuantType.FP8 if activation_type is QuantType.FP8 else self.weight_type
 
 
 ORT_CPU = Target(
@@ -135,8 +147,31 @@ OPENVINO_NPU = _openvino(
     unified_eltwise_scales=True,
 )
 
+TENSORRT = Target(
+    name="tensorrt",
+    backend="tensorrt",
+    description=(
+        "TensorRT 10.x/11.x explicit quantization, strongly typed: Q/DQ ONNX (INT8 or FP8 W8A8, "
+        "INT4 / FP8 weight-only) with the unquantized part in FP16"
+    ),
+    quantizable_ops=frozenset({"MatMul", "Gemm", "Conv"}),
+    default_ops=frozenset({"MatMul", "Gemm", "Conv"}),
+    activation_type=QuantType.INT8,
+    weight_type=QuantType.INT8,
+    output_quantized_ops=frozenset(),  # TensorRT: never quantize a weighted op's output by default
+    int32_bias_ops=frozenset(),  # the bias stays float: TensorRT fuses it into the GEMM / Conv
+    min_opset=19,  # FP16 scales (and FP8) need QuantizeLinear / DequantizeLinear 19
+    weight_ladder=("int4", "int8", "float"),  # float weights are stored FP16 (`finalize`)
+    activation_ladder=("int8", "float"),
+    symmetric_weights=True,
+    activation_types=frozenset({QuantType.INT8, QuantType.FP8}),
+    symmetric_activations=True,
+    weight_block_sizes=(64, 128),
+    whole_blocks=True,  # the parser infers the block from the shapes: "Inferred block size is not an integer"
+)
+
 TARGETS: dict[str, Target] = {
-    target.name: target for target in (ORT_CPU, OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU)
+    target.name: target for target in (ORT_CPU, OPENVINO_CPU, OPENVINO_GPU, OPENVINO_NPU, TENSORRT)
 }
 
 
@@ -158,15 +193,29 @@ def adapt_options(options: CompileOptions, target: Target) -> tuple[CompileOptio
     a target cannot do at all is an error elsewhere.
     """
     notes: list[str] = []
+    options = _adapt_activations(options, target, notes)
     compression = options.compression
     if compression is None:
         return options, notes
     changes: dict[str, Any] = {}
-    if target.symmetric_weights and not compression.symmetric and compression.format is WeightFormat.INT4:
+    integer = compression.format is WeightFormat.INT4 or (
+        compression.format.is_integer and target.weight_block_sizes is not None  # TensorRT: INT8 too
+    )
+    if target.symmetric_weights and not compression.symmetric and integer:
         changes["symmetric"] = True
         notes.append(
             f"{target.name}: asymmetric {compression.format.value} weights made symmetric (the device runs no zero point)"
         )
+    if (
+        target.symmetric_weights
+        and target.weight_block_sizes is not None
+        and not compression.symmetric_backups
+    ):
+        changes["symmetric_backups"] = True  # INT8 backups: no zero point, and INT8 takes no blocks
+        if compression.backup_layers:
+            notes.append(
+                f"{target.name}: the INT8 backup layers are symmetric per channel (INT8 weights take no blocks)"
+            )
     allowed = target.weight_group_sizes
     if (
         allowed is not None
@@ -179,9 +228,35 @@ def adapt_options(options: CompileOptions, target: Target) -> tuple[CompileOptio
             f"{target.name}: --group-size {compression.group_size} is not run by the device "
             f"(it runs {', '.join(str(size) if size else 'per-channel' for size in allowed)}); using {group}"
         )
+    blocks = target.weight_block_sizes
+    if (
+        blocks is not None
+        and compression.format is WeightFormat.INT4
+        and changes.get("group_size", compression.group_size) not in blocks
+    ):
+        group = min(blocks, key=lambda size: abs(size - compression.group_size))
+        changes["group_size"] = group
+        notes.append(
+            f"{target.name}: --group-size {compression.group_size} is not a block size its INT4 kernels take "
+            f"({', '.join(map(str, blocks))}); using {group}"
+        )
     if not changes:
         return options, notes
     return dataclasses.replace(options, compression=dataclasses.replace(compression, **changes)), notes
+
+
+def _adapt_activations(options: CompileOptions, target: Target, notes: list[str]) -> CompileOptions:
+    """Refuse an activation type the target does not run; make activations symmetric where it must."""
+    activations = options.activations
+    if activations.dtype is not None and activations.dtype not in target.activation_types:
+        known = ", ".join(sorted(qtype.value for qtype in target.activation_types))
+        raise OptionError(
+            f"--activation-type {activations.dtype.value}: {target.name} runs {known} activations"
+        )
+    if options.compression is not None or not target.symmetric_activations or activations.symmetric:
+        return options
+    notes.append(f"{target.name}: activations made symmetric (zero point 0: the runtime takes no other)")
+    return dataclasses.replace(options, activations=dataclasses.replace(activations, symmetric=True))
 
 
 def fitted_group_size(target: Target, fmt: WeightFormat, group: int, rows: int) -> int:

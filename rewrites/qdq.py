@@ -29,7 +29,14 @@ from qcompiler.calibration import Statistics, StatKind, StatRequest
 from qcompiler.disjoint_sets import DisjointSets
 from qcompiler.errors import UnsupportedModelError
 from qcompiler.irutil import add_initializer, dequantized_source, drop_if_unused, insert_dequantize
-from qcompiler.numerics import activation_params, int32_bias, off_midpoint, quantize, symmetric_weight_scales
+from qcompiler.numerics import (
+    NUMPY_TYPES,
+    activation_params,
+    int32_bias,
+    off_midpoint,
+    quantize,
+    symmetric_weight_scales,
+)
 from qcompiler.options import ActivationOptions, QuantType, RangeMethod
 from qcompiler.precision import as_scale, as_type, float_type_of
 from qcompiler.rewrites.activation_clamps import clamp_bounds, makes_redundant, remove_clamp
@@ -226,7 +233,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             zero = add_initializer(
                 graph,
                 f"{value.name}_zero_point",
-                np.array(params.zero_point, dtype=_np_type(self.activation_type)),
+                np.array(params.zero_point, dtype=NUMPY_TYPES[self.activation_type]),
             )
             node = ir.node(
                 "QuantizeLinear",
@@ -336,7 +343,3 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if consumer is q.producer():
                 continue
             self._dequantize_input(graph, consumer, index, output)
-
-
-def _np_type(qtype: QuantType) -> type[np.integer]:
-    return np.uint8 if qtype is QuantType.UINT8 else np.int8

@@ -12,10 +12,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qcompiler.numerics import activation_params, type_range
+from qcompiler.numerics import activation_params, dequantize, quantize, type_range
 from qcompiler.options import QuantType, RangeMethod
 from qcompiler.reducers import Histogram
-from qcompiler.rewrites.layer_error import fake_quantize_weight, layer_output_error, subsample_columns
+from qcompiler.rewrites.layer_error import (
+    fake_quantize_weight,
+    layer_output_error,
+    proxy_weight_type,
+    subsample_columns,
+)
 
 
 def percentile_range(histogram: Histogram, percentile: float) -> tuple[float, float]:
@@ -40,8 +45,11 @@ def expected_error(
     qmin, qmax = type_range(qtype, symmetric=symmetric)
     for index, (candidate_lo, candidate_hi) in enumerate(zip(lo, hi, strict=True)):
         scale, zero_point = activation_params(candidate_lo, candidate_hi, qtype, symmetric=symmetric)
-        q = np.clip(np.rint(centers / scale) + zero_point, qmin, qmax)
-        errors[index] = np.dot(histogram.counts, (centers - (q - zero_point) * scale) ** 2)
+        if qtype.is_float:  # FP8's grid is not uniform: round through the codes
+            rounded = dequantize(quantize(centers, scale, zero_point, qtype), scale, zero_point)
+        else:
+            rounded = (np.clip(np.rint(centers / scale) + zero_point, qmin, qmax) - zero_point) * scale
+        errors[index] = np.dot(histogram.counts, (centers - rounded) ** 2)
     return errors
 
 
@@ -92,7 +100,7 @@ def search_range(
     errors: dict[str, float] = {}
     if rows is not None and len(rows) and weights:
         weights = subsample_columns(weights)
-        quantized = [fake_quantize_weight(w) for w in weights]
+        quantized = [fake_quantize_weight(w, proxy_weight_type(qtype)) for w in weights]
         for name, (lo, hi) in candidates.items():
             errors[name] = layer_output_error(
                 rows, weights, lo, hi, qtype, symmetric=symmetric, quantized_weights=quantized

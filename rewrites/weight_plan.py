@@ -102,7 +102,9 @@ def plan_compression(
     units: list[WeightUnit] = []
     skipped: dict[str, str] = {}
     main = (options.format, options.symmetric, options.group_size)
-    backup = (BACKUP_FORMAT, False, 0) if options.backup_layers else main
+    symmetric = options.symmetric_backups
+    backup = (BACKUP_FORMAT, symmetric, 0) if options.backup_layers else main
+    blocks = backup_block if options.backup_layers and not symmetric else lambda rows: 0
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gather", "Gemm"):
             continue
@@ -120,14 +122,14 @@ def plan_compression(
             and _const_float_2d(node.inputs[0])
         ):
             embedding = WeightUnit(node, WeightRole.EMBEDDING, *backup)
-            embedding.group_size = embedding.group_size or backup_block(embedding.rows)
+            embedding.group_size = embedding.group_size or blocks(embedding.rows)
             units.append(embedding)
     matmuls = [unit for unit in units if unit.role is WeightRole.MATMUL]
     if matmuls and options.backup_layers:
         matmuls[-1].role = WeightRole.HEAD
         head = matmuls[-1]
         head.format, head.symmetric, head.group_size = backup
-        head.group_size = head.group_size or backup_block(head.rows)
+        head.group_size = head.group_size or blocks(head.rows)
     return units, skipped
 
 

@@ -83,7 +83,7 @@ def quantize_static(working: ir.Model, data: DataArg, context: CompileContext) -
             statistics,
             options.activations,
             activation_type,
-            target.weight_type,
+            target.weight_type_for(activation_type),
             unified_eltwise_scales=target.unified_eltwise_scales,
             unsigned_midpoint=target.unsigned_midpoint,
         )

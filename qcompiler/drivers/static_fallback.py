@@ -96,7 +96,7 @@ class StaticCandidates:
             self.statistics,
             self.options.activations,
             self.activation_type,
-            self.target.weight_type,
+            self.target.weight_type_for(self.activation_type),
             unified_eltwise_scales=self.target.unified_eltwise_scales,
             unsigned_midpoint=self.target.unsigned_midpoint,
         )
