@@ -54,6 +54,8 @@ class Target:
             rejects any other).
         weight_block_sizes: the INT4 block sizes the runtime's weight-only kernels take (None: any);
             a target that lists them takes no INT8 blocks either.
+        min_gemm_dim: a weighted MatMul / Gemm with K or N below this, or a static M of 1 (GEMV),
+            stays float (TensorRT: tensor cores cannot use it and Q/DQ there slow it down); 0: no rule.
     """
 
     name: str
@@ -81,6 +83,7 @@ class Target:
     activation_types: frozenset[QuantType] = frozenset({QuantType.UINT8, QuantType.INT8})
     symmetric_activations: bool = False
     weight_block_sizes: tuple[int, ...] | None = None
+    min_gemm_dim: int = 0
 
     def weight_type_for(self, activation_type: QuantType) -> QuantType:
         """The W8A8 weight type beside `activation_type` (FP8 activations take FP8 weights)."""
@@ -167,6 +170,7 @@ TENSORRT = Target(
     activation_types=frozenset({QuantType.INT8, QuantType.FP8}),
     symmetric_activations=True,
     weight_block_sizes=(64, 128),
+    min_gemm_dim=16,  # ModelOpt's _MIN_MATMUL_DIM: "cannot utilize TensorCores"
     whole_blocks=True,  # the parser infers the block from the shapes: "Inferred block size is not an integer"
 )
 

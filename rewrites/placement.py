@@ -180,6 +180,9 @@ def _try_plan_node(
         weight_index = spec.weight_input
     elif PRESET_NEEDS_WEIGHT[options.preset]:
         return f"no constant weight ({options.preset.value} preset quantizes only weighted ops)"
+    small = _small_gemm(node, target.min_gemm_dim) if weight_index is not None else None
+    if small:
+        return small
     activations = tuple(i for i in spec.inputs if i != weight_index)
     if spec.constants_float:
         activations = tuple(i for i in activations if node.inputs[i].const_value is None)  # type: ignore[union-attr]
@@ -212,6 +215,20 @@ def _try_plan_node(
     return QuantizedUnit(
         node, activations, weight_index, axis, bias_index, quantize_output, output_clamp=clamp
     )
+
+
+def _small_gemm(node: ir.Node, minimum: int) -> str | None:
+    """Why a weighted MatMul / Gemm is too small for the target's GEMM kernels (None: it is not)."""
+    rows = linear_weight_rows(node) if minimum else None
+    if rows is None:
+        return None
+    k, n = rows.shape
+    if k < minimum or n < minimum:
+        return f"GEMM too small for the target's kernels (K = {k}, N = {n}; both must be >= {minimum})"
+    shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    if shape is not None and len(shape) >= 2 and shape[-2] == 1:
+        return "GEMV (M = 1): the target runs it faster unquantized"
+    return None
 
 
 def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) -> QuantPlan:

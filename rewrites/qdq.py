@@ -44,6 +44,8 @@ from qcompiler.rewrites.placement import QuantizedUnit, QuantPlan
 from qcompiler.rewrites.ranges import HISTOGRAM_METHODS, candidate_ranges, choose_range, search_range
 
 ALGORITHM_KEY = "qcompiler.quantizer"
+SKIPPED_KEY = "qcompiler.skipped"
+"""Node metadata: why a node the options select stays float (the report's ``nodes.skipped``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for unit in self.plan.units:
             if unit.quantize_output:
                 self._quantize_output(graph, unit)
+        for node in graph:  # why a candidate stays float, visible in Netron
+            reason = self.plan.skipped.get(str(node.name))
+            if reason is not None:
+                node.metadata_props[SKIPPED_KEY] = reason
         return ir.passes.PassResult(model, modified=bool(self.plan.units))
 
     # Activations -----------------------------------------------------------------------------

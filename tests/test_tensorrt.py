@@ -10,7 +10,7 @@ import pytest
 
 import qcompiler
 from qcompiler.backends.tensorrt import legality
-from qcompiler.errors import OptionError
+from qcompiler.errors import OptionError, UnsupportedModelError
 from qcompiler.float16_compute import computes_in, kept_float32, to_float16
 from qcompiler.numerics import FP8_MAX, dequantize, quantize
 from qcompiler.options import QuantType
@@ -122,7 +122,7 @@ def _nodes(model: ir.Model, op_type: str) -> list[ir.Node]:
 
 
 def test_int8_w8a8_is_strongly_typed_symmetric_and_stores_int8_weights():
-    float_model = mlp_with_attention_matmul()
+    float_model = _mlp((256, 128, 64, 32))
     result = _compile(float_model, preset=qcompiler.Preset.TRANSFORMER)
     model = result.model
     assert any("activations made symmetric" in line for line in result.report.warnings)
@@ -137,7 +137,8 @@ def test_int8_w8a8_is_strongly_typed_symmetric_and_stores_int8_weights():
     assert not [v for v in model.graph.initializers.values() if v.dtype == FP32 and v.const_value.size > 1]
     assert model.opset_imports[""] >= 19 and model.ir_version >= 9
     assert legality.problems_of(model, strongly_typed=True) == []
-    # executed on CPU: the same quantizers as an ort-cpu compile with symmetric int8 activations
+    # executed on CPU: the same quantizers as an ort-cpu compile with symmetric int8 activations;
+    # FP16 rounding before a quantizer may move a code by one step: far below the quantization error
     reference = _compile(
         float_model,
         "ort-cpu",
@@ -145,12 +146,13 @@ def test_int8_w8a8_is_strongly_typed_symmetric_and_stores_int8_weights():
         activations=qcompiler.ActivationOptions(dtype=QuantType.INT8, symmetric=True),
     ).model
     for feed in random_feeds(float_model, 2, seed=9):
-        got, expected = run(model, feed)[0], run(reference, feed)[0]
-        assert np.abs(got - expected).max() <= 1e-2 * np.abs(expected).max()
+        got, expected, exact = run(model, feed)[0], run(reference, feed)[0], run(float_model, feed)[0]
+        assert np.abs(got - expected).max() <= 0.03 * np.abs(expected).max()
+        assert np.abs(got - expected).mean() <= 0.1 * np.abs(expected - exact).mean()
 
 
 def test_fp8_w8a8_uses_fp8_codes_and_scales_from_fp8_ranges():
-    float_model = mlp_with_attention_matmul()
+    float_model = _mlp()
     result = _compile(
         float_model,
         preset=qcompiler.Preset.TRANSFORMER,
@@ -166,7 +168,7 @@ def test_fp8_w8a8_uses_fp8_codes_and_scales_from_fp8_ranges():
         assert float(q.inputs[1].const_value.numpy()) == pytest.approx(absmax / FP8_MAX, rel=1e-3)
     weight = next(dq for dq in _nodes(model, "DequantizeLinear") if dq.inputs[0].const_value is not None)
     assert weight.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
-    fc1 = float_model.graph.initializers["w1"].const_value.numpy()
+    fc1 = float_model.graph.initializers["w0"].const_value.numpy()
     expected_scales = np.abs(fc1).max(axis=0) / FP8_MAX
     np.testing.assert_allclose(
         weight.inputs[1].const_value.numpy().astype(np.float32), expected_scales, rtol=1e-3
@@ -250,6 +252,22 @@ def test_int4_weight_only_keeps_blocked_dq_with_float16_scales():
     assert computes_in(model)[FP32] <= 2  # the interface Casts
     feed = random_feeds(float_model, 1, seed=4)[0]
     assert all(np.all(np.isfinite(output)) for output in run(model, feed))
+
+
+def test_tiny_gemms_and_gemv_stay_float_with_their_reason():
+    small = _mlp((256, 128, 8))  # N = 8 < 16
+    result = _compile(small, preset=qcompiler.Preset.TRANSFORMER)
+    reason = "GEMM too small for the target's kernels (K = 128, N = 8; both must be >= 16)"
+    assert result.report.nodes["skipped"] == {"fc1": reason}
+    assert (
+        next(n for n in result.model.graph if n.name == "fc1").metadata_props["qcompiler.skipped"] == reason
+    )
+    assert result.report.nodes["quantized"] == 1
+    gemv = _mlp()
+    gemv.graph.inputs[0].shape = ir.Shape([1, 256])
+    gemv = _typed(gemv)
+    with pytest.raises(UnsupportedModelError, match=r"2 of 2 candidate nodes skipped because GEMV \(M = 1\)"):
+        _compile(gemv, preset=qcompiler.Preset.TRANSFORMER)
 
 
 def test_activation_types_a_target_does_not_run_are_refused():
