@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from qcompiler.errors import OptionError
-from qcompiler.options import CompileOptions, QuantType, WeightFormat
+from qcompiler.options import CompileOptions, Preset, QuantType, RangeMethod, WeightFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,10 @@ class Target:
             rejects any other).
         weight_block_sizes: the INT4 block sizes the runtime's weight-only kernels take (None: any);
             a target that lists them takes no INT8 blocks either.
+        int8_cnn_range: the range method a default-preset INT8 compile takes when the user leaves
+            it (None: the preset's). Symmetric INT8 leaves 7 bits to a tensor after a ReLU, so a
+            MinMax range stretched by one outlier costs too much: PP-OCRv5 rec on tensorrt, 38.2 %
+            exact lines with MinMax, 88.2 % with percentile (FP32 93.8 %).
         min_gemm_dim: a weighted MatMul / Gemm with K or N below this, or a static M of 1 (GEMV),
             stays float (TensorRT: tensor cores cannot use it and Q/DQ there slow it down); 0: no rule.
     """
@@ -84,6 +88,7 @@ class Target:
     symmetric_activations: bool = False
     weight_block_sizes: tuple[int, ...] | None = None
     min_gemm_dim: int = 0
+    int8_cnn_range: RangeMethod | None = None
 
     def weight_type_for(self, activation_type: QuantType) -> QuantType:
         """The W8A8 weight type beside `activation_type` (FP8 activations take FP8 weights)."""
@@ -170,6 +175,7 @@ TENSORRT = Target(
     activation_types=frozenset({QuantType.INT8, QuantType.FP8}),
     symmetric_activations=True,
     weight_block_sizes=(64, 128),
+    int8_cnn_range=RangeMethod.PERCENTILE,
     min_gemm_dim=16,  # ModelOpt's _MIN_MATMUL_DIM: "cannot utilize TensorCores"
     whole_blocks=True,  # the parser infers the block from the shapes: "Inferred block size is not an integer"
 )
@@ -250,17 +256,30 @@ def adapt_options(options: CompileOptions, target: Target) -> tuple[CompileOptio
 
 
 def _adapt_activations(options: CompileOptions, target: Target, notes: list[str]) -> CompileOptions:
-    """Refuse an activation type the target does not run; make activations symmetric where it must."""
+    """Refuse an activation type the target does not run; symmetric activations and a CNN range where it wants them."""
     activations = options.activations
     if activations.dtype is not None and activations.dtype not in target.activation_types:
         known = ", ".join(sorted(qtype.value for qtype in target.activation_types))
         raise OptionError(
             f"--activation-type {activations.dtype.value}: {target.name} runs {known} activations"
         )
-    if options.compression is not None or not target.symmetric_activations or activations.symmetric:
+    if options.compression is not None:
         return options
-    notes.append(f"{target.name}: activations made symmetric (zero point 0: the runtime takes no other)")
-    return dataclasses.replace(options, activations=dataclasses.replace(activations, symmetric=True))
+    if (
+        target.int8_cnn_range is not None
+        and options.preset is Preset.DEFAULT
+        and activations.range_method is None
+        and activations.dtype in (None, QuantType.INT8)
+    ):
+        activations = dataclasses.replace(activations, range_method=target.int8_cnn_range)
+        notes.append(
+            f"{target.name}: INT8 activation ranges by {target.int8_cnn_range.value} (the preset leaves them; "
+            "symmetric INT8 would spend its 7 bits on outliers under MinMax)"
+        )
+    if target.symmetric_activations and not activations.symmetric:
+        activations = dataclasses.replace(activations, symmetric=True)
+        notes.append(f"{target.name}: activations made symmetric (zero point 0: the runtime takes no other)")
+    return dataclasses.replace(options, activations=activations)
 
 
 def fitted_group_size(target: Target, fmt: WeightFormat, group: int, rows: int) -> int:

@@ -90,7 +90,9 @@ def compile(  # noqa: A001 - the public name the design promises
         AccuracyBudgetError: `--max-drop` was not met; its ``result`` holds the best model found.
     """
     resolved = get_target(target)
-    options, adaptations = adapt_options((options or CompileOptions()).resolved(), resolved)
+    # adapted before the preset fills its defaults: a target may choose where the user did not
+    options, adaptations = adapt_options(options or CompileOptions(), resolved)
+    options = options.resolved()
     _check_options(options, data, validation)
     source = io.load(model)
     context = CompileContext(
