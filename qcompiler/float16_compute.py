@@ -177,8 +177,8 @@ def to_float16(model: ir.Model) -> Float16Report:
                 if value.dtype == FP16 and value in originally_fp32:
                     node.replace_input_with(index, _cast(graph, value, FP32, node, up_casts, report))
                 continue
-            if value.dtype != FP32:
-                continue
+            if value.dtype != FP32 or (index == 1 and _names_output_type(node)):
+                continue  # a DQ that names its output type keeps its scale's (NVFP4's FP32 tensor scale)
             if value.is_initializer() or value.const_value is not None:
                 node.replace_input_with(
                     index, _float16_constant(graph, value, node, index, converted_constants, report)
@@ -204,12 +204,19 @@ def to_float16(model: ir.Model) -> Float16Report:
     return report
 
 
+def _names_output_type(node: ir.Node) -> bool:
+    """A DequantizeLinear whose ``output_dtype`` (opset 23) sets its output type, not its scale."""
+    return node.op_type == "DequantizeLinear" and "output_dtype" in node.attributes
+
+
 def _retype_attributes(node: ir.Node, report: Float16Report) -> None:
     """A converted node's FP32 Cast targets and tensor attributes (Constant, ConstantOfShape) become FP16."""
     if node.domain not in ("", "ai.onnx"):
         return
     if node.op_type == "Cast" and node.attributes.get_int("to", 0) == FP32:
         node.attributes["to"] = ir.AttrInt64("to", int(FP16))
+    if _names_output_type(node) and node.attributes.get_int("output_dtype", 0) == FP32:
+        node.attributes["output_dtype"] = ir.AttrInt64("output_dtype", int(FP16))
     attribute = node.attributes.get("value")
     if attribute is not None and attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == FP32:
         array = _clipped(np.asarray(attribute.value.numpy()))

@@ -279,3 +279,34 @@ def test_activation_types_a_target_does_not_run_are_refused():
             "ort-cpu",
             activations=qcompiler.ActivationOptions(dtype=QuantType.FP8),
         )
+
+
+def test_nvfp4_weights_are_two_chained_dqs_that_onnx_reference_computes_like_our_cpu_twin():
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompiler.backends.tensorrt.verification import as_artifact
+    from qcompiler.registry import backend_named
+
+    float_model = _mlp()
+    weights = qcompiler.CompressionOptions(format=qcompiler.WeightFormat.NVFP4, backup_layers=False)
+    model = qcompiler.compile(
+        float_model, "tensorrt", qcompiler.CompileOptions(compression=weights), progress=False
+    ).model
+    assert model.opset_imports[""] == 23 and model.ir_version >= 11
+    assert legality.problems_of(model, strongly_typed=True) == []
+    for matmul in _nodes(model, "MatMul"):
+        dq = matmul.inputs[1].producer()
+        assert dq.op_type == "DequantizeLinear" and dq.inputs[0].dtype == ir.DataType.FLOAT4E2M1
+        assert dq.attributes.get_int("axis", 1) == 0 and dq.attributes.get_int("block_size", 0) == 16
+        scales = dq.inputs[1].producer()  # E4M3 block scales x the FP32 tensor scale, out in FP16
+        assert scales.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN and scales.inputs[1].dtype == FP32
+        assert scales.attributes.get_int("output_dtype", 0) == FP16 and dq.outputs[0].dtype == FP16
+    feed = random_feeds(float_model, 1, seed=3)[0]
+    reference = ReferenceEvaluator(ir.to_proto(model)).run(None, feed)[0].astype(np.float32)
+    assert not any(n.inputs[0].dtype == ir.DataType.FLOAT4E2M1 for n in as_artifact(model).graph if n.inputs)
+    (ours,) = backend_named("tensorrt").runner(model).run([model.graph.outputs[0].name], feed)
+    np.testing.assert_allclose(ours.astype(np.float32), reference, atol=2e-3 * np.abs(reference).max())
+    exact = run(float_model, feed)[0]
+    assert (
+        np.abs(reference - exact).mean() < 0.15 * np.abs(exact).mean()
+    )  # NVFP4's own error, not a broken graph

@@ -22,7 +22,8 @@ import onnxruntime as ort
 
 from qcompiler.float16_compute import QDQ_OPS, to_float16
 from qcompiler.io import clone, initializer_bytes, save
-from qcompiler.precision import model_precision, reduced_activations
+from qcompiler.irutil import add_initializer, drop_if_unused
+from qcompiler.precision import model_precision, numpy_type, reduced_activations
 
 IN_MEMORY_LIMIT = 256 * 2**20
 """Above this many weight bytes a session is built from a temporary file with external data."""
@@ -34,12 +35,77 @@ def is_quantized(model: ir.Model) -> bool:
 
 
 def as_artifact(model: ir.Model) -> ir.Model:
-    """`model` as the artifact computes it: an FP32 quantized graph converted to FP16 (on a clone)."""
-    if not is_quantized(model) or reduced_activations(model) or model_precision(model) != ir.DataType.FLOAT:
+    """`model` as onnxruntime can run the artifact (on a clone; `model` itself if nothing changes).
+
+    An FP32 quantized graph is converted to FP16, FP4 weights are folded to their values.
+    """
+    convert = (
+        is_quantized(model) and not reduced_activations(model) and model_precision(model) == ir.DataType.FLOAT
+    )
+    if not convert and not _fp4_weights(model):
         return model
-    converted = clone(model)
-    to_float16(converted)
-    return converted
+    runnable = clone(model)
+    if convert:
+        to_float16(runnable)
+    fold_fp4_weights(runnable)
+    return runnable
+
+
+def _fp4_weights(model: ir.Model) -> list[ir.Node]:
+    return [
+        node
+        for node in model.graph
+        if node.op_type == "DequantizeLinear"
+        and node.inputs[0] is not None
+        and node.inputs[0].dtype == ir.DataType.FLOAT4E2M1
+        and node.inputs[0].const_value is not None
+    ]
+
+
+def fold_fp4_weights(model: ir.Model) -> int:
+    """Replace each FP4 weight DQ (and the block-scale DQ feeding it) by its values, in place.
+
+    Exact: E2M1 codes times E4M3 block scales times the FP32 tensor scale, rounded once to the
+    DQ's output type, as DequantizeLinear 23 defines it (tested against onnx's reference
+    evaluator). onnxruntime has no FP4 DequantizeLinear kernel; this is what lets it run the rest.
+    """
+    graph = model.graph
+    folded = 0
+    for dq in _fp4_weights(model):
+        scale_value = dq.inputs[1]
+        assert scale_value is not None
+        scale_dq = scale_value.producer()
+        if scale_dq is not None and scale_dq.op_type == "DequantizeLinear":
+            block, tensor = (
+                np.asarray(value.const_value.numpy()).astype(np.float32) for value in scale_dq.inputs[:2]
+            )  # type: ignore[union-attr]
+            scales = (block * tensor).astype(numpy_type(scale_value.dtype))  # type: ignore[arg-type]
+        else:
+            assert scale_value.const_value is not None
+            scales = np.asarray(scale_value.const_value.numpy())
+        codes = np.asarray(dq.inputs[0].const_value.numpy()).astype(np.float32)  # type: ignore[union-attr]
+        axis = dq.attributes.get_int("axis", 1) % codes.ndim
+        block_size = dq.attributes.get_int("block_size", 0)
+        expanded = (
+            np.repeat(scales.astype(np.float32), block_size, axis=axis)
+            if block_size
+            else scales.astype(np.float32)
+        )
+        expanded = np.take(expanded, np.arange(codes.shape[axis]), axis=axis)
+        output = dq.outputs[0]
+        values = add_initializer(
+            graph, f"{dq.name}_values", (codes * expanded).astype(numpy_type(output.dtype))
+        )  # type: ignore[arg-type]
+        output.replace_all_uses_with(values)
+        constants = [value for value in dq.inputs if value is not None]
+        graph.remove(dq, safe=True)
+        if scale_dq is not None and not scale_dq.outputs[0].uses():
+            constants += [value for value in scale_dq.inputs if value is not None]
+            graph.remove(scale_dq, safe=True)
+        for value in constants:
+            drop_if_unused(graph, value)
+        folded += 1
+    return folded
 
 
 def create_session(
