@@ -310,3 +310,28 @@ def test_nvfp4_weights_are_two_chained_dqs_that_onnx_reference_computes_like_our
     assert (
         np.abs(reference - exact).mean() < 0.15 * np.abs(exact).mean()
     )  # NVFP4's own error, not a broken graph
+
+
+@pytest.mark.parametrize("dtype", [QuantType.INT8, QuantType.FP8])
+def test_max_drop_measures_tensorrt_candidates_as_fp16_artifacts(monkeypatch, dtype):
+    from qcompiler.backends.tensorrt import verification
+
+    measured: list[bool] = []
+    convert = verification.to_float16
+    monkeypatch.setattr(verification, "to_float16", lambda model: measured.append(True) or convert(model))
+    float_model = _mlp()
+    options = qcompiler.CompileOptions(
+        preset=qcompiler.Preset.TRANSFORMER,
+        activations=qcompiler.ActivationOptions(dtype=dtype),
+        accuracy=qcompiler.AccuracyOptions(max_drop=0.002, metric="cosine"),
+    )
+    result = qcompiler.compile(
+        float_model,
+        "tensorrt",
+        options,
+        data=random_feeds(float_model, 4),
+        validation=random_feeds(float_model, 2, seed=8),
+        progress=False,
+    )
+    assert result.report.fallback["met"] and measured  # every trial ran the FP16 artifact it would write
+    assert legality.problems_of(result.model, strongly_typed=True) == []
