@@ -58,6 +58,9 @@ class Target:
             it (None: the preset's). Symmetric INT8 leaves 7 bits to a tensor after a ReLU, so a
             MinMax range stretched by one outlier costs too much: PP-OCRv5 rec on tensorrt, 38.2 %
             exact lines with MinMax, 88.2 % with percentile (FP32 93.8 %).
+        quantize_residual_adds: an Add that a quantized Conv's output alone feeds also gets a
+            quantizer on its other (residual) input, so the runtime fuses the Add into the Conv
+            (TensorRT's placement recommendation; the Conv side stays unquantized).
         min_gemm_dim: a weighted MatMul / Gemm with K or N below this, or a static M of 1 (GEMV),
             stays float (TensorRT: tensor cores cannot use it and Q/DQ there slow it down); 0: no rule.
     """
@@ -89,6 +92,7 @@ class Target:
     weight_block_sizes: tuple[int, ...] | None = None
     min_gemm_dim: int = 0
     int8_cnn_range: RangeMethod | None = None
+    quantize_residual_adds: bool = False
 
     def weight_type_for(self, activation_type: QuantType) -> QuantType:
         """The W8A8 weight type beside `activation_type` (FP8 activations take FP8 weights)."""
@@ -176,6 +180,7 @@ TENSORRT = Target(
     symmetric_activations=True,
     weight_block_sizes=(64, 128),
     int8_cnn_range=RangeMethod.PERCENTILE,
+    quantize_residual_adds=True,
     min_gemm_dim=16,  # ModelOpt's _MIN_MATMUL_DIM: "cannot utilize TensorCores"
     whole_blocks=True,  # the parser infers the block from the shapes: "Inferred block size is not an integer"
 )

@@ -266,7 +266,38 @@ def plan_quantizers(model: ir.Model, target: Target, options: CompileOptions) ->
             else:
                 units.extend(found)
                 skipped.pop(str(node.name), None)
+    if target.quantize_residual_adds:
+        units.extend(_residual_add_units(model, units, options))
     return QuantPlan(units, skipped)
+
+
+def _residual_add_units(
+    model: ir.Model, units: list[QuantizedUnit], options: CompileOptions
+) -> list[QuantizedUnit]:
+    """A quantizer on the residual input of each Add that a quantized Conv's output alone feeds.
+
+    TensorRT fuses Conv + elementwise Add, and "the precision of the first input of the
+    element-wise addition layer determines the precision of the fused output": a float residual
+    keeps the Add out of the Conv's INT8 / FP8 kernel. The Conv side stays unquantized (it is the
+    fused kernel's own output), as in ModelOpt's ``build_non_residual_input_map``.
+    """
+    convs = {id(unit.node) for unit in units if unit.node.op_type == "Conv"}
+    found = []
+    for node in model.graph:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or options.ignored.matches(node):
+            continue
+        inputs = [node.inputs[0], node.inputs[1]] if len(node.inputs) == 2 else []
+        if not inputs or not all(_is_float(value) and value.const_value is None for value in inputs):
+            continue
+        fused = [
+            index
+            for index, value in enumerate(inputs)
+            if value.producer() is not None and id(value.producer()) in convs and len(value.uses()) == 1  # type: ignore[union-attr]
+        ]
+        if fused:
+            residual = 1 - fused[0]  # with two fusible Convs, the second input is the residual
+            found.append(QuantizedUnit(node, (residual,), None, None, None, False, symmetric=True))
+    return found
 
 
 SHAPE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze"})

@@ -335,3 +335,37 @@ def test_max_drop_measures_tensorrt_candidates_as_fp16_artifacts(monkeypatch, dt
     )
     assert result.report.fallback["met"] and measured  # every trial ran the FP16 artifact it would write
     assert legality.problems_of(result.model, strongly_typed=True) == []
+
+
+def test_residual_add_input_is_quantized_so_the_add_fuses_into_its_conv():
+    rng = np.random.default_rng(11)
+    x = float_input("x", [1, 16, 8, 8])
+    graph = ir.Graph([x], [], nodes=[], name="residual")
+    weight = (rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)
+    conv = add(
+        graph,
+        "Conv",
+        [x, const(graph, "w", weight), const(graph, "b", np.zeros(16, np.float32))],
+        "conv",
+        pads=[1, 1, 1, 1],
+    )
+    summed = add(graph, "Add", [conv, x], "residual_add")
+    relu = add(graph, "Relu", [summed], "relu")
+    weight2 = (rng.standard_normal((16, 16, 1, 1)) * 0.1).astype(np.float32)
+    out = add(
+        graph,
+        "Conv",
+        [relu, const(graph, "w2", weight2), const(graph, "b2", np.zeros(16, np.float32))],
+        "conv2",
+    )
+    out.shape = ir.Shape([1, 16, 8, 8])
+    graph.outputs.append(out)
+    model = _typed(model_of(graph, 17))
+    result = _compile(model)
+    assert result.report.nodes["by_op_type"] == {"Conv": 2, "Add": 1}
+    residual = next(node for node in result.model.graph if node.name == "residual_add")
+    assert residual.inputs[0].producer().op_type == "Conv"  # the fused side stays the Conv's own output
+    assert residual.inputs[1].producer().op_type == "DequantizeLinear"
+    assert legality.problems_of(result.model, strongly_typed=True) == []
+    # ort-cpu plans no residual quantizer
+    assert _compile(model, "ort-cpu").report.nodes["by_op_type"] == {"Conv": 2}
