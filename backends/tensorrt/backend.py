@@ -28,6 +28,7 @@ from qcompiler.backends.tensorrt import legality
 from qcompiler.backends.tensorrt.lower_weights import lower_weights
 from qcompiler.backends.tensorrt.verification import CpuRunner, as_artifact, create_session
 from qcompiler.float16_compute import to_float16
+from qcompiler.io import load
 from qcompiler.io import save as save_onnx
 from qcompiler.precision import model_precision, reduced_activations
 
@@ -82,9 +83,11 @@ class TensorRTBackend(Backend):
     capabilities = Capabilities(precisions=frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16}))
 
     def runner(self, model: ModelRef, settings: RunnerSettings = DEFAULT_RUNNER) -> Runner:
-        """An onnxruntime CPU session of the artifact (a quantized FP32 model is made FP16 first)."""
+        """An onnxruntime CPU session of the artifact (`verification.as_artifact`: FP16, FP4 weights folded)."""
         if settings.precision is not Precision.F32:
             raise ValueError(f"the TensorRT CPU verification runs f32 here, not {settings.precision.value}")
+        if isinstance(model, str | os.PathLike):  # a saved artifact may hold FP4 weights to fold
+            model = load(model)
         if isinstance(model, ir.Model):
             model = as_artifact(model)
         assert isinstance(model, ir.Model | str | os.PathLike)
