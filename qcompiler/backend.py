@@ -75,6 +75,27 @@ class Runner(Protocol):
         ...
 
 
+class SessionRunner:
+    """A `Runner` over an onnxruntime ``InferenceSession`` (duck-typed: core imports no runtime).
+
+    Shared by the backends that execute ONNX in onnxruntime (its own target, and TensorRT's CPU
+    verification); each makes the session with its own options.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.output_names = [output.name for output in session.get_outputs()]
+
+    def run(self, names: Sequence[str], feed: Feed) -> list[np.ndarray]:
+        """The named outputs for one feed."""
+        return self.session.run(list(names), dict(feed))
+
+    def run_all(self, names: Sequence[str], feeds: Iterable[Feed]) -> Iterator[list[np.ndarray]]:
+        """The named outputs of each feed, in order (onnxruntime parallelizes inside one run)."""
+        for feed in feeds:
+            yield self.run(names, feed)
+
+
 class RunnerFactory(Protocol):
     """Makes the runner of a model (a backend's `runner`, with its settings bound)."""
 

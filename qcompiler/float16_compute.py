@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.irutil import add_initializer
+from qcompiler.irutil import add_initializer, cast_graph_output
 from qcompiler.precision import as_scale
 
 FP32, FP16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -191,7 +191,7 @@ def to_float16(model: ir.Model) -> Float16Report:
                 report.retyped += 1
     for value in interface:
         if value.dtype == FP16:
-            _restore_interface(graph, value)
+            cast_graph_output(graph, value, FP32, f"{value.name}_float16")
     for original, twin in converted_constants.items():
         if original.uses() or original.is_graph_input() or original.is_graph_output():
             continue  # a kept node still reads the FP32 original
@@ -275,19 +275,6 @@ def _cast(
     cache[value] = cast.outputs[0]
     report.casts += 1
     return cast.outputs[0]
-
-
-def _restore_interface(graph: ir.Graph, value: ir.Value) -> None:
-    """The graph output `value` (now FP16) is read through a Cast to FP32 under its own name."""
-    name = str(value.name)
-    cast = ir.node("Cast", [value], {"to": FP32}, name=f"{name}/interface")
-    graph.insert_after(value.producer(), cast)  # type: ignore[arg-type]
-    result = cast.outputs[0]
-    result.type, result.shape = ir.TensorType(FP32), value.shape
-    value.name = f"{name}_float16"
-    result.name = name
-    index = list(graph.outputs).index(value)
-    graph.outputs[index] = result
 
 
 def computes_in(model: ir.Model) -> collections.Counter[ir.DataType]:

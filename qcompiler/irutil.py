@@ -117,3 +117,20 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Remove an initializer nothing reads any more."""
     if not value.uses() and value.is_initializer() and not value.is_graph_output():
         graph.initializers.pop(str(value.name), None)
+
+
+def cast_graph_output(graph: ir.Graph, value: ir.Value, dtype: ir.DataType, inner_name: str) -> ir.Value:
+    """The graph output `value` read through ``Cast(dtype)`` under its own name; the Cast's output.
+
+    The inner tensor is renamed `inner_name`, so the interface keeps its names and takes `dtype`
+    (a model that computes in another float type than its interface declares).
+    """
+    name = str(value.name)
+    cast = ir.node("Cast", [value], {"to": dtype}, name=f"{name}/interface")
+    graph.insert_after(value.producer(), cast)  # type: ignore[arg-type]
+    result = cast.outputs[0]
+    result.type, result.shape = ir.TensorType(dtype), value.shape
+    value.name = inner_name
+    result.name = name
+    graph.outputs[list(graph.outputs).index(value)] = result
+    return result

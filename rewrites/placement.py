@@ -286,8 +286,8 @@ def _residual_add_units(
     for node in model.graph:
         if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or options.ignored.matches(node):
             continue
-        inputs = [node.inputs[0], node.inputs[1]] if len(node.inputs) == 2 else []
-        if not inputs or not all(_is_float(value) and value.const_value is None for value in inputs):
+        inputs = [value for value in node.inputs if value is not None]
+        if len(inputs) != 2 or not all(_is_float(value) and value.const_value is None for value in inputs):
             continue
         fused = [
             index

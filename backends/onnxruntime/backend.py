@@ -18,6 +18,7 @@ from qcompiler.backend import (
     Precision,
     Runner,
     RunnerSettings,
+    SessionRunner,
 )
 from qcompiler.backends.onnxruntime.attention import fuse_group_query_attention
 from qcompiler.backends.onnxruntime.float32_compute import compute_in_float32
@@ -26,7 +27,7 @@ from qcompiler.backends.onnxruntime.legality import check
 from qcompiler.backends.onnxruntime.lower import lower
 from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
-from qcompiler.backends.onnxruntime.session import OnnxRuntimeRunner, create_session, session_options
+from qcompiler.backends.onnxruntime.session import create_session, session_options
 from qcompiler.io import save as save_onnx
 from qcompiler.precision import model_precision as precision_of
 from qcompiler.precision import reduced_activations
@@ -48,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"onnxruntime CPU runs f32 here, not {settings.precision.value}")
         assert isinstance(model, ir.Model | str | os.PathLike)
         options = session_options(threads=settings.threads, lean=settings.lean)
-        return OnnxRuntimeRunner(create_session(model, options))
+        return SessionRunner(create_session(model, options))
 
     def lower(self, model: ir.Model) -> None:
         """Requantize float consumers of output-quantized tensors, dedicate shared DQs."""

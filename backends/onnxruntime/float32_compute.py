@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.irutil import cast_graph_output
+
 
 def compute_in_float32(model: ir.Model, source: ir.DataType = ir.DataType.FLOAT16) -> int:
     """Make a `source`-precision graph compute in FP32 in place (see the module docstring).
@@ -52,7 +54,7 @@ def compute_in_float32(model: ir.Model, source: ir.DataType = ir.DataType.FLOAT1
     for index in interface:
         value = graph.outputs[index]
         if value.producer() is not None:  # an input passed straight through kept its type
-            graph.outputs[index] = _narrow_output(graph, value, source)
+            cast_graph_output(graph, value, source, f"{value.name}/float32")
     return retyped
 
 
@@ -89,14 +91,3 @@ def _widen_input(graph: ir.Graph, value: ir.Value, dtype: ir.DataType) -> None:
     graph.insert_before(next(iter(graph)), cast)
     for use in uses:
         use.node.replace_input_with(use.idx, cast.outputs[0])
-
-
-def _narrow_output(graph: ir.Graph, value: ir.Value, dtype: ir.DataType) -> ir.Value:
-    name = str(value.name)
-    cast = ir.node("Cast", [value], {"to": dtype}, name=f"{name}/interface")
-    graph.insert_after(value.producer(), cast)  # type: ignore[arg-type]
-    result = cast.outputs[0]
-    result.type, result.shape = ir.TensorType(dtype), value.shape
-    value.name = f"{name}/float32"
-    result.name = name
-    return result

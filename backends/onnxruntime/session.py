@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -71,22 +69,3 @@ def create_session(
     with tempfile.TemporaryDirectory(prefix="qcompile-session-") as folder:
         path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, providers=providers)
-
-
-class OnnxRuntimeRunner:
-    """A `qcompiler.backend.Runner` over one CPU session."""
-
-    def __init__(self, session: ort.InferenceSession) -> None:
-        self.session = session
-        self.output_names = [output.name for output in session.get_outputs()]
-
-    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The named outputs for one feed."""
-        return self.session.run(list(names), dict(feed))
-
-    def run_all(
-        self, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
-    ) -> Iterator[list[np.ndarray]]:
-        """The named outputs of each feed, in order (onnxruntime parallelizes inside one run)."""
-        for feed in feeds:
-            yield self.run(names, feed)

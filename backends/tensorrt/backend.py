@@ -23,10 +23,11 @@ from qcompiler.backend import (
     Precision,
     Runner,
     RunnerSettings,
+    SessionRunner,
 )
 from qcompiler.backends.tensorrt import legality
 from qcompiler.backends.tensorrt.lower_weights import lower_weights
-from qcompiler.backends.tensorrt.verification import CpuRunner, as_artifact, create_session
+from qcompiler.backends.tensorrt.verification import as_artifact, create_session
 from qcompiler.float16_compute import to_float16
 from qcompiler.io import load
 from qcompiler.io import save as save_onnx
@@ -91,7 +92,7 @@ class TensorRTBackend(Backend):
         if isinstance(model, ir.Model):
             model = as_artifact(model)
         assert isinstance(model, ir.Model | str | os.PathLike)
-        return CpuRunner(create_session(model, settings.threads))
+        return SessionRunner(create_session(model, settings.threads))
 
     def lower_weights(
         self, model: ir.Model, accuracy_level: int = 4, int8_accuracy_level: int = 0

@@ -3,7 +3,7 @@
 onnxruntime runs every Q/DQ form this backend emits (INT8 and FP8 per-tensor / per-channel,
 INT4 blocked DequantizeLinear from opset 21, FP16 scales from 19) op by op with every graph
 optimization off, so what it computes is what the graph says: the reference TensorRT's kernels
-approximate. Off, not basic: onnxruntime 1.24's basic-level rewrites change the result of an FP16
+approximate. Off, not basic: onnxruntime 1.32's basic-level rewrites change the result of an FP16
 graph with FP8 Q/DQ between two Convs (relative error 3.6 against 0.043 with them off, which the
 onnx reference evaluator agrees with; not isolated to one rewrite). A candidate of ``--max-drop`` (a canonical FP32 Q/DQ model) is converted to
 FP16 first, so the search measures the artifact it would write.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -62,6 +61,11 @@ def _fp4_weights(model: ir.Model) -> list[ir.Node]:
     ]
 
 
+def _constant_float32(value: ir.Value | None) -> np.ndarray:
+    assert value is not None and value.const_value is not None, "a block-scale DQ reads constants"
+    return np.asarray(value.const_value.numpy()).astype(np.float32)
+
+
 def fold_fp4_weights(model: ir.Model) -> int:
     """Replace each FP4 weight DQ (and the block-scale DQ feeding it) by its values, in place.
 
@@ -76,10 +80,8 @@ def fold_fp4_weights(model: ir.Model) -> int:
         assert scale_value is not None
         scale_dq = scale_value.producer()
         if scale_dq is not None and scale_dq.op_type == "DequantizeLinear":
-            block, tensor = (
-                np.asarray(value.const_value.numpy()).astype(np.float32) for value in scale_dq.inputs[:2]
-            )  # type: ignore[union-attr]
-            scales = (block * tensor).astype(numpy_type(scale_value.dtype))  # type: ignore[arg-type]
+            block, tensor = (_constant_float32(value) for value in scale_dq.inputs[:2])
+            scales = (block * tensor).astype(numpy_type(scale_value.dtype or ir.DataType.FLOAT))
         else:
             assert scale_value.const_value is not None
             scales = np.asarray(scale_value.const_value.numpy())
@@ -94,8 +96,10 @@ def fold_fp4_weights(model: ir.Model) -> int:
         expanded = np.take(expanded, np.arange(codes.shape[axis]), axis=axis)
         output = dq.outputs[0]
         values = add_initializer(
-            graph, f"{dq.name}_values", (codes * expanded).astype(numpy_type(output.dtype))
-        )  # type: ignore[arg-type]
+            graph,
+            f"{dq.name}_values",
+            (codes * expanded).astype(numpy_type(output.dtype or ir.DataType.FLOAT)),
+        )
         output.replace_all_uses_with(values)
         constants = [value for value in dq.inputs if value is not None]
         graph.remove(dq, safe=True)
@@ -127,22 +131,3 @@ def create_session(
     with tempfile.TemporaryDirectory(prefix="qcompile-trt-") as folder:
         path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, providers=providers)
-
-
-class CpuRunner:
-    """A `qcompiler.backend.Runner` over one onnxruntime CPU session of the artifact."""
-
-    def __init__(self, session: ort.InferenceSession) -> None:
-        self.session = session
-        self.output_names = [output.name for output in session.get_outputs()]
-
-    def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The named outputs for one feed."""
-        return self.session.run(list(names), dict(feed))
-
-    def run_all(
-        self, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
-    ) -> Iterator[list[np.ndarray]]:
-        """The named outputs of each feed, in order."""
-        for feed in feeds:
-            yield self.run(names, feed)
