@@ -369,3 +369,41 @@ def test_residual_add_input_is_quantized_so_the_add_fuses_into_its_conv():
     assert legality.problems_of(result.model, strongly_typed=True) == []
     # ort-cpu plans no residual quantizer
     assert _compile(model, "ort-cpu").report.nodes["by_op_type"] == {"Conv": 2}
+
+
+def test_convs_tensorrt_runs_faster_in_fp16_stay_float_with_their_reason():
+    rng = np.random.default_rng(12)
+    x = float_input("x", [1, 3, 16, 16])
+    graph = ir.Graph([x], [], nodes=[], name="convs")
+    stem = add(
+        graph,
+        "Conv",
+        [x, const(graph, "w0", rng.standard_normal((12, 3, 3, 3)).astype(np.float32))],
+        "stem",
+        pads=[1, 1, 1, 1],
+    )
+    body = add(
+        graph,
+        "Conv",
+        [stem, const(graph, "w1", rng.standard_normal((32, 12, 3, 3)).astype(np.float32))],
+        "body",
+        pads=[1, 1, 1, 1],
+    )
+    wide = add(
+        graph,
+        "Conv",
+        [body, const(graph, "w2", rng.standard_normal((32, 32, 3, 3)).astype(np.float32))],
+        "wide",
+        pads=[1, 1, 1, 1],
+    )
+    wide.shape = ir.Shape([1, 32, 16, 16])
+    graph.outputs.append(wide)
+    model = _typed(model_of(graph, 17))
+    int8 = _compile(model).report.nodes
+    assert int8["skipped"] == {
+        "stem": "INT8 Conv the target runs faster in FP16 (3 -> 12 channels)",
+        "body": "INT8 Conv the target runs faster in FP16 (12 -> 32 channels)",
+    }
+    fp8 = _compile(model, activations=qcompiler.ActivationOptions(dtype=QuantType.FP8)).report.nodes
+    assert fp8["skipped"]["body"] == "FP8 Conv the target runs faster in FP16 (12 -> 32 channels, 3x3 kernel)"
+    assert fp8["by_op_type"] == {"Conv": 1}
