@@ -61,8 +61,6 @@ class Target:
         quantize_residual_adds: an Add that a quantized Conv's output alone feeds also gets a
             quantizer on its other (residual) input, so the runtime fuses the Add into the Conv
             (TensorRT's placement recommendation; the Conv side stays unquantized).
-        conv_shape_rules: Convs whose shapes the runtime runs faster unquantized stay float
-            (TensorRT: ModelOpt's small-channel / large-kernel exclusions, per activation type).
         min_gemm_dim: a weighted MatMul / Gemm with K or N below this, or a static M of 1 (GEMV),
             stays float (TensorRT: tensor cores cannot use it and Q/DQ there slow it down); 0: no rule.
     """
@@ -95,7 +93,6 @@ class Target:
     min_gemm_dim: int = 0
     int8_cnn_range: RangeMethod | None = None
     quantize_residual_adds: bool = False
-    conv_shape_rules: bool = False
 
     def weight_type_for(self, activation_type: QuantType) -> QuantType:
         """The W8A8 weight type beside `activation_type` (FP8 activations take FP8 weights)."""
@@ -184,7 +181,6 @@ TENSORRT = Target(
     weight_block_sizes=(64, 128),
     int8_cnn_range=RangeMethod.PERCENTILE,
     quantize_residual_adds=True,
-    conv_shape_rules=True,
     min_gemm_dim=16,  # ModelOpt's _MIN_MATMUL_DIM: "cannot utilize TensorCores"
     whole_blocks=True,  # the parser infers the block from the shapes: "Inferred block size is not an integer"
 )

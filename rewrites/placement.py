@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from qcompiler.calibration import StatKind, StatRequest
 from qcompiler.errors import OptionError
-from qcompiler.options import CompileOptions, Preset, QuantType, RangeMethod
+from qcompiler.options import CompileOptions, Preset, RangeMethod
 from qcompiler.precision import FLOAT_TYPES
 from qcompiler.rewrites.activation_clamps import output_clamp
 from qcompiler.rewrites.ranges import HISTOGRAM_METHODS
@@ -181,8 +181,6 @@ def _try_plan_node(
     elif PRESET_NEEDS_WEIGHT[options.preset]:
         return f"no constant weight ({options.preset.value} preset quantizes only weighted ops)"
     small = _small_gemm(node, target.min_gemm_dim) if weight_index is not None else None
-    if small is None and weight_index is not None and target.conv_shape_rules and node.op_type == "Conv":
-        small = _slow_conv(node, options.activations.dtype or target.activation_type)
     if small:
         return small
     activations = tuple(i for i in spec.inputs if i != weight_index)
@@ -230,35 +228,6 @@ def _small_gemm(node: ir.Node, minimum: int) -> str | None:
     shape = node.inputs[0].shape if node.inputs[0] is not None else None
     if shape is not None and len(shape) >= 2 and shape[-2] == 1:
         return "GEMV (M = 1): the target runs it faster unquantized"
-    return None
-
-
-def _slow_conv(node: ir.Node, activation_type: QuantType) -> str | None:
-    """Why TensorRT runs this Conv faster unquantized (ModelOpt's ``find_nodes_from_convs_to_exclude``).
-
-    FP8: kernels over 32 taps, or 16 channels or fewer on either side ("FP8 conv kernels are slower
-    than FP16 CASK kernels for small channels"). INT8: fewer than 16 channels on a side unless
-    both are multiples of 8 with a square kernel (plain Conv), or for a grouped Conv output
-    channels a multiple of 8 and a kernel of at least 3.
-    """
-    weight = node.inputs[1]
-    if weight is None or weight.shape is None or len(weight.shape) != 4:
-        return None
-    out_channels, per_group, k_h, k_w = (int(dim) for dim in weight.shape)  # type: ignore[call-overload]
-    group = node.attributes.get_int("group", 1)
-    in_channels = per_group * group
-    if activation_type is QuantType.FP8:
-        if k_h * k_w > 32 or min(in_channels, out_channels) <= 16:
-            return f"FP8 Conv the target runs faster in FP16 ({in_channels} -> {out_channels} channels, {k_h}x{k_w} kernel)"
-        return None
-    if group > 1:
-        if out_channels % 8 or min(k_h, k_w) < 3:
-            return f"grouped INT8 Conv the target runs faster in FP16 ({out_channels} channels, {k_h}x{k_w} kernel)"
-        return None
-    if min(in_channels, out_channels) < 16 and not (
-        in_channels % 8 == 0 and out_channels % 8 == 0 and k_h == k_w
-    ):
-        return f"INT8 Conv the target runs faster in FP16 ({in_channels} -> {out_channels} channels)"
     return None
 
 
