@@ -8,12 +8,13 @@ half-written model, and the input model's files are never written.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -232,3 +233,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
         pathlib.Path(temporary).unlink(missing_ok=True)
         raise
     return destination
+
+
+IN_MEMORY_LIMIT = 256 * 2**20
+"""Above this many weight bytes a runtime gets the model as a temporary file with external data:
+serializing to bytes would hold the proto and its bytes in memory at once (2x the weights)."""
+
+
+@contextlib.contextmanager
+def runtime_source(model: ir.Model) -> Iterator[bytes | str]:
+    """`model` as a runtime session reads it: serialized bytes, or a temporary file for large models.
+
+    Lazy external tensors of a small model are read in (on a clone; the caller's model stays
+    lazy), since a runtime resolves external data of an in-memory model against its own working
+    folder. The temporary folder is removed when the block ends (sessions read the file at once).
+    """
+    if initializer_bytes(model) < IN_MEMORY_LIMIT:
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+            model = ir.external_data.load_to_model(model.clone())
+        yield ir.to_proto(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="qcompile-session-") as folder:
+        yield str(save(model, pathlib.Path(folder) / "model.onnx", external_data=True))

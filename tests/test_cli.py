@@ -211,14 +211,14 @@ def test_external_data_input_and_output_are_safe(tmp_path):
 
 def test_large_model_path_goes_through_external_files(tmp_path, monkeypatch):
     """Above the protobuf limit, sessions and saves use external data; results are unchanged."""
-    from qcompiler.backends.onnxruntime import fusion, session
+    from qcompiler.backends.onnxruntime import fusion
 
     model = io.save(mlp_with_attention_matmul(), tmp_path / "m.onnx")
     assert (
         main([str(model), "--target", "ort-cpu", "--synthetic", "-o", str(tmp_path / "small.onnx"), "-q"])
         == 0
     )
-    monkeypatch.setattr(session, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(io, "IN_MEMORY_LIMIT", 0)  # sessions from temporary files with external data
     monkeypatch.setattr(fusion, "PROTOBUF_LIMIT", 0)
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)
     assert (

@@ -1,20 +1,17 @@
-"""Creating onnxruntime CPU sessions from in-memory models (the one place that imports ORT here)."""
+"""Creating onnxruntime CPU sessions for the onnxruntime backend (options, our FP4 op, the model source)."""
 
 from __future__ import annotations
 
 import pathlib
-import tempfile
 
 import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.backends.onnxruntime import fp4_matmul
-from qcompiler.io import initializer_bytes, save
+from qcompiler.io import runtime_source
 
 PROTOBUF_LIMIT = 1_800_000_000
-IN_MEMORY_LIMIT = 256 * 2**20
-"""Above this many weight bytes a session is built from a temporary file with external data:
-serializing to bytes would hold the proto and its bytes in memory at once (2x the weights)."""
+"""Above this many weight bytes onnxruntime writes an optimized model's weights to a side file."""
 
 
 def session_options(
@@ -52,7 +49,7 @@ def session_options(
 def create_session(
     model: ir.Model | str | pathlib.Path, options: ort.SessionOptions | None = None
 ) -> ort.InferenceSession:
-    """An InferenceSession on the CPU provider; models over ~1.8 GB go through a temporary file.
+    """An InferenceSession on the CPU provider; large models go through a temporary file (`runtime_source`).
 
     `options` should come from `session_options` (it registers our packed-FP4 MatMul op).
     """
@@ -60,12 +57,5 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if initializer_bytes(model) < min(PROTOBUF_LIMIT, IN_MEMORY_LIMIT):
-        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
-            # ORT resolves external data of an in-memory model against its own working folder,
-            # so lazy tensors are read in (on a clone; the caller's model stays lazy).
-            model = ir.external_data.load_to_model(model.clone())
-        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="qcompile-session-") as folder:
-        path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
-        return ort.InferenceSession(str(path), options, providers=providers)
+    with runtime_source(model) as source:
+        return ort.InferenceSession(source, options, providers=providers)

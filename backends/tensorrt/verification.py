@@ -12,20 +12,15 @@ FP16 first, so the search measures the artifact it would write.
 from __future__ import annotations
 
 import os
-import pathlib
-import tempfile
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from qcompiler.float16_compute import QDQ_OPS, to_float16
-from qcompiler.io import clone, initializer_bytes, save
+from qcompiler.io import clone, runtime_source
 from qcompiler.irutil import add_initializer, drop_if_unused
 from qcompiler.precision import model_precision, numpy_type, reduced_activations
-
-IN_MEMORY_LIMIT = 256 * 2**20
-"""Above this many weight bytes a session is built from a temporary file with external data."""
 
 
 def is_quantized(model: ir.Model) -> bool:
@@ -124,10 +119,5 @@ def create_session(
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ir.Model):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if initializer_bytes(model) < IN_MEMORY_LIMIT and not any(
-        isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values()
-    ):
-        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="qcompile-trt-") as folder:
-        path = save(model, pathlib.Path(folder) / "model.onnx", external_data=True)
-        return ort.InferenceSession(str(path), options, providers=providers)
+    with runtime_source(model) as source:
+        return ort.InferenceSession(source, options, providers=providers)
