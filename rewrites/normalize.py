@@ -56,6 +56,50 @@ class FoldWeightTransposePass(ir.passes.InPlacePass):
         return True
 
 
+SHAPE_PRESERVING = frozenset(
+    {
+        "Softmax",
+        "LogSoftmax",
+        "Sigmoid",
+        "Relu",
+        "Tanh",
+        "HardSigmoid",
+        "HardSwish",
+        "Clip",
+        "Cast",
+        "Identity",
+    }
+)
+"""Ops whose output has their first input's shape."""
+
+
+class RepairOutputShapesPass(ir.passes.InPlacePass):
+    """A graph output whose declared rank contradicts its shape-preserving producer takes the input's shape.
+
+    Paddle2ONNX declares rank-0 outputs after a Softmax (PP-OCRv5 cls) or Sigmoid (det); onnx's
+    shape inference then fails for the whole graph ("Inferred shape and existing shape differ in
+    rank") and leaves every value untyped, and onnx's full check refuses the artifact.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Repair in place; `modified` when an output's shape changed."""
+        repaired = False
+        for value in model.graph.outputs:
+            producer = value.producer()
+            source = producer.inputs[0] if producer is not None and producer.inputs else None
+            if (
+                producer is not None
+                and producer.op_type in SHAPE_PRESERVING
+                and source is not None
+                and source.shape is not None
+                and value.shape is not None
+                and len(value.shape) != len(source.shape)
+            ):
+                value.shape = source.shape
+                repaired = True
+        return ir.passes.PassResult(model, modified=repaired)
+
+
 class NormalizePass(ir.passes.InPlacePass):
     """Fold constants, lift them to initializers, dedupe, name every node, infer shapes.
 
@@ -67,7 +111,8 @@ class NormalizePass(ir.passes.InPlacePass):
     3. Transposes of initializers that feed MatMul/Gemm weights (tied LM heads) are folded, and
        per-channel affine ops after a Conv (bias Add, BatchNormalization, scalar Mul / Add) fold
        into its weight and bias.
-    4. Every node gets a unique name; shapes and types are inferred and the graph sorted.
+    4. Every node gets a unique name; a declared output shape that contradicts its producer is
+       repaired; shapes and types are inferred and the graph sorted.
     """
 
     def __init__(self, *, rewrite: bool = True) -> None:
@@ -89,6 +134,7 @@ class NormalizePass(ir.passes.InPlacePass):
         FoldWeightTransposePass()(model)
         FoldConvAffinePass()(model)
         common.NameFixPass()(model)
+        RepairOutputShapesPass()(model)  # else shape inference fails on the whole graph
         common.ShapeInferencePass()(model)
         common.TopologicalSortPass()(model)
         forget_removed_io(model.graph)

@@ -47,3 +47,17 @@ def test_normalize_names_every_node_and_infers_types():
     names = [node.name for node in model.graph]
     assert all(names) and len(set(names)) == len(names)
     assert all(node.outputs[0].dtype is not None for node in model.graph)
+
+
+def test_a_declared_output_rank_that_contradicts_its_softmax_is_repaired_before_shape_inference():
+    """Paddle2ONNX's rank-0 output after a Softmax made onnx's shape inference fail for the whole graph."""
+    x = float_input("x", [2, 8])
+    graph = ir.Graph([x], [], nodes=[], name="softmax_out")
+    hidden = add(graph, "MatMul", [x, const(graph, "w", np.ones((8, 4), np.float32))], "fc")
+    probabilities = add(graph, "Softmax", [hidden], "softmax")
+    probabilities.type, probabilities.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([])
+    graph.outputs.append(probabilities)
+    model = model_of(graph)
+    NormalizePass()(model)
+    assert list(model.graph.outputs[0].shape) == [2, 4]
+    assert next(n for n in model.graph if n.op_type == "MatMul").outputs[0].dtype == ir.DataType.FLOAT

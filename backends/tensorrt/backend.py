@@ -33,47 +33,6 @@ from qcompiler.io import load
 from qcompiler.io import save as save_onnx
 from qcompiler.precision import model_precision, reduced_activations
 
-SHAPE_PRESERVING = frozenset(
-    {
-        "Softmax",
-        "LogSoftmax",
-        "Sigmoid",
-        "Relu",
-        "Tanh",
-        "HardSigmoid",
-        "HardSwish",
-        "Clip",
-        "Cast",
-        "Identity",
-    }
-)
-
-
-def repair_output_shapes(model: ir.Model) -> list[str]:
-    """Graph outputs whose declared rank contradicts their producer take its input's shape.
-
-    Some exporters declare a rank-0 output after a Softmax (PP-OCRv5's classifier); onnx's full
-    check refuses that and TensorRT infers the shape anyway. Returns a line per repaired output.
-    """
-    lines = []
-    for value in model.graph.outputs:
-        producer = value.producer()
-        source = producer.inputs[0] if producer is not None and producer.inputs else None
-        if (
-            producer is None
-            or producer.op_type not in SHAPE_PRESERVING
-            or source is None
-            or source.shape is None
-            or value.shape is None
-            or len(value.shape) == len(source.shape)
-        ):
-            continue
-        lines.append(
-            f"output {value.name!r}: declared shape {list(value.shape)} replaced by its {producer.op_type}'s input shape"
-        )
-        value.shape = source.shape
-    return lines
-
 
 class TensorRTBackend(Backend):
     """TensorRT explicit quantization, verified on onnxruntime's CPU provider."""
@@ -106,9 +65,7 @@ class TensorRTBackend(Backend):
 
     def finalize(self, model: ir.Model) -> list[str]:
         """An FP32 model computes in FP16 (strongly typed); then every rule and onnx's full check."""
-        lines = [
-            f"tensorrt: {line}" for line in repair_output_shapes(model)
-        ]  # before the interface Casts copy them
+        lines = []
         if model_precision(model) == ir.DataType.FLOAT and not reduced_activations(model):
             lines.append(f"tensorrt: {to_float16(model).line}")
         model.ir_version = max(model.ir_version or 0, legality.required_ir_version(model))
