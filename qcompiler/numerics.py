@@ -25,6 +25,11 @@ SMALLEST_SCALE = float(np.finfo(np.float32).tiny) * 1e8
 """Floor for scales so an all-zero tensor still gets a valid (positive, finite) scale."""
 
 
+def weight_type_beside(activation_type: QuantType, integer: QuantType = QuantType.INT8) -> QuantType:
+    """The W8A8 weight type paired with `activation_type`: FP8 with FP8, else the integer type."""
+    return QuantType.FP8 if activation_type.is_float else integer
+
+
 def type_range(qtype: QuantType, *, symmetric: bool = False) -> tuple[int, int]:
     """The code range a quantizer uses; symmetric INT8 drops -128 so zero maps to 0 exactly.
 

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from qcompiler.errors import OptionError
+from qcompiler.numerics import weight_type_beside
 from qcompiler.options import CompileOptions, Preset, QuantType, RangeMethod, WeightFormat
 
 
@@ -96,7 +97,7 @@ class Target:
 
     def weight_type_for(self, activation_type: QuantType) -> QuantType:
         """The W8A8 weight type beside `activation_type` (FP8 activations take FP8 weights)."""
-        return QuantType.FP8 if activation_type is QuantType.FP8 else self.weight_type
+        return weight_type_beside(activation_type, self.weight_type)
 
 
 ORT_CPU = Target(

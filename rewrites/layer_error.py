@@ -18,7 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qcompiler.numerics import activation_params, dequantize, quantize, symmetric_weight_scales
+from qcompiler.numerics import (
+    activation_params,
+    dequantize,
+    quantize,
+    symmetric_weight_scales,
+    weight_type_beside,
+)
 from qcompiler.options import QuantType
 
 PROXY_COLUMNS = 2048
@@ -33,13 +39,12 @@ def subsample_columns(weights: Sequence[np.ndarray], limit: int = PROXY_COLUMNS)
     return [w if w.shape[1] <= limit else w[:, :: -(-w.shape[1] // limit)] for w in weights]
 
 
-def proxy_weight_type(activation_type: QuantType) -> QuantType:
-    """The weight type the proxy pairs with `activation_type` (FP8 activations, FP8 weights)."""
-    return QuantType.FP8 if activation_type.is_float else QuantType.INT8
+def fake_quantize_weight(weight: np.ndarray, activation_type: QuantType = QuantType.INT8) -> np.ndarray:
+    """W [C, N] after symmetric per-output-channel (axis 1) quantization and dequantization.
 
-
-def fake_quantize_weight(weight: np.ndarray, qtype: QuantType = QuantType.INT8) -> np.ndarray:
-    """W [C, N] after symmetric per-output-channel (axis 1) quantization and dequantization."""
+    In the weight type paired with `activation_type` (`numerics.weight_type_beside`).
+    """
+    qtype = weight_type_beside(activation_type)
     scales = symmetric_weight_scales(weight, axis=1, qtype=qtype)
     return dequantize(quantize(weight, scales, 0, qtype, axis=1), scales, 0, axis=1)
 
@@ -66,7 +71,7 @@ def layer_output_error(
     x = rows.astype(np.float32)
     xq = fake_quantize_activation(x, lo, hi, qtype, symmetric)
     if quantized_weights is None:
-        quantized_weights = [fake_quantize_weight(w, proxy_weight_type(qtype)) for w in weights]
+        quantized_weights = [fake_quantize_weight(w, qtype) for w in weights]
     error = np.zeros(len(x))
     reference = np.zeros(len(x))
     for weight, weight_q in zip(weights, quantized_weights, strict=True):

@@ -18,7 +18,6 @@ from qcompiler.reducers import Histogram
 from qcompiler.rewrites.layer_error import (
     fake_quantize_weight,
     layer_output_error,
-    proxy_weight_type,
     subsample_columns,
 )
 
@@ -100,7 +99,7 @@ def search_range(
     errors: dict[str, float] = {}
     if rows is not None and len(rows) and weights:
         weights = subsample_columns(weights)
-        quantized = [fake_quantize_weight(w, proxy_weight_type(qtype)) for w in weights]
+        quantized = [fake_quantize_weight(w, qtype) for w in weights]
         for name, (lo, hi) in candidates.items():
             errors[name] = layer_output_error(
                 rows, weights, lo, hi, qtype, symmetric=symmetric, quantized_weights=quantized

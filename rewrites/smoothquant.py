@@ -23,7 +23,6 @@ from qcompiler.options import QuantType
 from qcompiler.rewrites.layer_error import (
     fake_quantize_weight,
     layer_output_error,
-    proxy_weight_type,
     subsample_columns,
 )
 
@@ -91,7 +90,7 @@ def choose_alpha(
             float((channel_hi / scales).max()),
             qtype,
             symmetric=symmetric,
-            quantized_weights=[fake_quantize_weight(w, proxy_weight_type(qtype)) for w in smoothed],
+            quantized_weights=[fake_quantize_weight(w, qtype) for w in smoothed],
         )
         errors[f"{alpha:g}"] = error
         if error < best[0] or len(alphas) == 1:

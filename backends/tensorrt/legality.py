@@ -161,9 +161,7 @@ def _scales(model: ir.Model) -> list[str]:
         if not _is_qdq(node) or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         scale = node.inputs[1]
-        if scale.dtype not in SCALE_TYPES and not (
-            scale.dtype == ir.DataType.FLOAT8E4M3FN and node.op_type == "DequantizeLinear"
-        ):
+        if scale.dtype not in SCALE_TYPES:
             problems.append(f"{node.name}: scale of type {scale.dtype} (FP32, FP16 or BF16 only)")
         values = _constant(scale)
         if values is not None and not np.all(
