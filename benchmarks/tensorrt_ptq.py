@@ -131,8 +131,10 @@ def ppocr_task(kind: str):
     return task.ppocr.model_path(kind), data, task.score
 
 
-def placement(path: pathlib.Path) -> dict[str, int]:
-    """Nodes reading a dequantized input, by op type, and the Q/DQ counts."""
+def describe(path: pathlib.Path) -> dict[str, dict]:
+    """What an artifact holds, read once: nodes reading a dequantized input by op type with the Q/DQ
+    counts (the placement), and the share of initializer bytes per element type (FP weights kept
+    behind a Q show as float16)."""
     import onnx_ir as ir
 
     model = ir.load(path)
@@ -148,23 +150,16 @@ def placement(path: pathlib.Path) -> dict[str, int]:
     counts = {
         op: sum(node.op_type == op for node in model.graph) for op in ("QuantizeLinear", "DequantizeLinear")
     }
-    return {**readers, **counts}
-
-
-def stored_types(path: pathlib.Path) -> dict[str, float]:
-    """Share of initializer bytes per element type (shows FP weights kept behind a Q)."""
-    import onnx_ir as ir
-
-    model = ir.load(path)
     sizes: dict[str, int] = {}
     for value in model.graph.initializers.values():
         if value.const_value is not None:
             name = value.const_value.dtype.name.lower()
             sizes[name] = sizes.get(name, 0) + value.const_value.nbytes
     total = sum(sizes.values()) or 1
-    return {
+    stored = {
         name: round(100 * size / total, 1) for name, size in sorted(sizes.items(), key=lambda item: -item[1])
     }
+    return {"placement": {**readers, **counts}, "stored": stored}
 
 
 def main() -> None:
@@ -198,11 +193,7 @@ def main() -> None:
                 row: dict = {"description": TOOLS[tool], **timing}
                 if "error" not in timing:
                     row.update(score(peers.Runner(output, "tensorrt")))
-                    row.update(
-                        size_mb=peers.artifact_mb(output),
-                        placement=placement(output),
-                        stored=stored_types(output),
-                    )
+                    row.update(size_mb=peers.artifact_mb(output), **describe(output))
                 rows[tool] = row
                 print(name, tool, json.dumps(row), flush=True)
             result["models"][name] = {"data": data["description"], "rows": rows}

@@ -23,7 +23,6 @@ stay positive (`precision.as_scale`).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import numpy as np
@@ -137,15 +136,15 @@ def _reads_as_shape(reader: ir.Node, kept: dict[ir.Node, str]) -> bool:
 
 
 def _keep_weight_dequantizers(graph: ir.Graph, kept: dict[ir.Node, str]) -> None:
-    """A DQ read only by kept nodes, or reading a kept Q, stays FP32 with them."""
+    """A DQ read only by kept nodes (a subgraph's, say) stays FP32 with them.
+
+    A DQ reading a kept Q is kept by `kept_float32`'s forward walk already.
+    """
     for node in graph:
         if node.op_type != "DequantizeLinear" or node in kept:
             continue
-        source = node.inputs[0].producer() if node.inputs[0] is not None else None
         readers = [use.node for use in node.outputs[0].uses()]
-        if source is not None and source in kept:
-            kept[node] = kept[source]
-        elif readers and all(reader in kept for reader in readers) and not node.outputs[0].is_graph_output():
+        if readers and all(reader in kept for reader in readers) and not node.outputs[0].is_graph_output():
             kept[node] = kept[readers[0]]
 
 
@@ -275,13 +274,3 @@ def _cast(
     cache[value] = cast.outputs[0]
     report.casts += 1
     return cast.outputs[0]
-
-
-def computes_in(model: ir.Model) -> collections.Counter[ir.DataType]:
-    """How many node outputs of each float type the graph computes (a check's and a test's view)."""
-    counts: collections.Counter[ir.DataType] = collections.Counter()
-    for node in model.graph:
-        for output in node.outputs:
-            if output.dtype is not None and output.dtype.is_floating_point():
-                counts[output.dtype] += 1
-    return counts
