@@ -34,6 +34,12 @@ class UnsupportedModelError(QCompileError):
 class LegalityError(QCompileError):
     """An artifact breaks a rule of its target backend; raised before saving."""
 
+    @classmethod
+    def listing(cls, rules: str, problems: list[str], shown: int = 5) -> LegalityError:
+        """One error naming the first `shown` problems and how many more (``artifact breaks <rules>: ...``)."""
+        more = f" (+{len(problems) - shown} more)" if len(problems) > shown else ""
+        return cls(f"artifact breaks {rules}: {'; '.join(problems[:shown])}{more}")
+
 
 class AccuracyBudgetError(QCompileError):
     """`--max-drop` could not be met; `result` holds the best model found and its report."""

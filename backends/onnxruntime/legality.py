@@ -103,6 +103,4 @@ def check(model: ir.Model) -> None:
     """Raise `LegalityError` listing every broken rule (rule name and node)."""
     problems = [f"[{name}] {problem}" for name, rule in RULES.items() for problem in rule(model)]
     if problems:
-        shown = "; ".join(problems[:5])
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LegalityError(f"artifact breaks onnxruntime CPU rules: {shown}{more}")
+        raise LegalityError.listing("onnxruntime CPU rules", problems)

@@ -355,6 +355,4 @@ def check(model: ir.Model, *, strongly_typed: bool = False) -> None:
     """Raise `LegalityError` listing every broken rule (rule name and node)."""
     problems = problems_of(model, strongly_typed=strongly_typed)
     if problems:
-        shown = "; ".join(problems[:5])
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LegalityError(f"artifact breaks TensorRT's rules: {shown}{more}")
+        raise LegalityError.listing("TensorRT's rules", problems)
