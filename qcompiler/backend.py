@@ -147,6 +147,14 @@ class Backend(abc.ABC):
         """Whether this machine runs `precision` in this runtime (f32 always)."""
         return precision is Precision.F32
 
+    def unknown_ops(self, model: ir.Model) -> list[ir.Node]:
+        """Nodes of an input model whose op this runtime does not have, checked before any work.
+
+        Default: standard ONNX ops only (onnx's own schemas); a backend whose runtime has more
+        (contrib domains, its own dialect) says so.
+        """
+        return [node for node in model.graph if not is_standard_op(node)]
+
     def lower(self, model: ir.Model) -> None:
         """Rewrite the canonical QDQ form into what the runtime fuses, in place.
 
@@ -194,6 +202,14 @@ class Backend(abc.ABC):
         in FP32 on its CPU kernels).
         """
         return []
+
+
+def is_standard_op(node: ir.Node) -> bool:
+    """Whether `node` is an op of the ONNX standard (``ai.onnx`` or ``ai.onnx.ml``) that onnx knows."""
+    import onnx
+
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return domain in ("", "ai.onnx.ml") and onnx.defs.has(node.op_type, domain)
 
 
 def median_latency_ms(runner: Runner, feed: Feed, *, warmup: int = 3, repeats: int = 20) -> float:

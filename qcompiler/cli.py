@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
-from qcompiler import io
+import onnx_ir as ir
+
+from qcompiler import errors, io
 from qcompiler.errors import AccuracyBudgetError, OptionError, QCompileError
 from qcompiler.options import (
     AccuracyOptions,
@@ -41,6 +45,8 @@ from qcompiler.targets import TARGETS
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_BUDGET_NOT_MET = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +365,8 @@ def run_compile(args: argparse.Namespace) -> int:
     if args.target not in TARGETS:
         raise OptionError(f"--target: unknown target {args.target!r} (known: {', '.join(sorted(TARGETS))})")
     output, report_path = output_paths(args)
-    model = io.load(args.model)
+    with errors.context(stage="load"):
+        model = io.load(args.model)
     data = data_from_args(args, model, options.compression)
     validation = validation_from_args(args, model)
     try:
@@ -381,23 +388,79 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, result, output: pathlib.Path, report_path: pathlib.Path) -> None:
-    """Save the model (the target's artifact where it has one) and its report atomically; print the summary."""
+    """Save the model (the target's artifact where it has one) and its report atomically; print the summary.
+
+    The two are one output: if the report cannot be written (a full disk, an interrupt), the
+    model just saved is removed again.
+    """
     protected = (args.model, args.model.with_suffix(".bin"))  # an OpenVINO IR input has its weights there
-    saved = result.save(output, external_data=args.external_data or None, protected=protected)
-    result.report.data["output"] = str(saved)
-    # the whole command's peak, saving included (saving an LLM inline can be its largest moment)
-    result.report.peak_rss_mb = round(max(result.report.peak_rss_mb, peak_rss_mb()), 1)
-    io.atomic_write_text(report_path, result.report.to_json())
+    with errors.context(stage="save"):
+        saved = result.save(output, external_data=args.external_data or None, protected=protected)
+    try:
+        result.report.data["output"] = str(saved)
+        # the whole command's peak, saving included (saving an LLM inline can be its largest moment)
+        result.report.peak_rss_mb = round(max(result.report.peak_rss_mb, peak_rss_mb()), 1)
+        with errors.context(stage="report"):
+            io.atomic_write_text(report_path, result.report.to_json())
+    except BaseException:
+        for written in artifact_files(saved):
+            written.unlink(missing_ok=True)
+        raise
     if not args.quiet:
         print(result.report.summary())  # noqa: T201
         print(f"wrote {saved}\nreport {report_path}")  # noqa: T201
 
 
+def artifact_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The files a saved artifact consists of: the model and its weights (``.bin`` / ``.onnx.data``)."""
+    companion = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
+    return [path, companion]
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so every ``finally`` cleans up."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """A bug as one line: where it happened (stage, node), the innermost cause, no traceback."""
+    located = errors.where(exc)
+    while isinstance(exc, ir.passes.PassError) and exc.__cause__ is not None:  # names pass objects only
+        exc = exc.__cause__
+        located = located or errors.where(exc)
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (
+        f"qcompile: internal error{located}: {type(exc).__name__}: {message} "
+        "(a bug: rerun with --debug for the traceback and report it)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qcompile`` console script."""
+    """Entry point of the ``qcompile`` console script.
+
+    Exit codes: 0 done, 2 a named error (bad input, data or option; nothing written), 3 an unmet
+    --max-drop (the best model saved as *.drop-not-met.*), 1 an internal error, 130 / 143
+    interrupted by SIGINT / SIGTERM (nothing written, no temporary files left).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="qcompile: %(message)s")
     debug = "--debug" in argv
+    previous = (
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        return _main(argv, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         if argv[:1] == ["demo"]:
             from qcompiler.demo import run as run_demo
@@ -417,14 +480,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("qcompile: interrupted; nothing was written", file=sys.stderr)  # noqa: T201
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("qcompile: terminated; nothing was written", file=sys.stderr)  # noqa: T201
+        return EXIT_TERMINATED
     except Exception as exc:  # a bug: still one line, with a hint to get the traceback
         if debug:
             raise
-        print(
-            f"qcompile: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )  # noqa: T201
+        print(internal_error_line(exc), file=sys.stderr)  # noqa: T201
         return EXIT_INTERNAL_ERROR
 
 

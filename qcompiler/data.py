@@ -61,6 +61,21 @@ class InputSpec:
                 )
 
 
+def _require_finite(array: np.ndarray, name: str, where: str) -> None:
+    """A NaN or Inf in a batch would poison every range and statistic it reaches: refuse it by name."""
+    if not is_float_dtype(array.dtype):
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    bad = array.size - int(np.count_nonzero(finite))
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise DataError(
+        f"{where}: input {name!r} holds {bad} non-finite value(s) (NaN or Inf; first at index {list(first)}, "
+        f"{array[first]})"
+    )
+
+
 def is_float_dtype(dtype: np.dtype) -> bool:
     """Whether arrays of `dtype` hold floats (numpy's float types or ml_dtypes' bfloat16)."""
     return dtype.kind == "f" or dtype == ml_dtypes.bfloat16
@@ -88,6 +103,7 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Sequence[InputSpec], where
     for spec in specs:
         array = np.asarray(feed[spec.name])
         spec.check(array, where)
+        _require_finite(array, spec.name, where)
         # float data for a float input of another precision (FP32 .npz for an FP16 model): converted
         checked[spec.name] = array if array.dtype == spec.dtype else array.astype(spec.dtype)
     return checked

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
+import logging
 import os
 import pathlib
 import shutil
@@ -79,12 +81,15 @@ def load(model: str | os.PathLike[str] | onnx.ModelProto | ir.Model) -> ir.Model
 def _load_onnx(path: pathlib.Path) -> ir.Model:
     """An ``.onnx`` file; external data stays lazy and must live inside the model's folder."""
     try:
-        loaded = ir.load(path)
+        # onnx_ir warns of a name no scope defines and makes a placeholder for it: validation
+        # (`model_validation.undefined_inputs`) names the node in a one-line error instead
+        with _quiet(logging.getLogger("onnx_ir.serde")):
+            loaded = ir.load(path)
     except Exception as exc:  # protobuf raises several unrelated types for garbage input
         raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     if loaded.ir_version == 0 or not loaded.graph.outputs:
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or no graph outputs)")
-    _check_external_data_inside(loaded, path)
+    _check_external_data(loaded, path)
     loaded.meta[SOURCE_PATH_KEY] = str(path.resolve())
     loaded.meta[SOURCE_FORMAT_KEY] = SourceFormat.ONNX.value
     return loaded
@@ -104,21 +109,46 @@ _READERS: dict[str, Callable[[pathlib.Path], ir.Model]] = {".xml": _load_openvin
 """Frontends by file suffix; anything else is read as ONNX."""
 
 
-def _check_external_data_inside(model: ir.Model, path: pathlib.Path) -> None:
-    """Refuse external data locations that escape the model's folder (e.g. ``../../etc``)."""
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """Silence `logger` below errors for the block."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_external_data(model: ir.Model, path: pathlib.Path) -> None:
+    """External data must be inside the model's folder (not ``../../etc``), present, and as long as its entries say."""
     folder = path.resolve().parent
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
+    sizes: dict[pathlib.Path, int] = {}
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
             location = (folder / tensor.location).resolve()
+            where = f"{path}: initializer {value.name!r}"
             if folder not in location.parents:
+                raise ModelLoadError(f"{where} points outside the model folder ({tensor.location!r})")
+            if location not in sizes:
+                if not location.is_file():
+                    raise ModelLoadError(
+                        f"{path}: external data file {tensor.location!r} of {value.name!r} is missing"
+                    )
+                sizes[location] = location.stat().st_size
+            offset = tensor.offset or 0
+            length = tensor.length if tensor.length is not None else tensor.nbytes
+            if length != tensor.nbytes:
                 raise ModelLoadError(
-                    f"{path}: initializer {value.name!r} points outside the model folder "
-                    f"({tensor.location!r})"
+                    f"{where}: its external data entry says {length} bytes, its type and shape need {tensor.nbytes}"
                 )
-            if not location.exists():
+            if offset < 0 or offset + length > sizes[location]:
                 raise ModelLoadError(
-                    f"{path}: external data file {tensor.location!r} of {value.name!r} is missing"
+                    f"{where}: bytes {offset}..{offset + length} of {tensor.location!r} are past its end "
+                    f"({sizes[location]} bytes): the data file is truncated or not this model's"
                 )
 
 
@@ -186,25 +216,51 @@ def write_staged(
 
     `write(staged)` writes the files into a temporary folder beside the destination, under the
     destination's and the companions' names; the companions are renamed into place first, the
-    destination last. Refuses any path in `guarded` (the input model's files).
+    destination last. Refuses any path in `guarded` (the input model's files). Whatever stops it
+    (an error, a full disk, an interrupt) removes the temporary folder and any companion already
+    renamed, so no half of an artifact is left behind.
     """
     for target in (destination, *companions):
         if target in guarded:
             raise ModelSaveError(f"{target}: refusing to overwrite the input model's file")
     if not destination.parent.is_dir():
         raise ModelSaveError(f"{destination}: output folder {destination.parent} does not exist")
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".qcompile-", dir=destination.parent))
+    try:
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=".qcompile-", dir=destination.parent))
+    except OSError as exc:
+        raise ModelSaveError(
+            f"{destination}: {failure}: {describe_os_error(exc, destination.parent)}"
+        ) from exc
+    placed: list[pathlib.Path] = []
     try:
         staged = staging / destination.name
         try:
             write(staged)
+            for companion in companions:
+                os.replace(staging / companion.name, companion)
+                placed.append(companion)
+            os.replace(staged, destination)
         except Exception as exc:
-            raise ModelSaveError(f"{destination}: {failure}: {exc}") from exc
-        for companion in companions:
-            os.replace(staging / companion.name, companion)
-        os.replace(staged, destination)
+            raise ModelSaveError(
+                f"{destination}: {failure}: {describe_os_error(exc, destination.parent)}"
+            ) from exc
+    except BaseException:
+        for companion in placed:
+            companion.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def describe_os_error(exc: BaseException, folder: pathlib.Path) -> str:
+    """`exc` in one line; a full disk says so, with the space left in `folder`."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return f"no space left on the device of {folder} ({free}); nothing was written"
+    return str(exc) or type(exc).__name__
 
 
 def _external_files(model: ir.Model, folder: pathlib.Path) -> set[pathlib.Path]:
@@ -221,16 +277,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
     destination = pathlib.Path(path).resolve()
     if not destination.parent.is_dir():
         raise ModelSaveError(f"{destination}: folder {destination.parent} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=".qcompile-", dir=destination.parent)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=".qcompile-", dir=destination.parent)
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(temporary, destination)
-    except BaseException:
-        pathlib.Path(temporary).unlink(missing_ok=True)
+    except BaseException as exc:
+        if temporary is not None:
+            pathlib.Path(temporary).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ModelSaveError(f"{destination}: {describe_os_error(exc, destination.parent)}") from exc
         raise
     return destination
 

@@ -39,6 +39,20 @@ def refuse_quantized(model: ir.Model) -> None:
             )
 
 
+def refuse_unknown_ops(model: ir.Model, target: Target, unknown: list[ir.Node]) -> None:
+    """Ops the target's runtime does not have fail now, not as a legality failure after the compile."""
+    if not unknown:
+        return
+    source = model.meta.get(io.SOURCE_PATH_KEY, "the model")
+    first = unknown[0]
+    kinds = sorted({f"{node.domain or 'ai.onnx'}.{node.op_type}" for node in unknown})
+    raise UnsupportedModelError(
+        f"{source}: node {first.name!r} is {first.domain or 'ai.onnx'}.{first.op_type}, an op the runtime of "
+        f"{target.name} does not have ({len(unknown)} such nodes: {', '.join(kinds[:5])}"
+        f"{' ...' if len(kinds) > 5 else ''})"
+    )
+
+
 def check_openvino_input(model: ir.Model, target: Target, runs_openvino_ir: bool) -> bool:
     """Whether `model` was read from OpenVINO IR; such a model compiles for OpenVINO targets only."""
     if io.source_format(model) is not io.SourceFormat.OPENVINO_IR:

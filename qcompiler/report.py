@@ -14,6 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
+from qcompiler import errors
+
+RUN_NOTE = "differs between identical compiles: wall times, memory, library versions"
+"""The ``run`` section's own description, written into every report."""
+
 VERSIONED = ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
 
 
@@ -71,18 +76,30 @@ class Report:
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        """Record the wall time of a pipeline stage."""
+        """Record the wall time of a pipeline stage (and name it in an unexpected error raised inside)."""
         start = time.perf_counter()
         try:
-            yield
+            with errors.context(stage=stage):
+                yield
         finally:
             self.timings_s[stage] = round(time.perf_counter() - start, 3)
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-friendly view, with versions."""
+        """JSON-friendly view; what differs between two identical compiles is in its ``run`` section.
+
+        Everything else (decisions, statistics, sizes, scores) is the same bytes for the same
+        input, options and library versions.
+        """
         result = dataclasses.asdict(self)
-        result["timings_s"]["total"] = round(sum(self.timings_s.values()), 3)
-        result["versions"] = versions()
+        run: dict[str, object] = {"note": RUN_NOTE}
+        run["timings_s"] = {**result.pop("timings_s"), "total": round(sum(self.timings_s.values()), 3)}
+        run["peak_rss_mb"] = result.pop("peak_rss_mb")
+        fallback = result["fallback"]
+        if fallback:
+            run["fallback_seconds"] = fallback.pop("seconds", None)
+            run["trial_seconds"] = [trial.pop("seconds", None) for trial in fallback.get("trials", [])]
+        run["versions"] = versions()
+        result["run"] = run
         return result
 
     def to_json(self) -> str:

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from qcompiler import errors
 from qcompiler.calibration import Statistics, StatRequest
 from qcompiler.canonical import CompressionRecord, write_canonical
 from qcompiler.options import CompressionOptions, IgnoredScope, WeightFormat
@@ -166,6 +167,13 @@ def compress_unit(
     without statistics). `prepared`: GPTQ's inverse Hessian of this input, when another layer
     already computed it.
     """
+    with errors.context(node=str(unit.node.name)):
+        return _compress_unit(unit, gram, options, prepared)
+
+
+def _compress_unit(
+    unit: WeightUnit, gram: Gram | None, options: CompressionOptions, prepared: PreparedHessian | None
+) -> tuple[CompressedWeight, CompressionRecord, float | None]:
     weight = unit.matrix()  # read once: a lazy external weight is read from disk per call
     block = resolve_block_size(unit.format, unit.group_size, weight.shape[0])
     # NVFP4's tensor scale is the whole weight's, so it is not sliced

@@ -25,6 +25,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import errors
 from qcompiler.calibration import Statistics, StatKind, StatRequest
 from qcompiler.disjoint_sets import DisjointSets
 from qcompiler.errors import UnsupportedModelError
@@ -108,12 +109,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             tuple[int, int | None], tuple[ir.Value, ir.Value, ir.Value, np.ndarray]
         ] = {}
         for unit in self.plan.units:
-            for index in unit.activation_inputs:
-                self._dequantize_input(graph, unit.node, index, unit.node.inputs[index])
-            if unit.weight_input is not None:
-                self._quantize_weight(graph, unit)
-            if unit.bias_input is not None:
-                self._quantize_bias(graph, unit)
+            with errors.context(node=str(unit.node.name)):
+                for index in unit.activation_inputs:
+                    self._dequantize_input(graph, unit.node, index, unit.node.inputs[index])
+                if unit.weight_input is not None:
+                    self._quantize_weight(graph, unit)
+                if unit.bias_input is not None:
+                    self._quantize_bias(graph, unit)
         for unit in self.plan.units:
             if unit.quantize_output:
                 self._quantize_output(graph, unit)

@@ -38,7 +38,7 @@ def test_compile_writes_model_and_report_beside_the_input(workspace, capsys):
     assert report["nodes"]["quantized"] == 3 and report["fusion"]["fused"] == 3
     assert report["data"]["synthetic"] is False and report["data"]["batches"] == 3
     assert report["size_bytes"]["after"] < report["size_bytes"]["before"]
-    assert set(report["versions"]) >= {"onnxruntime", "onnx-ir", "qcompiler"}
+    assert set(report["run"]["versions"]) >= {"onnxruntime", "onnx-ir", "qcompiler"}
     loaded = io.load(output)
     assert sum(node.op_type == "QuantizeLinear" for node in loaded.graph) == 2
     assert loaded.metadata_props["qcompiler.target"] == "ort-cpu"

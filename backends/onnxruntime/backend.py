@@ -23,7 +23,7 @@ from qcompiler.backend import (
 from qcompiler.backends.onnxruntime.attention import fuse_group_query_attention
 from qcompiler.backends.onnxruntime.float32_compute import compute_in_float32
 from qcompiler.backends.onnxruntime.fusion import count_fusion
-from qcompiler.backends.onnxruntime.legality import check
+from qcompiler.backends.onnxruntime.legality import check, unknown_ops
 from qcompiler.backends.onnxruntime.lower import lower
 from qcompiler.backends.onnxruntime.lower_weights import lower_weights
 from qcompiler.backends.onnxruntime.norms import fuse_rms_norms
@@ -50,6 +50,10 @@ class OnnxRuntimeBackend(Backend):
         assert isinstance(model, ir.Model | str | os.PathLike)
         options = session_options(threads=settings.threads, lean=settings.lean)
         return SessionRunner(create_session(model, options))
+
+    def unknown_ops(self, model: ir.Model) -> list[ir.Node]:
+        """Nodes with no onnxruntime CPU kernel (contrib and extensions ops included)."""
+        return unknown_ops(model)
 
     def lower(self, model: ir.Model) -> None:
         """Requantize float consumers of output-quantized tensors, dedicate shared DQs."""

@@ -7,10 +7,12 @@ in float by surprise.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import onnx_ir as ir
 
+from qcompiler.backend import is_standard_op
 from qcompiler.backends.onnxruntime.fp4_matmul import DOMAIN as FP4_DOMAIN
 from qcompiler.backends.onnxruntime.fp4_matmul import OP_TYPE as FP4_OP
 from qcompiler.errors import LegalityError
@@ -23,6 +25,38 @@ DEQUANTIZABLE_TYPES = frozenset(
 is NOT_IMPLEMENTED)."""
 WEIGHT_TYPES = DEQUANTIZABLE_TYPES | {ir.DataType.INT32}
 """Constant DQ inputs ORT CPU accepts: weights, and int32 biases."""
+
+
+EXTENSIONS_DOMAIN = "ai.onnx.contrib"
+"""onnxruntime-extensions' ops, registered in every session we make (`session.session_options`)."""
+
+
+@functools.cache
+def _cpu_kernels() -> frozenset[tuple[str, str]]:
+    """(domain, op type) of every kernel onnxruntime's CPU provider registers."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_opkernel_def
+
+    return frozenset(
+        (kernel.domain, kernel.op_name)
+        for kernel in get_all_opkernel_def()
+        if kernel.provider == "CPUExecutionProvider"
+    )
+
+
+def has_kernel(node: ir.Node) -> bool:
+    """Whether onnxruntime CPU runs `node`'s op: a kernel, a standard function it expands, our FP4 op, or an extensions op."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return (
+        (domain, node.op_type) in _cpu_kernels()
+        or is_standard_op(node)
+        or (domain, node.op_type) == (FP4_DOMAIN, FP4_OP)
+        or domain == EXTENSIONS_DOMAIN
+    )
+
+
+def unknown_ops(model: ir.Model) -> list[ir.Node]:
+    """The nodes of `model` onnxruntime CPU has no kernel for (checked on the input, before any work)."""
+    return [node for node in model.graph if not has_kernel(node)]
 
 
 def _dq_single_consumer(model: ir.Model) -> list[str]:

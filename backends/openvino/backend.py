@@ -21,6 +21,7 @@ from qcompiler.backend import (
     Precision,
     Runner,
     RunnerSettings,
+    is_standard_op,
 )
 from qcompiler.backends.openvino.checker import check as check_artifact
 from qcompiler.backends.openvino.lower import element_type, to_openvino
@@ -28,8 +29,12 @@ from qcompiler.backends.openvino.runtime import OpenVINORunner, bf16_available
 from qcompiler.backends.openvino.save import save_openvino
 from qcompiler.canonical import canonical_consumer, read_canonical
 from qcompiler.errors import ModelSaveError
+from qcompiler.io import SourceFormat, source_format
 from qcompiler.precision import PRECISION_KEY
 from qcompiler.targets import Target
+
+CONVERTED_DOMAINS = frozenset({"com.microsoft", "org.openvinotoolkit"})
+"""Non-standard ONNX domains OpenVINO's ONNX frontend converts ops of (it says which it lacks)."""
 
 _LOWERED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DequantizeNF4"})
 """Ops a model must be lowered for (`to_openvino`) before OpenVINO runs it."""
@@ -53,6 +58,14 @@ class OpenVINOBackend(Backend):
         return OpenVINORunner(
             model, precision=settings.precision.value, threads=settings.threads, streams=settings.streams
         )
+
+    def unknown_ops(self, model: ir.Model) -> list[ir.Node]:
+        """ONNX nodes outside the standard and the domains OpenVINO converts; IR is OpenVINO's own."""
+        if source_format(model) is SourceFormat.OPENVINO_IR:
+            return []
+        return [
+            node for node in model.graph if not (is_standard_op(node) or node.domain in CONVERTED_DOMAINS)
+        ]
 
     def supports(self, precision: Precision) -> bool:
         """bf16 where the CPU has it (AMX / AVX512-BF16)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from qcompiler import decompression, io, precision
+from qcompiler import decompression, io, model_validation, precision
 from qcompiler.data import FeedIterable, input_specs, peek_check
 from qcompiler.drivers.accuracy import budget_message
 from qcompiler.drivers.context import CompileContext, DataArg
@@ -26,6 +26,7 @@ from qcompiler.frontends import openvino_ir
 from qcompiler.model_checks import (
     check_openvino_input,
     refuse_quantized,
+    refuse_unknown_ops,
     refuse_unrunnable_precision,
     upgrade_old_opset,
 )
@@ -183,7 +184,10 @@ def _calibration_data(data: DataArg | None, report: Report) -> DataArg | None:
 
 def _check_model(model: ir.Model, data: DataArg | None, context: CompileContext) -> None:
     """The input model and the first batch, before any work; an old opset is upgraded here."""
+    with context.report.timed("validate_model"):
+        model_validation.validate(model, str(model.meta.get(io.SOURCE_PATH_KEY, "the model")))
     refuse_quantized(model)
+    refuse_unknown_ops(model, context.target, context.backend.unknown_ops(model))
     check_openvino_input(model, context.target, context.backend.capabilities.runs_openvino_ir)
     refuse_unrunnable_precision(model, context.target, context.backend.capabilities.precisions)
     found = precision.model_precision(model)
