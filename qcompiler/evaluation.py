@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.backend import Feed, RunnerFactory
-from qcompiler.data import input_specs, peek_check
+from qcompiler.data import input_specs, validated
 from qcompiler.errors import OptionError
 from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
 from qcompiler.options import AccuracyOptions, DropType
@@ -287,6 +287,5 @@ def validation_evaluator(
     metric = resolve_metric(spec)  # type: ignore[arg-type]
     if accuracy.metric_output is not None:
         metric = dataclasses.replace(metric, output=accuracy.metric_output)
-    feeds = list(validation)
-    peek_check(feeds, input_specs(model), "validation data")
+    feeds = list(validated(validation, input_specs(model), "validation data"))  # each batch checked as read
     return Evaluator(model, feeds, metric, runners, accuracy.drop_type)
