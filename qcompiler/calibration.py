@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from qcompiler.backend import Runner
 from qcompiler.data import input_specs, validated
+from qcompiler.errors import DataError
 from qcompiler.gram_outputs import GRAM_COUNTS, GramSlot, add_gram_outputs
 from qcompiler.io import initializer_bytes
 from qcompiler.irutil import release_mapped
@@ -157,6 +158,19 @@ class Statistics:
 
     def __len__(self) -> int:
         return len(self._results)
+
+
+def require_finite(array: np.ndarray, name: str, batch: int) -> None:
+    """A NaN or Inf reaching a statistic would become a NaN scale: name the tensor and the batch instead.
+
+    The data was checked finite as it was read, so the model itself overflows here (a weight out
+    of float range, an exp of a large value) on this data.
+    """
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DataError(
+            f"calibration: tensor {name!r} holds NaN or Inf on batch {batch + 1} (the data is finite): "
+            "the model overflows on this data, so it has no range to quantize"
+        )
 
 
 def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
@@ -420,11 +434,15 @@ class _PieceRun:
             for key in reduce_keys:
                 if key in slots:
                     slot = slots[key]
+                    product = outputs[slot.products][slot.start : slot.stop]
+                    require_finite(product, key[0], read)
                     self.reducers[key].add_product(  # type: ignore[attr-defined]
-                        outputs[slot.products][slot.start : slot.stop], int(outputs[GRAM_COUNTS][slot.count])
+                        product, int(outputs[GRAM_COUNTS][slot.count])
                     )
                 else:
-                    self.reducers[key].update(as_float32(outputs[key[0]]))
+                    array = as_float32(outputs[key[0]])
+                    require_finite(array, key[0], read)
+                    self.reducers[key].update(array)
             if later:
                 carry = {name: array for name, array in feed.items() if name in later}
                 carry.update({name: outputs[name] for name in part.carried if name in later})

@@ -417,6 +417,12 @@ def artifact_files(path: pathlib.Path) -> list[pathlib.Path]:
     return [path, companion]
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keep the record, drop its traceback (`--debug` shows them)."""
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt so every ``finally`` cleans up."""
 
@@ -448,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="qcompile: %(message)s")
     debug = "--debug" in argv
+    if not debug:  # libraries log warnings with tracebacks (onnx_ir's failed shape inference): one line each
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_without_traceback)
     previous = (
         signal.signal(signal.SIGTERM, _raise_terminated)
         if threading.current_thread() is threading.main_thread()

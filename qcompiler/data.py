@@ -32,13 +32,19 @@ class InputSpec:
     @classmethod
     def from_value(cls, value: ir.Value) -> InputSpec:
         """Describe a graph input."""
-        if value.dtype is None:
+        if value.dtype is None or value.dtype == ir.DataType.UNDEFINED:
             raise DataError(f"model input {value.name!r} has no element type")
+        try:
+            dtype = value.dtype.numpy()
+        except TypeError as exc:
+            raise DataError(
+                f"model input {value.name!r} has element type {value.dtype.name}, which no array holds"
+            ) from exc
         shape = None
         if value.shape is not None:
             # a non-positive size (-1 from Paddle2ONNX and other exporters) means a dynamic axis
             shape = tuple(dim if isinstance(dim, int) and dim > 0 else None for dim in value.shape)
-        return cls(str(value.name), value.dtype.numpy(), shape)
+        return cls(str(value.name), dtype, shape)
 
     def check(self, array: np.ndarray, where: str) -> None:
         """Raise `DataError` naming the input and `where` if `array` does not fit."""

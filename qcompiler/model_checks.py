@@ -113,3 +113,24 @@ def refuse_unrunnable_precision(model: ir.Model, target: Target, runnable: froze
         f"{source}: a {precision.precision_name(found)} model; {target.name} has no "
         f"{precision.precision_name(found)} kernels{where}. Compile it for openvino-cpu, or convert it to float16"
     )
+
+
+def relax_nonpositive_dims(model: ir.Model) -> list[str]:
+    """Declared input sizes of 0 or below become dynamic axes; the names of the inputs changed.
+
+    Paddle2ONNX and others write -1 for a dynamic axis and the data check reads it so
+    (`InputSpec.from_value`); runtimes do not agree (onnxruntime takes 0 literally, and refuses
+    any batch that is not empty), so the model is made to say what the data check assumed.
+    """
+    changed = []
+    for value in model.graph.inputs:
+        if value.shape is None or value.is_initializer():
+            continue
+        dims = [
+            ir.SymbolicDim(f"{value.name}_dim{axis}") if isinstance(dim, int) and dim <= 0 else dim
+            for axis, dim in enumerate(value.shape)
+        ]
+        if dims != list(value.shape):
+            value.shape = ir.Shape(dims)
+            changed.append(str(value.name))
+    return changed

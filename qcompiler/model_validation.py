@@ -4,9 +4,10 @@ A malformed model used to fail deep inside a pass (``Graph contains a cycle``, a
 on a null type), or worse, to compile: a NaN weight quantized to garbage codes with numpy's
 "invalid value encountered in cast" as the only sign. The checks here run first, cheapest first:
 
+0. every inline constant's bytes fit its element type and shape (`malformed_tensors`);
 1. every node input and graph output is defined: a graph input, an initializer, or the output of
    a node in scope (`undefined_inputs`);
-2. the graph is acyclic (`find_cycle`);
+2. the graph is acyclic (`find_cycle`) and its element types fit every op's schema (`type_error`);
 3. every op is one the target's runtime has (the backend's `unknown_ops`, read by the driver);
 4. weights are finite (`nonfinite_weights`): NaN in any float constant, and ±Inf in a constant a
    weighted op reads (MatMul, Gemm, Conv, Gather). Infinities elsewhere are legitimate: exporters
@@ -51,6 +52,27 @@ def undefined_inputs(model: ir.Model) -> list[tuple[ir.Node | None, ir.Value]]:
 
 def _defined(value: ir.Value) -> bool:
     return value.producer() is not None or value.is_graph_input() or value.is_initializer()
+
+
+def type_error(model: ir.Model) -> str | None:
+    """Onnx's type check of every node against its op's schema (first line), or None.
+
+    Shapes are not held to it (non-strict inference): exporters declare output shapes that
+    contradict their producers, which normalization repairs (`RepairOutputShapesPass`). Weights
+    are left out of the proto onnx reads (onnx_ir's `call_onnx_api`), so this costs no copy of them.
+    """
+    import onnx
+    from onnx_ir.passes.common import _c_api_utils
+
+    def check(proto: onnx.ModelProto) -> None:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=False)
+
+    try:
+        _c_api_utils.call_onnx_api(check, model)
+    except Exception as exc:  # onnx raises InferenceError, ValidationError or RuntimeError
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return lines[0] if lines else type(exc).__name__
+    return None
 
 
 def find_cycle(graph: ir.Graph) -> list[ir.Node]:
@@ -176,8 +198,37 @@ def _widened(array: np.ndarray) -> np.ndarray:
     return array if array.dtype in (np.float16, np.float32, np.float64) else array.astype(np.float32)
 
 
+def malformed_tensors(model: ir.Model) -> list[tuple[str, str]]:
+    """(initializer, what is wrong) for inline constants whose bytes do not match their type and shape.
+
+    External tensors are checked against their file when the model is read (`io.load`).
+    """
+    found = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            try:
+                if tensor.dtype == ir.DataType.UNDEFINED:
+                    raise ValueError("its element type is UNDEFINED")
+                array = tensor.numpy()
+                if array.size != tensor.size:
+                    raise ValueError(
+                        f"it holds {array.size} values, its shape {list(tensor.shape)} needs {tensor.size}"
+                    )
+            except Exception as exc:  # onnx_ir raises ValueError / TypeError for inconsistent protos
+                found.append((str(value.name), str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    return found
+
+
 def validate(model: ir.Model, source: str) -> None:
     """Raise `InvalidModelError` for the first structural or numeric problem of `model` (read from `source`)."""
+    malformed = malformed_tensors(model)
+    if malformed:
+        name, problem = malformed[0]
+        more = f" (+{len(malformed) - 1} more)" if len(malformed) > 1 else ""
+        raise InvalidModelError(f"{source}: initializer {name!r} is malformed: {problem}{more}")
     undefined = undefined_inputs(model)
     if undefined:
         reader, value = undefined[0]
@@ -191,6 +242,9 @@ def validate(model: ir.Model, source: str) -> None:
         if cycle:
             loop = " -> ".join(repr(node.name) for node in (*cycle, cycle[0]))
             raise InvalidModelError(f"{source}: the graph has a cycle: {loop}")
+    inconsistent = type_error(model)
+    if inconsistent:
+        raise InvalidModelError(f"{source}: its types are inconsistent ({inconsistent})")
     bad = nonfinite_weights(model)
     if bad:
         first = bad[0]

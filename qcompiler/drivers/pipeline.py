@@ -28,6 +28,7 @@ from qcompiler.model_checks import (
     refuse_quantized,
     refuse_unknown_ops,
     refuse_unrunnable_precision,
+    relax_nonpositive_dims,
     upgrade_old_opset,
 )
 from qcompiler.options import CompileOptions
@@ -106,6 +107,8 @@ def compile(  # noqa: A001 - the public name the design promises
     )
     report = context.report
     report.warnings.extend(f"adapted: {note}" for note in adaptations)
+    with report.timed("validate_model"):  # before anything reads a tensor's size or bytes
+        model_validation.validate(source, str(source.meta.get(io.SOURCE_PATH_KEY, "the model")))
     report.size_bytes["before"] = io.initializer_bytes(source)
     # A model loaded here has no other holder: edit it in place, so each replaced float weight is
     # freed (an LLM's weights are otherwise held twice through compression).
@@ -184,9 +187,10 @@ def _calibration_data(data: DataArg | None, report: Report) -> DataArg | None:
 
 def _check_model(model: ir.Model, data: DataArg | None, context: CompileContext) -> None:
     """The input model and the first batch, before any work; an old opset is upgraded here."""
-    with context.report.timed("validate_model"):
-        model_validation.validate(model, str(model.meta.get(io.SOURCE_PATH_KEY, "the model")))
     refuse_quantized(model)
+    relaxed = relax_nonpositive_dims(model)
+    if relaxed:
+        context.report.warnings.append(f"inputs {relaxed}: declared sizes <= 0 read as dynamic axes")
     refuse_unknown_ops(model, context.target, context.backend.unknown_ops(model))
     check_openvino_input(model, context.target, context.backend.capabilities.runs_openvino_ir)
     refuse_unrunnable_precision(model, context.target, context.backend.capabilities.precisions)
