@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
@@ -135,11 +136,19 @@ class NpzFolder:
 
     def __iter__(self) -> Iterator[Feed]:
         for file in self.files:
-            try:
-                with np.load(file, allow_pickle=False) as archive:
-                    yield {key: archive[key] for key in archive.files}
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{file}: not a readable .npz of arrays ({exc})") from exc
+            yield read_npz(file)
+
+
+def read_npz(file: pathlib.Path) -> Feed:
+    """One batch: the arrays of an ``.npz`` archive (no pickled objects); anything else names the file."""
+    try:
+        loaded = np.load(file, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{file}: a single .npy array, not an .npz archive of named arrays")
+        with loaded as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{file}: not a readable .npz of arrays ({exc})") from exc
 
 
 class FeedIterable:

@@ -22,6 +22,11 @@ from qcompiler.metrics import next_token_nll, retrieval, row_cosine, sqnr_db
 from qcompiler.options import AccuracyOptions, DropType
 from qcompiler.precision import as_float32
 
+CONFIDENCE = 0.95
+"""Coverage of the drop's bootstrap interval in the report."""
+RESAMPLES = 1000
+"""Bootstrap draws of the validation batches (one metric combine each: cheap beside a model run)."""
+
 SQNR_CAP_DB = 100.0
 """The float model's own SQNR is infinite; drops in dB are measured from this cap."""
 
@@ -265,6 +270,55 @@ class Evaluator:
         if self.metric.batch_terms is not None:
             return self._combine(self._reference_terms[:batches])
         return self._score(self.reference[:batches], self.feeds[:batches], self.reference[:batches])
+
+    def uncertainty(
+        self, model: ir.Model, *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES
+    ) -> dict[str, object]:
+        """How sure `model`'s drop is: a paired bootstrap interval over the validation batches.
+
+        Batches (token windows for a causal LM) are drawn with replacement, the same draw for the
+        float model and the candidate, and the drop is recomputed on each draw; the interval is the
+        central `confidence` of those drops. Seeded: the same data gives the same interval.
+        """
+        picks = np.random.default_rng(0).integers(0, len(self.feeds), size=(resamples, len(self.feeds)))
+        drops: list[float] = []
+        if self.metric.batch_terms is not None:
+            assert self.metric.combine is not None
+            combine = self.metric.combine
+            terms = np.array(self._terms(model, self.feeds), dtype=np.float64)  # (batches, [sum, count])
+            float_terms = np.array(self._reference_terms, dtype=np.float64)
+            for pick in picks:
+                drawn, float_drawn = terms[pick].sum(axis=0), float_terms[pick].sum(axis=0)
+                drops.append(self.drop(combine(*drawn), combine(*float_drawn)))
+            score = float(combine(*terms.sum(axis=0)))
+        else:
+            outputs = [b[self.output] for b in model_outputs(model, self.feeds, [self.output], self.runners)]
+            for pick in picks:
+                feeds = [self.feeds[i] for i in pick]
+                reference = [self.reference[i] for i in pick]
+                candidate_score = self._score([outputs[i] for i in pick], feeds, reference)
+                drops.append(self.drop(candidate_score, self._score(reference, feeds, reference)))
+            score = self._score(outputs, self.feeds, self.reference)
+        low, high = np.quantile(np.array(drops), [(1 - confidence) / 2, (1 + confidence) / 2])
+        return {
+            "drop": self.drop(score),
+            "interval": [round(float(low), 6), round(float(high), 6)],
+            "confidence": confidence,
+            "resampled": f"{len(self.feeds)} validation batches, {resamples} paired bootstrap draws",
+        }
+
+    def describe(self) -> dict[str, object]:
+        """What the drop is measured on: batches, samples and, for token data, context length and tokens."""
+        first = self.feeds[0]
+        found: dict[str, object] = {
+            "batches": len(self.feeds),
+            "samples": int(sum(len(next(iter(feed.values()))) for feed in self.feeds)),
+        }
+        if "input_ids" in first and np.asarray(first["input_ids"]).ndim == 2:
+            lengths = [np.asarray(feed["input_ids"]).shape[1] for feed in self.feeds]
+            found["context_tokens"] = max(lengths)
+            found["tokens"] = int(sum(np.asarray(feed["input_ids"]).size for feed in self.feeds))
+        return found
 
     def drop(self, score: float, float_score: float | None = None) -> float:
         """How much worse `score` is than the float model's (positive = worse)."""

@@ -177,14 +177,25 @@ class Report:
             fb = self.fallback
             groups = cast(dict[str, dict[str, Any]], fb["groups"])
             moved = [name for name, g in groups.items() if g["format"] != g["ladder"][0]]
+            met = "NOT met" if not fb["met"] else "met only within noise" if fb.get("met_within_noise") else "met"
             rows.append(
                 (
                     "accuracy fallback",
                     f"{fb['metric']} {fb['float_score']:.5g} -> {fb['score']:.5g}, {fb['drop_type']} drop "
-                    f"{fb['drop']:.4g} (max {fb['max_drop']}, {'met' if fb['met'] else 'NOT met'}); "
+                    f"{fb['drop']:.4g} (max {fb['max_drop']}, {met}); "
                     f"{len(fb['trials'])} trials, {fb['seconds']} s; {len(moved)} groups moved up",  # type: ignore[arg-type]
                 )
             )
+            if "drop_interval" in fb:
+                interval = cast(list[float], fb["drop_interval"])
+                validation = cast(dict[str, object], fb["validation"])
+                rows.append(
+                    (
+                        "  measured on",
+                        f"{_validation_line(validation)}; drop {interval[0]:.4g} .. {interval[1]:.4g} "
+                        f"({fb['interval_confidence']:.0%} bootstrap interval)",
+                    )
+                )
         if self.fusion is not None:
             rows.append(
                 (
@@ -200,3 +211,12 @@ class Report:
         rows += [("warning", warning) for warning in self.warnings]
         width = max(len(key) for key, _ in rows)
         return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _validation_line(validation: dict[str, object]) -> str:
+    """``128 batches, 128 samples of 512 tokens`` (the data a --max-drop was measured on)."""
+    line = f"{validation['batches']} batches, {validation['samples']} samples"
+    if "context_tokens" in validation:
+        line += f" of {validation['context_tokens']} tokens"
+    return line
+

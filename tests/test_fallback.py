@@ -1,6 +1,8 @@
 """Accuracy-aware fallback and size budgets: groups, ladders, the search, metrics, error paths."""
 
 import itertools
+import json
+import re
 import sys
 
 import numpy as np
@@ -8,6 +10,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompiler
+from qcompiler import io
 from qcompiler.cli import EXIT_BUDGET_NOT_MET, main
 from qcompiler.drivers.accuracy import static_ladder, weight_ladder
 from qcompiler.drivers.runtimes import target_runners
@@ -354,3 +357,72 @@ def test_perplexity_is_streamed_and_keeps_no_logits():
     assert evaluator.score(model, batches=2) == pytest.approx(
         _perplexity(logits[:2], logits[:2], feeds[:2]), rel=1e-9
     )
+
+
+def _tiny_lm(seed: int, head_noise: float = 0.0) -> ir.Model:
+    """input_ids -> Gather -> MatMul -> logits, with `head_noise` added to the head (a worse candidate)."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((40, 8)).astype(np.float32)
+    head = rng.standard_normal((8, 40)).astype(np.float32)
+    head += head_noise * np.random.default_rng(seed).standard_normal(head.shape).astype(np.float32)
+    ids = ir.Value(name="input_ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch", 16]))
+    graph = ir.Graph([ids], [], nodes=[], name="lm")
+    hidden = add(graph, "Gather", [const(graph, "table", table), ids], "embed")
+    logits = add(graph, "MatMul", [hidden, const(graph, "head", head)], "head")
+    logits.name = "logits"
+    graph.outputs.append(logits)
+    return model_of(graph)
+
+
+def test_drop_interval_is_a_paired_bootstrap_over_windows():
+    """The float model against itself: interval [0, 0]. A worse head: the interval holds the measured
+    drop, and four times the windows narrow it by about half (sqrt(4))."""
+    runners = target_runners(backend_named("onnxruntime"))
+    rng = np.random.default_rng(1)
+    windows = [{"input_ids": rng.integers(0, 40, (1, 16))} for _ in range(64)]
+    model, worse = _tiny_lm(0), _tiny_lm(1, head_noise=0.3)
+    widths = []
+    for count in (16, 64):
+        evaluator = Evaluator(model, windows[:count], resolve_metric("perplexity"), runners, DropType.RELATIVE)
+        assert evaluator.uncertainty(model)["interval"] == [0.0, 0.0]
+        measured = evaluator.uncertainty(worse)
+        low, high = measured["interval"]
+        assert measured["drop"] == pytest.approx(evaluator.drop(evaluator.score(worse)), rel=1e-9)
+        assert low < measured["drop"] < high and measured["confidence"] == 0.95
+        assert evaluator.uncertainty(worse) == measured  # seeded
+        widths.append(high - low)
+    assert 0.3 < widths[1] / widths[0] < 0.8
+
+
+def test_drop_interval_for_a_per_sample_metric():
+    """Cosine: batches of samples resampled, the float outputs kept from the float run."""
+    model = _outlier_model()
+    feeds = random_feeds(model, batches=8, batch=4)
+    runners = target_runners(backend_named("onnxruntime"))
+    evaluator = Evaluator(model, feeds, resolve_metric("cosine"), runners)
+    noisy = _outlier_model()
+    w2 = noisy.graph.initializers["w2"]
+    w2.const_value = ir.tensor(w2.const_value.numpy() * 1.5 + 0.2, name="w2")
+    measured = evaluator.uncertainty(noisy)
+    low, high = measured["interval"]
+    assert 0 < low <= measured["drop"] <= high
+    assert evaluator.describe() == {"batches": 8, "samples": 32}
+
+
+def test_max_drop_reports_its_data_and_interval(tmp_path, capsys):
+    """The report and the summary say what the drop was measured on and how sure it is."""
+    model = io.save(_outlier_model(), tmp_path / "outliers.onnx")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for index, feed in enumerate(random_feeds(_outlier_model(), batches=4, batch=16)):
+        np.savez(folder / f"{index}.npz", **feed)
+    arguments = [str(model), "--target", "ort-cpu", "--op-types", "MatMul", "Add", "--data", str(folder)]
+    arguments += ["--val-data", str(folder), "--max-drop", "0.001", "--metric", "cosine", "--no-fusion-count"]
+    assert main(arguments) == 0
+    fallback = json.loads((tmp_path / "outliers.ort-cpu.report.json").read_text())["fallback"]
+    assert fallback["validation"] == {"batches": 4, "samples": 64}
+    low, high = fallback["drop_interval"]
+    assert low <= fallback["drop"] <= high and fallback["interval_confidence"] == 0.95
+    assert fallback["met_within_noise"] == (high > 0.001)
+    out = capsys.readouterr().out
+    assert re.search(r"\n  measured on +4 batches, 64 samples; drop [-\d.e]+ \.\. [-\d.e]+ \(95% bootstrap interval\)", out)

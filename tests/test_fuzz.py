@@ -8,7 +8,7 @@ they were and write nothing; a mutation that leaves a valid model may compile (e
 (an internal error) is always a failure.
 
 Hypothesis draws the mutations, derandomized so CI runs the same examples every time;
-``QCOMPILER_FUZZ_EXAMPLES`` raises the count for a longer local run.
+``QCOMPILER_FUZZ_EXAMPLES=500`` runs that many random ones per test instead (a longer local run).
 """
 
 import contextlib
@@ -32,7 +32,7 @@ EXAMPLES = int(os.environ.get("QCOMPILER_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    derandomize=True,
+    derandomize="QCOMPILER_FUZZ_EXAMPLES" not in os.environ,  # a longer local run explores new examples
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 MODELS = {"mlp": mlp_with_attention_matmul, "cnn": gemm_conv_model}
@@ -265,6 +265,9 @@ def test_data_mutations(kind, job, what, value, dtype):
             batch_file.write_bytes(b"PK\x03\x04 not really a zip")
         elif what == "pickle":
             np.save(batch_file.with_suffix(".npy"), np.array([object()], dtype=object), allow_pickle=True)
+            batch_file.with_suffix(".npy").rename(batch_file)
+        elif what == "npy":
+            np.save(batch_file.with_suffix(".npy"), array)
             batch_file.with_suffix(".npy").rename(batch_file)
         elif what != "none":
             np.savez(batch_file, **batch)

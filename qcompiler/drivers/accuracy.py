@@ -132,6 +132,7 @@ def run_search(
         on_trial=lambda trial: bar.update(1),
     )
     bar.close()
+    measured = evaluator.uncertainty(build(result.decision))  # the chosen model, once more, per batch
     section: dict[str, object] = {
         "metric": evaluator.metric.name,
         "output": evaluator.output,
@@ -143,6 +144,10 @@ def run_search(
         "met": result.met,
         "stopped_by": result.stopped_by,
         "validation_batches": len(evaluator.feeds),
+        "validation": evaluator.describe(),
+        "drop_interval": measured["interval"],
+        "interval_confidence": measured["confidence"],
+        "met_within_noise": bool(result.met and measured["interval"][1] > accuracy.max_drop),  # type: ignore[index]
         "ranking_measured": {groups[i].name: round(gain, 6) for i, gain in gains.items()},
         "trials": [dataclasses.asdict(trial) for trial in result.trials],
         "evaluations": result.evaluations + len(gains) + 1,

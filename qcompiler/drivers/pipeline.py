@@ -148,6 +148,13 @@ def compile(  # noqa: A001 - the public name the design promises
         report.warnings.extend(warnings)
     report.peak_rss_mb = round(peak_rss_mb(), 1)
     result = CompileResult(working, report, artifact, resolved)
+    if report.fallback.get("met_within_noise"):
+        high = report.fallback["drop_interval"][1]  # type: ignore[index]
+        report.warnings.append(
+            f"--max-drop {report.fallback['max_drop']} met only within noise: the drop's "
+            f"{report.fallback['interval_confidence']:.0%} interval reaches {high:.4g}; more validation data "
+            "(--val-samples) would tell"
+        )
     if report.fallback and not report.fallback["met"]:
         raise AccuracyBudgetError(budget_message(report.fallback), result)
     return result
