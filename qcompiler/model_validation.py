@@ -7,7 +7,7 @@ on a null type), or worse, to compile: a NaN weight quantized to garbage codes w
 0. every inline constant's bytes fit its element type and shape (`malformed_tensors`);
 1. every node input and graph output is defined: a graph input, an initializer, or the output of
    a node in scope (`undefined_inputs`);
-2. the graph is acyclic (`find_cycle`) and its element types fit every op's schema (`type_error`);
+2. the graph is acyclic (`find_cycle`) and its types and shapes fit every op's schema (`inference_error`);
 3. every op is one the target's runtime has (the backend's `unknown_ops`, read by the driver);
 4. weights are finite (`nonfinite_weights`): NaN in any float constant, and ±Inf in a constant a
    weighted op reads (MatMul, Gemm, Conv, Gather). Infinities elsewhere are legitimate: exporters
@@ -54,18 +54,21 @@ def _defined(value: ir.Value) -> bool:
     return value.producer() is not None or value.is_graph_input() or value.is_initializer()
 
 
-def type_error(model: ir.Model) -> str | None:
-    """Onnx's type check of every node against its op's schema (first line), or None.
+def inference_error(model: ir.Model) -> str | None:
+    """Onnx's strict type and shape inference over every node (its first line), or None.
 
-    Shapes are not held to it (non-strict inference): exporters declare output shapes that
-    contradict their producers, which normalization repairs (`RepairOutputShapesPass`). Weights
-    are left out of the proto onnx reads (onnx_ir's `call_onnx_api`), so this costs no copy of them.
+    Declared graph output shapes are left out: exporters declare some that contradict their
+    producers, which normalization repairs (`RepairOutputShapesPass`). Weights are left out of
+    the proto onnx reads too (onnx_ir's `call_onnx_api`), so this costs no copy of them.
     """
     import onnx
     from onnx_ir.passes.common import _c_api_utils
 
     def check(proto: onnx.ModelProto) -> None:
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=False)
+        for output in proto.graph.output:
+            output.type.tensor_type.ClearField("shape")
+        del proto.graph.value_info[:]
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=False)
 
     try:
         _c_api_utils.call_onnx_api(check, model)
@@ -242,9 +245,11 @@ def validate(model: ir.Model, source: str) -> None:
         if cycle:
             loop = " -> ".join(repr(node.name) for node in (*cycle, cycle[0]))
             raise InvalidModelError(f"{source}: the graph has a cycle: {loop}")
-    inconsistent = type_error(model)
+    inconsistent = inference_error(model)
     if inconsistent:
-        raise InvalidModelError(f"{source}: its types are inconsistent ({inconsistent})")
+        raise InvalidModelError(
+            f"{source}: its types or shapes are inconsistent (onnx's inference: {inconsistent})"
+        )
     bad = nonfinite_weights(model)
     if bad:
         first = bad[0]

@@ -177,7 +177,13 @@ class Report:
             fb = self.fallback
             groups = cast(dict[str, dict[str, Any]], fb["groups"])
             moved = [name for name, g in groups.items() if g["format"] != g["ladder"][0]]
-            met = "NOT met" if not fb["met"] else "met only within noise" if fb.get("met_within_noise") else "met"
+            met = (
+                "NOT met"
+                if not fb["met"]
+                else "met only within noise"
+                if fb.get("met_within_noise")
+                else "met"
+            )
             rows.append(
                 (
                     "accuracy fallback",
@@ -219,4 +225,3 @@ def _validation_line(validation: dict[str, object]) -> str:
     if "context_tokens" in validation:
         line += f" of {validation['context_tokens']} tokens"
     return line
-

@@ -383,7 +383,9 @@ def test_drop_interval_is_a_paired_bootstrap_over_windows():
     model, worse = _tiny_lm(0), _tiny_lm(1, head_noise=0.3)
     widths = []
     for count in (16, 64):
-        evaluator = Evaluator(model, windows[:count], resolve_metric("perplexity"), runners, DropType.RELATIVE)
+        evaluator = Evaluator(
+            model, windows[:count], resolve_metric("perplexity"), runners, DropType.RELATIVE
+        )
         assert evaluator.uncertainty(model)["interval"] == [0.0, 0.0]
         measured = evaluator.uncertainty(worse)
         low, high = measured["interval"]
@@ -425,4 +427,6 @@ def test_max_drop_reports_its_data_and_interval(tmp_path, capsys):
     assert low <= fallback["drop"] <= high and fallback["interval_confidence"] == 0.95
     assert fallback["met_within_noise"] == (high > 0.001)
     out = capsys.readouterr().out
-    assert re.search(r"\n  measured on +4 batches, 64 samples; drop [-\d.e]+ \.\. [-\d.e]+ \(95% bootstrap interval\)", out)
+    assert re.search(
+        r"\n  measured on +4 batches, 64 samples; drop [-\d.e]+ \.\. [-\d.e]+ \(95% bootstrap interval\)", out
+    )
