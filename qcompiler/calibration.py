@@ -32,6 +32,7 @@ from qcompiler.pieces import Piece, split
 from qcompiler.precision import as_float32
 from qcompiler.reducers import (
     AbsMaxPerChannelReducer,
+    Gram,
     GramReducer,
     Histogram,
     HistogramReducer,
@@ -171,6 +172,18 @@ def require_finite(array: np.ndarray, name: str, batch: int) -> None:
             f"calibration: tensor {name!r} holds NaN or Inf on batch {batch + 1} (the data is finite): "
             "the model overflows on this data, so it has no range to quantize"
         )
+
+
+def finished(key: StatKey, reducer: Reducer) -> object:
+    """A reducer's result; one that overflowed float32 (finite rows, an infinite XᵀX) is named."""
+    result = reducer.result()
+    values = result.blocks if isinstance(result, Gram) else result
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise DataError(
+            f"calibration: the statistics of tensor {key[0]!r} overflow float32 (its values are too large "
+            "to square and sum): the model or the data holds out-of-range values"
+        )
+    return result
 
 
 def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
@@ -388,7 +401,7 @@ class _PieceRun:
             source, read = self._run_piece(part, source, fetched, slots, reduce_keys, later, rows, bar)
             batches = batches or read
             if reduce_keys or number == len(parts) - 1:
-                yield Statistics({key: self.reducers.pop(key).result() for key in reduce_keys}, batches)
+                yield Statistics({key: finished(key, self.reducers.pop(key)) for key in reduce_keys}, batches)
         bar.close()
         if self.reducers:  # nothing should be left; never lose a statistic if a piece missed one
             yield Statistics({key: reducer.result() for key, reducer in self.reducers.items()}, batches)

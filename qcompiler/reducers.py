@@ -362,12 +362,14 @@ class GramReducer:
         rows = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         self.channels = rows.shape[1]
         size = self.block_size if 0 < self.block_size < self.channels else self.channels
-        if size == self.channels:
-            product = (rows.T @ rows)[None]  # numpy runs XᵀX as a symmetric rank-k update (syrk)
-        else:
-            padded = to_blocks(rows.T, size).transpose(0, 2, 1) if self.channels % size else None
-            view = padded if padded is not None else rows.reshape(len(rows), -1, size).transpose(1, 0, 2)
-            product = np.matmul(view.transpose(0, 2, 1), view)  # [n_blocks, B, B], no copy of X
+        # an overflow to inf is reported by name when the statistic is finished (`calibration.finished`)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if size == self.channels:
+                product = (rows.T @ rows)[None]  # numpy runs XᵀX as a symmetric rank-k update (syrk)
+            else:
+                padded = to_blocks(rows.T, size).transpose(0, 2, 1) if self.channels % size else None
+                view = padded if padded is not None else rows.reshape(len(rows), -1, size).transpose(1, 0, 2)
+                product = np.matmul(view.transpose(0, 2, 1), view)  # [n_blocks, B, B], no copy of X
         if self.total is None:
             self.total = product
         else:
