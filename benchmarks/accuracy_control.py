@@ -8,8 +8,9 @@ SmoothQuant) with ``--max-drop 0.01`` on mean sentence-embedding cosine vs FP32,
 paragraphs of the python-docs valid slice and checked on 600 held-out test paragraphs; NNCF's
 ``quantize_with_accuracy_control`` (OpenVINO backend) gets the same metric, budget and data.
 SmolLM2: INT4 sym g64 AWQ + scale estimation with ``--max-drop 0.05`` relative perplexity
-(4 validation windows of 512 tokens, at most 20 trials), and ``--effective-bits 5`` against a uniform assignment of the same size
-(INT4 g32 everywhere = 5 bits per weight with float32 scales); perplexity on 16 test windows.
+(16 validation windows of 512 tokens, at most 20 trials), and ``--effective-bits 5`` against a uniform assignment of the same size
+(INT4 g32 everywhere = 5 bits per weight with float32 scales); perplexity on every 512-token window of
+the test slice, with each artifact's drop from FP32 and its 95 % paired bootstrap interval over those windows.
 Each tool compiles in its own subprocess (wall time and peak RSS are its own). Writes
 ``results/accuracy_control_<model>.json`` and a section of ``docs/benchmarks.md``.
 """
@@ -64,9 +65,20 @@ def _data(model_name: str, model_path: pathlib.Path):
     tokenizer = smollm2.tokenizer_path()
     return (
         list(TokenWindows(CALIBRATION_TEXT, tokenizer, specs, seq_len=512, windows=28)),
-        list(TokenWindows(VALIDATION_TEXT, tokenizer, specs, seq_len=512, windows=4)),
-        list(TokenWindows(EVALUATION_TEXT, tokenizer, specs, seq_len=512, windows=16)),
+        list(TokenWindows(VALIDATION_TEXT, tokenizer, specs, seq_len=512, windows=VALIDATION_WINDOWS)),
+        list(TokenWindows(EVALUATION_TEXT, tokenizer, specs, seq_len=512)),  # every test window
     )
+
+
+VALIDATION_WINDOWS = 16
+"""512-token windows of the valid slice the --max-drop search measures on (8192 tokens)."""
+
+
+def paired_interval(nll: np.ndarray, float_nll: np.ndarray, resamples: int = 1000) -> list[float]:
+    """95 % paired bootstrap interval of the relative perplexity drop over test windows."""
+    picks = np.random.default_rng(0).integers(0, len(nll), size=(resamples, len(nll)))
+    drops = np.exp((nll[picks].sum(axis=1) - float_nll[picks].sum(axis=1)) / (picks.shape[1] * 511)) - 1
+    return [round(float(q), 4) for q in np.quantile(drops, [0.025, 0.975])]
 
 
 def compile_with(tool: str, model: pathlib.Path, calibration, validation, output: pathlib.Path) -> dict:
@@ -113,8 +125,19 @@ def compile_with(tool: str, model: pathlib.Path, calibration, validation, output
         fallback = result.report.fallback
         groups = fallback["groups"]  # type: ignore[index]
         info["fallback"] = {
-            key: fallback[key]
-            for key in ("metric", "float_score", "score", "drop", "met", "stopped_by", "seconds")
+            key: fallback.get(key)
+            for key in (
+                "metric",
+                "float_score",
+                "score",
+                "drop",
+                "drop_interval",
+                "met",
+                "met_within_noise",
+                "validation",
+                "stopped_by",
+                "seconds",
+            )
         }
         info["fallback"]["trials"] = len(fallback["trials"])  # type: ignore[arg-type,index]
         info["fallback"]["evaluations"] = fallback["evaluations"]  # type: ignore[index]
@@ -179,8 +202,18 @@ def measure(model_name: str, path: pathlib.Path, test, reference: np.ndarray | N
             "test_min_cosine": float(cosines.min()),
             "size_mb": size / 1e6,
         }
-    perplexity, tokens = runner.perplexity(test)
-    return {"test_perplexity": perplexity, "tokens": tokens, "size_mb": size / 1e6}
+    from qcompiler.metrics import next_token_nll
+
+    nll = [next_token_nll(runner.run(feed, "logits"), feed["input_ids"]) for feed in test]
+    tokens = sum(count for _, count in nll)
+    perplexity = float(np.exp(sum(total for total, _ in nll) / tokens))
+    return {
+        "test_perplexity": perplexity,
+        "tokens": tokens,
+        "windows": len(test),
+        "window_nll": [round(total, 4) for total, _ in nll],
+        "size_mb": size / 1e6,
+    }
 
 
 def main() -> None:
@@ -238,6 +271,10 @@ def main() -> None:
                     **measure(args.model_name, output, test, reference),
                 }
             rows[tool]["description"] = TOOLS[args.model_name][tool]
+            if "window_nll" in rows[tool]:  # the drop on test windows the search never saw
+                nll, float_nll = np.array(rows[tool]["window_nll"]), np.array(rows["fp32"]["window_nll"])
+                rows[tool]["test_drop"] = round(rows[tool]["test_perplexity"] / rows["fp32"]["test_perplexity"] - 1, 4)
+                rows[tool]["test_drop_interval"] = paired_interval(nll, float_nll)
             print(tool, json.dumps(rows[tool])[:1500], file=sys.stderr, flush=True)
     result = {
         "model": args.model_name,
@@ -277,12 +314,22 @@ def write_table(result: dict, path: pathlib.Path) -> None:
             else f"{row['test_perplexity']:.3f}"
         )
         search = ""
+        if "test_drop" in row:
+            low, high = row["test_drop_interval"]
+            value += f" ({row['test_drop']:+.2%}, {low:+.2%} .. {high:+.2%} over {row['windows']} windows)"
         if "fallback" in row:
             fb = row["fallback"]
             search = (
-                f"val {fb['metric']} drop {fb['drop']:.4f} ({'met' if fb['met'] else 'not met'}), "
+                f"val {fb['metric']} drop {fb['drop']:.4f} ({'met' if fb['met'] else 'not met'}"
+                f"{' within noise' if fb.get('met_within_noise') else ''}), "
                 f"{fb['trials']} trials / {fb['evaluations']} evaluations, {len(row['moved'])} of {row['groups']} groups moved"
             )
+            if fb.get("drop_interval"):
+                validation = fb["validation"]
+                search += (
+                    f"; 95 % interval {fb['drop_interval'][0]:.4f} .. {fb['drop_interval'][1]:.4f} on "
+                    f"{validation['batches']} windows of {validation.get('context_tokens')} tokens"
+                )
         elif "mixed_precision" in row:
             mp = row["mixed_precision"]
             search = f"{mp['achieved_effective_bits']} bits/weight, {mp['groups_by_rung']}"

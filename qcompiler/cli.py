@@ -188,7 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-text", type=pathlib.Path, help="validation text file (read like --text, with --tokenizer)"
     )
     accuracy.add_argument(
-        "--val-samples", type=int, default=128, help="validation lines or windows (default 128)"
+        "--val-samples",
+        type=int,
+        help="validation lines or windows (default: 128 lines; with --text-windows, 16384 tokens' worth)",
+    )
+    accuracy.add_argument(
+        "--val-seq-len",
+        type=int,
+        help="tokens per validation line or window (default: --seq-len; with --text-windows at least 512)",
     )
     accuracy.add_argument("--max-trials", type=int, default=50, help="most fallback evaluations (default 50)")
     accuracy.add_argument("--time-budget", type=float, help="seconds after which no new trial starts")
@@ -322,21 +329,38 @@ def data_from_args(
     if args.data:
         return NpzFolder(args.data)
     if args.text:
-        return text_source(args, "--text", args.text, args.samples, specs)
+        return text_source(args, "--text", args.text, args.samples, specs, args.seq_len)
     return SyntheticSource(specs)
 
 
-def text_source(args: argparse.Namespace, flag: str, path: pathlib.Path, count: int, specs):  # -> source
+def text_source(
+    args: argparse.Namespace, flag: str, path: pathlib.Path, count: int, specs, seq_len: int
+):  # -> source
     """Lines (TextSource) or token windows (--text-windows) of `path`, with the text flags."""
     from qcompiler.data import TextSource, TokenWindows
 
     if not args.tokenizer:
         raise OptionError(f"{flag} needs --tokenizer PATH (tokenizer.json or its folder)")
     if args.text_windows:
-        return TokenWindows(path, args.tokenizer, specs, seq_len=args.seq_len, windows=count, batch_size=1)
-    return TextSource(
-        path, args.tokenizer, specs, seq_len=args.seq_len, samples=count, batch_size=args.batch_size
+        return TokenWindows(path, args.tokenizer, specs, seq_len=seq_len, windows=count, batch_size=1)
+    return TextSource(path, args.tokenizer, specs, seq_len=seq_len, samples=count, batch_size=args.batch_size)
+
+
+VALIDATION_CONTEXT = 512
+"""Default validation window of a causal LM (--text-windows), in tokens: a drop measured on
+128-token windows does not carry to the contexts the model is used at (docs/benchmarks.md,
+"Where a --max-drop budget holds")."""
+VALIDATION_TOKENS = 16384
+"""Default validation tokens per trial: 128 lines or windows of 128 tokens, 32 windows of 512."""
+
+
+def validation_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(samples, tokens per sample) of --val-text: the flags, else what a deployed model meets."""
+    seq_len = args.val_seq_len or (
+        max(args.seq_len, VALIDATION_CONTEXT) if args.text_windows else args.seq_len
     )
+    samples = args.val_samples or (max(1, VALIDATION_TOKENS // seq_len) if args.text_windows else 128)
+    return samples, seq_len
 
 
 def validation_from_args(args: argparse.Namespace, model):  # -> source or None
@@ -349,7 +373,8 @@ def validation_from_args(args: argparse.Namespace, model):  # -> source or None
         return NpzFolder(args.val_data)
     if not args.val_text:
         return None
-    return text_source(args, "--val-text", args.val_text, args.val_samples, input_specs(model))
+    samples, seq_len = validation_shape(args)
+    return text_source(args, "--val-text", args.val_text, samples, input_specs(model), seq_len)
 
 
 def best_effort_path(output: pathlib.Path) -> pathlib.Path:
@@ -456,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     if not debug:  # libraries log warnings with tracebacks (onnx_ir's failed shape inference): one line each
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_without_traceback)
+            if _without_traceback not in handler.filters:
+                handler.addFilter(_without_traceback)
     previous = (
         signal.signal(signal.SIGTERM, _raise_terminated)
         if threading.current_thread() is threading.main_thread()

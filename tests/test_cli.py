@@ -320,3 +320,22 @@ def test_skip_reasons_are_printed_with_counts(workspace, capsys):
     assert main([str(model), "--target", "ort-cpu", "--data", str(data), "--preset", "transformer"]) == 0
     out = capsys.readouterr().out
     assert "1 x no constant weight (transformer preset quantizes only weighted ops)" in out
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], (128, 128)),  # lines: 128 of --seq-len tokens
+        (["--text-windows"], (32, 512)),  # a causal LM: 512-token windows, 16384 tokens in all
+        (["--text-windows", "--seq-len", "1024"], (16, 1024)),
+        (["--text-windows", "--val-seq-len", "256"], (64, 256)),
+        (["--text-windows", "--val-samples", "8"], (8, 512)),
+        (["--val-seq-len", "64", "--val-samples", "10"], (10, 64)),
+    ],
+)
+def test_validation_defaults_measure_a_causal_lm_at_its_context(flags, expected):
+    """--max-drop on a causal LM validates on 512-token windows unless told otherwise, not on --seq-len's 128."""
+    from qcompiler.cli import build_parser, validation_shape
+
+    args = build_parser().parse_args(["m.onnx", "--target", "ort-cpu", *flags])
+    assert validation_shape(args) == expected

@@ -198,8 +198,8 @@ def _check_model(model: ir.Model, data: DataArg | None, context: CompileContext)
     relaxed = relax_nonpositive_dims(model)
     if relaxed:
         context.report.warnings.append(f"inputs {relaxed}: declared sizes <= 0 read as dynamic axes")
-    refuse_unknown_ops(model, context.target, context.backend.unknown_ops(model))
     check_openvino_input(model, context.target, context.backend.capabilities.runs_openvino_ir)
+    refuse_unknown_ops(model, context.target, context.backend.unknown_ops(model))
     refuse_unrunnable_precision(model, context.target, context.backend.capabilities.precisions)
     found = precision.model_precision(model)
     context.report.model.update(
