@@ -273,7 +273,9 @@ def main() -> None:
             rows[tool]["description"] = TOOLS[args.model_name][tool]
             if "window_nll" in rows[tool]:  # the drop on test windows the search never saw
                 nll, float_nll = np.array(rows[tool]["window_nll"]), np.array(rows["fp32"]["window_nll"])
-                rows[tool]["test_drop"] = round(rows[tool]["test_perplexity"] / rows["fp32"]["test_perplexity"] - 1, 4)
+                rows[tool]["test_drop"] = round(
+                    rows[tool]["test_perplexity"] / rows["fp32"]["test_perplexity"] - 1, 4
+                )
                 rows[tool]["test_drop_interval"] = paired_interval(nll, float_nll)
             print(tool, json.dumps(rows[tool])[:1500], file=sys.stderr, flush=True)
     result = {

@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     accuracy.add_argument("--drop-type", default="absolute", help="absolute (default) | relative")
     accuracy.add_argument(
+        "--drop-margin",
+        type=float,
+        default=0.0,
+        help="hold the measured drop to --max-drop minus this (room for the validation data's noise)",
+    )
+    accuracy.add_argument(
         "--metric",
         help="cosine | sqnr | top1 | retrieval | perplexity | module:function (default: perplexity for LMs, else cosine)",
     )
@@ -244,6 +250,7 @@ def options_from_args(args: argparse.Namespace) -> CompileOptions:
         accuracy=AccuracyOptions(
             max_drop=args.max_drop,
             drop_type=parse_enum(DropType, args.drop_type, "--drop-type"),  # type: ignore[arg-type]
+            drop_margin=args.drop_margin,
             metric=args.metric,
             metric_output=args.metric_output,
             max_trials=args.max_trials,

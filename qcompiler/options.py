@@ -300,6 +300,9 @@ class AccuracyOptions:
         effective_bits: weight compression only: average bits per compressed weight (codes, scales
             and zero points counted) to fit, by an integer program over per-group formats.
         max_size_mb: weight compression only: the same, as a size of the compressed weights in MB.
+        drop_margin: the search holds the measured drop to ``max_drop - drop_margin``, so that a
+            drop measured on a sample of the data the model will meet stays inside the budget
+            (the report's interval says how wide that noise is).
     """
 
     max_drop: float | None = None
@@ -312,10 +315,13 @@ class AccuracyOptions:
     subset_batches: int = 2
     effective_bits: float | None = None
     max_size_mb: float | None = None
+    drop_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and self.max_drop < 0:
             raise OptionError(f"--max-drop must be >= 0, got {self.max_drop}")
+        if self.drop_margin < 0 or (self.max_drop is not None and self.drop_margin > self.max_drop):
+            raise OptionError(f"--drop-margin must be in [0, --max-drop], got {self.drop_margin}")
         if self.max_trials < 1:
             raise OptionError(f"--max-trials must be >= 1, got {self.max_trials}")
         if self.time_budget is not None and self.time_budget <= 0:

@@ -188,7 +188,8 @@ class Report:
                 (
                     "accuracy fallback",
                     f"{fb['metric']} {fb['float_score']:.5g} -> {fb['score']:.5g}, {fb['drop_type']} drop "
-                    f"{fb['drop']:.4g} (max {fb['max_drop']}, {met}); "
+                    f"{fb['drop']:.4g} (max {fb['max_drop']}"
+                    f"{f' - margin {margin}' if (margin := fb.get('drop_margin')) else ''}, {met}); "
                     f"{len(fb['trials'])} trials, {fb['seconds']} s; {len(moved)} groups moved up",  # type: ignore[arg-type]
                 )
             )

@@ -430,3 +430,19 @@ def test_max_drop_reports_its_data_and_interval(tmp_path, capsys):
     assert re.search(
         r"\n  measured on +4 batches, 64 samples; drop [-\d.e]+ \.\. [-\d.e]+ \(95% bootstrap interval\)", out
     )
+
+
+def test_drop_margin_holds_the_search_inside_the_budget():
+    """--drop-margin M: the search stops at max_drop - M, and the report states M."""
+    model = _outlier_model()
+    feeds = random_feeds(model, batches=4, batch=16)
+    drops = []
+    for margin in (0.0, 0.0008):
+        options = _harmful_options(max_drop=0.001, drop_margin=margin)
+        result = qcompiler.compile(model, "ort-cpu", options, data=feeds, validation=feeds, progress=False)
+        fallback = result.report.fallback
+        assert fallback["met"] and fallback["drop"] <= 0.001 - margin and fallback["drop_margin"] == margin
+        drops.append(fallback["drop"])
+    assert drops[1] <= 0.0002 < drops[0]  # without the margin the search stops above 0.001 - 0.0008
+    with pytest.raises(OptionError, match=r"--drop-margin must be in \[0, --max-drop\], got 0.002"):
+        qcompiler.AccuracyOptions(max_drop=0.001, drop_margin=0.002)
