@@ -42,6 +42,7 @@ TOOLS = {
     "smollm2": {
         "int4-g64": "qcompiler INT4 sym g64 AWQ+SE, embeddings/head INT8 (NNCF policy)",
         "maxdrop": "the same with --max-drop 0.05 relative perplexity",
+        "maxdrop-margin": "the same with --drop-margin 0.01 (the search holds the drop to 0.04)",
         "bits5": "INT4 sym g64 AWQ+SE, --effective-bits 5 (formats by integer program)",
         "uniform-g32": "INT4 sym g32 AWQ+SE on every weight incl. embeddings/head (5 bits/weight uniform)",
     },
@@ -108,7 +109,8 @@ def compile_with(tool: str, model: pathlib.Path, calibration, validation, output
             backup_layers=tool != "uniform-g32",
         )
         accuracy = qcompiler.AccuracyOptions(
-            max_drop=0.05 if tool == "maxdrop" else None,
+            max_drop=0.05 if tool.startswith("maxdrop") else None,
+            drop_margin=0.01 if tool == "maxdrop-margin" else 0.0,
             drop_type=qcompiler.DropType.RELATIVE,
             metric="perplexity",
             effective_bits=5.0 if tool == "bits5" else None,
