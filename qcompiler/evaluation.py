@@ -274,15 +274,17 @@ class Evaluator:
     def uncertainty(
         self, model: ir.Model, *, confidence: float = CONFIDENCE, resamples: int = RESAMPLES
     ) -> dict[str, object]:
-        """How sure `model`'s drop is: a paired bootstrap interval over the validation batches.
+        """How sure `model`'s drop is: a paired bootstrap interval over the validation data.
 
-        Batches (token windows for a causal LM) are drawn with replacement, the same draw for the
-        float model and the candidate, and the drop is recomputed on each draw; the interval is the
+        Units (token windows for a streamed metric such as perplexity, samples for the others:
+        each batch is split into its rows) are drawn with replacement, the same draw for the float
+        model and the candidate, and the drop is recomputed on each draw; the interval is the
         central `confidence` of those drops. Seeded: the same data gives the same interval.
         """
-        picks = np.random.default_rng(0).integers(0, len(self.feeds), size=(resamples, len(self.feeds)))
+        rng = np.random.default_rng(0)
         drops: list[float] = []
         if self.metric.batch_terms is not None:
+            picks = rng.integers(0, len(self.feeds), size=(resamples, len(self.feeds)))
             assert self.metric.combine is not None
             combine = self.metric.combine
             terms = np.array(self._terms(model, self.feeds), dtype=np.float64)  # (batches, [sum, count])
@@ -293,12 +295,13 @@ class Evaluator:
             score = float(combine(*terms.sum(axis=0)))
         else:
             outputs = [b[self.output] for b in model_outputs(model, self.feeds, [self.output], self.runners)]
-            for pick in picks:
-                feeds = [self.feeds[i] for i in pick]
-                reference = [self.reference[i] for i in pick]
-                candidate_score = self._score([outputs[i] for i in pick], feeds, reference)
-                drops.append(self.drop(candidate_score, self._score(reference, feeds, reference)))
             score = self._score(outputs, self.feeds, self.reference)
+            rows, float_rows, feed_rows = _samples(outputs), _samples(self.reference), _feed_samples(self.feeds)
+            for pick in rng.integers(0, len(rows), size=(resamples, len(rows))):
+                feeds = [feed_rows[i] for i in pick]
+                reference = [float_rows[i] for i in pick]
+                candidate_score = self._score([rows[i] for i in pick], feeds, reference)
+                drops.append(self.drop(candidate_score, self._score(reference, feeds, reference)))
         low, high = np.quantile(np.array(drops), [(1 - confidence) / 2, (1 + confidence) / 2])
         return {
             "drop": self.drop(score),
@@ -327,6 +330,20 @@ class Evaluator:
         if self.drop_type is DropType.RELATIVE:
             drop /= max(abs(base), 1e-12)
         return drop
+
+
+def _samples(batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each batch's rows as batches of one (the unit a per-sample metric averages over)."""
+    return [batch[index : index + 1] for batch in batches for index in range(len(batch))]
+
+
+def _feed_samples(feeds: Sequence[Feed]) -> list[Feed]:
+    """The feeds split the same way, row by row."""
+    return [
+        {name: np.asarray(array)[index : index + 1] for name, array in feed.items()}
+        for feed in feeds
+        for index in range(len(next(iter(feed.values()))))
+    ]
 
 
 def validation_evaluator(
