@@ -129,6 +129,9 @@ def test_a_real_signal_to_a_running_compile(tmp_path, how, code):
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         env={**os.environ, "TMPDIR": str(scratch)},
+        # a shell runs background jobs with SIGINT ignored, and a child inherits that (Python then
+        # installs no KeyboardInterrupt): the compile gets the disposition an interactive one has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stderr is not None
     seen = b""
