@@ -18,10 +18,20 @@ import sys
 import threading
 from collections.abc import Sequence
 
-import onnx_ir as ir
-
 from qcompiler import errors, io
 from qcompiler.errors import AccuracyBudgetError, OptionError, QCompileError
+from qcompiler.exits import (
+    EXIT_BUDGET_NOT_MET,
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    Terminated,
+    artifact_files,
+    internal_error_line,
+    raise_terminated,
+    without_traceback,
+)
 from qcompiler.options import (
     AccuracyOptions,
     ActivationOptions,
@@ -41,12 +51,6 @@ from qcompiler.options import (
 )
 from qcompiler.report import peak_rss_mb
 from qcompiler.targets import TARGETS
-
-EXIT_USER_ERROR = 2
-EXIT_INTERNAL_ERROR = 1
-EXIT_BUDGET_NOT_MET = 3
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,39 +447,6 @@ def _write(args: argparse.Namespace, result, output: pathlib.Path, report_path: 
         print(f"wrote {saved}\nreport {report_path}")  # noqa: T201
 
 
-def artifact_files(path: pathlib.Path) -> list[pathlib.Path]:
-    """The files a saved artifact consists of: the model and its weights (``.bin`` / ``.onnx.data``)."""
-    companion = path.with_suffix(".bin") if path.suffix == ".xml" else path.with_name(path.name + ".data")
-    return [path, companion]
-
-
-def _without_traceback(record: logging.LogRecord) -> bool:
-    """Keep the record, drop its traceback (`--debug` shows them)."""
-    record.exc_info, record.exc_text, record.stack_info = None, None, None
-    return True
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so every ``finally`` cleans up."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-def internal_error_line(exc: BaseException) -> str:
-    """A bug as one line: where it happened (stage, node), the innermost cause, no traceback."""
-    located = errors.where(exc)
-    while isinstance(exc, ir.passes.PassError) and exc.__cause__ is not None:  # names pass objects only
-        exc = exc.__cause__
-        located = located or errors.where(exc)
-    message = (str(exc).strip().splitlines() or [""])[0][:300]
-    return (
-        f"qcompile: internal error{located}: {type(exc).__name__}: {message} "
-        "(a bug: rerun with --debug for the traceback and report it)"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qcompile`` console script.
 
@@ -488,10 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     if not debug:  # libraries log warnings with tracebacks (onnx_ir's failed shape inference): one line each
         for handler in logging.getLogger().handlers:
-            if _without_traceback not in handler.filters:
-                handler.addFilter(_without_traceback)
+            if without_traceback not in handler.filters:
+                handler.addFilter(without_traceback)
     previous = (
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
         if threading.current_thread() is threading.main_thread()
         else None
     )

@@ -296,7 +296,11 @@ class Evaluator:
         else:
             outputs = [b[self.output] for b in model_outputs(model, self.feeds, [self.output], self.runners)]
             score = self._score(outputs, self.feeds, self.reference)
-            rows, float_rows, feed_rows = _samples(outputs), _samples(self.reference), _feed_samples(self.feeds)
+            rows, float_rows, feed_rows = (
+                _samples(outputs),
+                _samples(self.reference),
+                _feed_samples(self.feeds),
+            )
             for pick in rng.integers(0, len(rows), size=(resamples, len(rows))):
                 feeds = [feed_rows[i] for i in pick]
                 reference = [float_rows[i] for i in pick]
